@@ -1,0 +1,1 @@
+//! Memory meters: where a probe's bytes come from. Placeholder until the meters land.

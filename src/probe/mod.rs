@@ -1,0 +1,3 @@
+//! Probes: instrumented training steps and the memory meters behind them.
+
+pub mod meter;
