@@ -383,7 +383,10 @@ mod tests {
             let c: Checkpointing = text.parse().unwrap();
             assert_eq!(c.to_string(), text);
         }
-        assert_eq!("every:1".parse::<Checkpointing>().unwrap(), Checkpointing::Full);
+        assert_eq!(
+            "every:1".parse::<Checkpointing>().unwrap(),
+            Checkpointing::Full
+        );
         assert!("every:0".parse::<Checkpointing>().is_err());
         assert!("every:x".parse::<Checkpointing>().is_err());
         assert!(Checkpointing::Every(2).recomputes(0));
@@ -400,7 +403,12 @@ mod tests {
 
     #[test]
     fn cosine_schedule_warms_up_then_decays_to_a_tenth() {
-        let h = Hyper { lr: 1.0, schedule: Schedule::Cosine, warmup_steps: 4, ..Hyper::default() };
+        let h = Hyper {
+            lr: 1.0,
+            schedule: Schedule::Cosine,
+            warmup_steps: 4,
+            ..Hyper::default()
+        };
         assert_eq!(h.lr_at(0, 20), 0.25);
         assert_eq!(h.lr_at(3, 20), 1.0);
         assert!((h.lr_at(4, 20) - 1.0).abs() < 1e-12);
@@ -410,7 +418,10 @@ mod tests {
     #[test]
     fn targets_parse() {
         assert_eq!(parse_targets("all").unwrap().len(), 7);
-        assert_eq!(parse_targets("v_proj, q_proj").unwrap(), vec![Target::QProj, Target::VProj]);
+        assert_eq!(
+            parse_targets("v_proj, q_proj").unwrap(),
+            vec![Target::QProj, Target::VProj]
+        );
         assert!(parse_targets("x_proj").is_err());
     }
 }

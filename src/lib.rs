@@ -3,9 +3,10 @@
 //!
 //! The pipeline, one module per stage: [`spec`] (the model's shape) → [`engine`] (the candle model,
 //! its training step, optimizers) → [`probe`] (instrumented steps and memory meters) → [`train`]
-//! (the trainer loop). [`config`] holds the knobs every stage shares.
+//! (the trainer loop). [`config`] holds the knobs every stage shares; [`data`] the datasets.
 
 pub mod config;
+pub mod data;
 pub mod engine;
 pub mod probe;
 pub mod spec;

@@ -8,8 +8,14 @@ use crate::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 
 /// The six memory components, in the order every table and chart uses.
-pub const COMPONENT_NAMES: [&str; 6] =
-    ["weights", "gradients", "optimizer", "activations", "transient", "runtime"];
+pub const COMPONENT_NAMES: [&str; 6] = [
+    "weights",
+    "gradients",
+    "optimizer",
+    "activations",
+    "transient",
+    "runtime",
+];
 
 /// Bytes by component. `peak` is never the sum of these: it is measured; these explain it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -123,7 +123,10 @@ impl ModelSpec {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("`head_dim` ({}) must be even for rotary embeddings", self.head_dim));
+            return Err(format!(
+                "`head_dim` ({}) must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         Ok(())
     }

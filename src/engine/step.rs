@@ -1,0 +1,308 @@
+//! One training step: forward and backward of each micro-batch (with gradient checkpointing when
+//! asked), gradient accumulation, loss scaling for fp16, clipping, and the optimizer update.
+//!
+//! Checkpointing follows the recipe in CANDLE_NOTES: the forward keeps only the detached input of
+//! each recomputed layer; backward walks the layers from last to first, rebuilds a recomputed layer's
+//! graph from its saved input (wrapped in a `Var`), and back-propagates `Σ y ⊙ upstream` through it,
+//! which yields the layer's parameter gradients and the gradient of its input.
+
+use super::model::{Model, Weight};
+use super::ops::FrozenWeight;
+use super::ops::LossTargets;
+use super::optim::{self, Optimizer, Param};
+use crate::config::{Checkpointing, Hyper, Precision};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, TensorId, Var};
+
+/// Receives a mark at each phase boundary of a step; probes read their meter there.
+pub trait StepObserver {
+    /// `phase` is one of `forward`, `loss`, `backward`, `recompute`, `micro_batch_done`,
+    /// `clip`, `optimizer_step`; `layer` is set for per-layer marks.
+    fn mark(&mut self, phase: &'static str, layer: Option<usize>, micro_batch: usize);
+}
+
+/// An observer that ignores every mark.
+pub struct NoObserver;
+
+impl StepObserver for NoObserver {
+    fn mark(&mut self, _: &'static str, _: Option<usize>, _: usize) {}
+}
+
+/// One micro-batch: `ids` `[b, s]` u32, and per-position next-token targets and weights.
+#[derive(Clone)]
+pub struct Batch {
+    pub ids: Tensor,
+    pub targets: Tensor,
+    pub mask: Tensor,
+    /// Positions with a non-zero mask (the loss's tokens).
+    pub counted_tokens: usize,
+}
+
+impl Batch {
+    pub fn tokens(&self) -> usize {
+        self.ids.elem_count()
+    }
+}
+
+/// Adds every gradient of `from` into `into`, except `skip` (a checkpoint's input variable).
+fn merge_grads(into: &mut GradStore, from: &GradStore, skip: Option<TensorId>) -> Result<()> {
+    let ids: Vec<TensorId> = from
+        .get_ids()
+        .copied()
+        .filter(|id| Some(*id) != skip)
+        .collect();
+    for id in ids {
+        let Some(g) = from.get_id(id) else { continue };
+        let sum = match into.get_id(id) {
+            Some(existing) => existing.add(g)?,
+            None => g.clone(),
+        };
+        into.insert_id(id, sum);
+    }
+    Ok(())
+}
+
+/// Forward and backward of one micro-batch. Returns the loss value (already divided by
+/// `normalizer`) and the gradients of every trainable parameter, multiplied by `loss_scale`.
+pub fn forward_backward(
+    model: &Model,
+    batch: &Batch,
+    normalizer: f64,
+    loss_scale: f64,
+    observer: &mut dyn StepObserver,
+    micro_batch: usize,
+) -> Result<(f64, GradStore)> {
+    let targets = LossTargets {
+        ids: batch.targets.clone(),
+        mask: batch.mask.clone(),
+        normalizer,
+    };
+    let n_layers = model.layers.len();
+    let policy = model.knobs.checkpointing;
+
+    if policy == Checkpointing::None {
+        let mut x = model.embed(&batch.ids)?;
+        for l in 0..n_layers {
+            x = model.layer_forward(l, &x, true)?;
+            observer.mark("forward", Some(l), micro_batch);
+        }
+        let loss = model.head_loss(&x, &targets)?;
+        drop(x);
+        observer.mark("loss", None, micro_batch);
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = loss.affine(loss_scale, 0.0)?.backward()?;
+        observer.mark("backward", None, micro_batch);
+        return Ok((value, grads));
+    }
+
+    // Forward: a recomputed layer keeps only its input; a kept layer keeps its graph, rooted at a
+    // `Var` copy of its input so that backward can stop there and hand the gradient down.
+    enum Saved {
+        Recompute(Tensor),
+        Kept(Var, Tensor),
+    }
+    let embedded = model.embed(&batch.ids)?;
+    let mut x = embedded.detach();
+    let mut saved = Vec::with_capacity(n_layers);
+    for l in 0..n_layers {
+        if policy.recomputes(l) {
+            let y = model.layer_forward(l, &x, true)?.detach();
+            saved.push(Saved::Recompute(x));
+            x = y;
+        } else {
+            let input = Var::from_tensor(&x)?;
+            let y = model.layer_forward(l, input.as_tensor(), true)?;
+            x = y.detach();
+            saved.push(Saved::Kept(input, y));
+        }
+        observer.mark("forward", Some(l), micro_batch);
+    }
+    let top = Var::from_tensor(&x)?;
+    drop(x);
+    let loss = model.head_loss(top.as_tensor(), &targets)?;
+    observer.mark("loss", None, micro_batch);
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let mut grads = loss.affine(loss_scale, 0.0)?.backward()?;
+    drop(loss);
+    let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| {
+        candle_core::Error::Msg("loss has no gradient for the last hidden state".into())
+    })?;
+    observer.mark("backward", Some(n_layers), micro_batch);
+
+    for l in (0..n_layers).rev() {
+        let (input, y) = match saved.pop() {
+            Some(Saved::Kept(input, y)) => (input, y),
+            Some(Saved::Recompute(x)) => {
+                let input = Var::from_tensor(&x)?;
+                drop(x);
+                let y = model.layer_forward(l, input.as_tensor(), true)?;
+                observer.mark("recompute", Some(l), micro_batch);
+                (input, y)
+            }
+            None => candle_core::bail!("checkpoint stack underflow at layer {l}"),
+        };
+        let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
+        upstream = layer_grads
+            .get(input.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {l} input got no gradient")))?;
+        merge_grads(&mut grads, &layer_grads, Some(input.as_tensor().id()))?;
+        observer.mark("backward", Some(l), micro_batch);
+    }
+    // The embedding's gradient (when it is trained) flows through the graph kept from `embed`.
+    if model.embed_is_trainable() {
+        let embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
+        merge_grads(&mut grads, &embed_grads, None)?;
+    }
+    Ok((value, grads))
+}
+
+/// Dynamic loss scaling for fp16 (as PyTorch's GradScaler): start at 2^16, halve and skip the step
+/// when gradients overflow, double after 200 clean steps.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    pub clean_steps: usize,
+    pub enabled: bool,
+}
+
+impl LossScaler {
+    pub fn new(precision: Precision) -> Self {
+        let enabled = precision == Precision::Fp16;
+        Self {
+            scale: if enabled { 65536.0 } else { 1.0 },
+            clean_steps: 0,
+            enabled,
+        }
+    }
+
+    fn update(&mut self, overflowed: bool) {
+        if !self.enabled {
+            return;
+        }
+        if overflowed {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.clean_steps = 0;
+        } else {
+            self.clean_steps += 1;
+            if self.clean_steps >= 200 {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean loss over the step's counted tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// True when fp16 gradients overflowed and the update was skipped.
+    pub skipped: bool,
+    pub tokens: usize,
+}
+
+/// The model, its trainable parameters and optimizer: everything one training step needs.
+pub struct Engine {
+    pub model: Model,
+    pub params: Vec<Param>,
+    pub optimizer: Box<dyn Optimizer>,
+    pub hyper: Hyper,
+    pub scaler: LossScaler,
+}
+
+impl Engine {
+    pub fn new(model: Model, hyper: Hyper) -> Result<Self> {
+        let params = model.trainable();
+        let optimizer = optim::build(model.knobs.optimizer, params.clone(), &hyper)?;
+        let scaler = LossScaler::new(model.knobs.precision);
+        Ok(Self {
+            model,
+            params,
+            optimizer,
+            hyper,
+            scaler,
+        })
+    }
+
+    /// Forward and backward over `micro_batches`, accumulating gradients, without updating.
+    pub fn accumulate(
+        &self,
+        micro_batches: &[Batch],
+        observer: &mut dyn StepObserver,
+    ) -> Result<(f64, GradStore)> {
+        let normalizer = micro_batches
+            .iter()
+            .map(|b| b.counted_tokens)
+            .sum::<usize>()
+            .max(1) as f64;
+        let mut total: Option<GradStore> = None;
+        let mut loss = 0.0;
+        for (i, batch) in micro_batches.iter().enumerate() {
+            let (value, grads) = forward_backward(
+                &self.model,
+                batch,
+                normalizer,
+                self.scaler.scale,
+                observer,
+                i,
+            )?;
+            loss += value;
+            match total.as_mut() {
+                None => total = Some(grads),
+                Some(t) => merge_grads(t, &grads, None)?,
+            }
+            observer.mark("micro_batch_done", None, i);
+        }
+        let mut grads = total.ok_or_else(|| {
+            candle_core::Error::Msg("a step needs at least one micro-batch".into())
+        })?;
+        // Frozen norm weights and biases collect (small) gradients through candle's broadcast ops;
+        // drop them so that only trainable parameters' gradients are held and clipped.
+        for (_, weight) in self.model.base_weights() {
+            if let Weight::Frozen(FrozenWeight::Dense(t)) = weight {
+                grads.remove(t);
+            }
+        }
+        Ok((loss, grads))
+    }
+
+    /// One optimizer step over `micro_batches` at learning rate `lr`.
+    pub fn train_step(
+        &mut self,
+        micro_batches: &[Batch],
+        lr: f64,
+        observer: &mut dyn StepObserver,
+    ) -> Result<StepStats> {
+        let tokens = micro_batches.iter().map(Batch::tokens).sum();
+        let (loss, mut grads) = self.accumulate(micro_batches, observer)?;
+        let last = micro_batches.len().saturating_sub(1);
+        if self.scaler.enabled {
+            let inv = 1.0 / self.scaler.scale;
+            for p in &self.params {
+                if let Some(g) = grads.get(p.var.as_tensor()) {
+                    let unscaled = g.affine(inv, 0.0)?;
+                    grads.insert(p.var.as_tensor(), unscaled);
+                }
+            }
+        }
+        let grad_norm = optim::clip_grad_norm(&self.params, &mut grads, self.hyper.clip)?;
+        observer.mark("clip", None, last);
+        let overflowed = !grad_norm.is_finite();
+        self.scaler.update(overflowed);
+        if !overflowed {
+            self.optimizer.step(&grads, lr)?;
+        }
+        drop(grads);
+        observer.mark("optimizer_step", None, last);
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            skipped: overflowed,
+            tokens,
+        })
+    }
+}
