@@ -5,7 +5,120 @@
 pub mod catalog;
 pub mod hf;
 
+pub use catalog::{ModelRow, catalog_rows};
+
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Why a model could not be read. Each names the file (or the argument) and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{file}: invalid JSON at line {line}, column {column}: {message}")]
+    InvalidJson {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}: expected a JSON object, found {found}")]
+    NotAnObject { file: String, found: String },
+    #[error("{file}: field `{field}`: expected {expected}, found {found}")]
+    Field {
+        file: String,
+        field: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{file}: field `{field}` is missing (expected {expected})")]
+    MissingField {
+        file: String,
+        field: String,
+        expected: String,
+    },
+    #[error("{file}: unsupported architecture: {found}; supported model types: {supported}")]
+    UnsupportedArchitecture {
+        file: String,
+        found: String,
+        supported: String,
+    },
+    /// The config parsed but breaks an invariant the engine relies on ([`ModelSpec::validate`]).
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+    #[error("{}", unknown_model_message(.name, .suggestions))]
+    UnknownModel {
+        name: String,
+        /// Catalog names close to `name`, closest first.
+        suggestions: Vec<String>,
+    },
+    #[error("{}: no such file or folder", .path.display())]
+    NotFound { path: PathBuf },
+    #[error("{}: the folder holds no config.json", .path.display())]
+    NoConfigInFolder { path: PathBuf },
+    #[error("{}: cannot read: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn unknown_model_message(name: &str, suggestions: &[String]) -> String {
+    let hint = if suggestions.is_empty() {
+        String::new()
+    } else {
+        format!("; did you mean {}?", suggestions.join(", "))
+    };
+    format!(
+        "unknown model `{name}`: not a built-in model nor a file or folder{hint} \
+         (`memtune models` lists the built-in models; a folder holding config.json or a path to a \
+         config.json also works)"
+    )
+}
+
+/// Reads the model a user names: a folder holding `config.json` (named after the folder), a path
+/// to a config file, or a built-in catalog name (`Qwen/Qwen2.5-0.5B` or `qwen2.5-0.5b`). A path on
+/// disk wins over a catalog name, as in transformers' `from_pretrained`. The spec is validated.
+pub fn resolve_model(arg: &str) -> Result<ModelSpec, SpecError> {
+    let path = Path::new(arg);
+    if path.is_dir() {
+        let config = path.join("config.json");
+        if !config.is_file() {
+            return Err(SpecError::NoConfigInFolder {
+                path: path.to_path_buf(),
+            });
+        }
+        return hf::read_config(&config, display_name(arg));
+    }
+    if path.is_file() {
+        return hf::read_config(path, display_name(arg));
+    }
+    if let Some(spec) = catalog::find(arg) {
+        return Ok(spec);
+    }
+    if looks_like_path(arg) {
+        return Err(SpecError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    Err(SpecError::UnknownModel {
+        name: arg.to_string(),
+        suggestions: catalog::suggestions(arg),
+    })
+}
+
+/// The argument as the user wrote it, less trailing separators.
+fn display_name(arg: &str) -> &str {
+    let trimmed = arg.trim_end_matches(['/', '\\']);
+    if trimmed.is_empty() { arg } else { trimmed }
+}
+
+/// Whether an argument that names nothing on disk was meant as a path rather than a catalog name
+/// (catalog names are `org/name` or a bare name).
+fn looks_like_path(arg: &str) -> bool {
+    arg.starts_with(['.', '/', '~', '\\'])
+        || arg.contains('\\')
+        || arg.ends_with(".json")
+        || arg.matches('/').count() > 1
+}
 
 /// The architecture families the engine builds. All are decoder-only Llama-style transformers
 /// (RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention); they differ in
@@ -143,5 +256,105 @@ mod tests {
         let spec = ModelSpec::tiny();
         assert_eq!(spec.layer_params(), 36_992);
         assert_eq!(spec.param_count(), 259 * 64 * 2 + 64 + 2 * 36_992);
+    }
+
+    /// SmolLM2-135M's shipped config, written where `resolve_model` must find it.
+    fn write_config(dir: &Path) -> PathBuf {
+        let path = dir.join("config.json");
+        std::fs::write(
+            &path,
+            include_str!("../../profiles/models/smollm2-135m.json"),
+        )
+        .expect("temp file");
+        path
+    }
+
+    #[test]
+    fn resolves_a_folder_and_a_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = write_config(dir.path());
+        let folder = dir.path().display().to_string();
+
+        let from_folder = resolve_model(&format!("{folder}/")).expect("folder resolves");
+        assert_eq!(from_folder.name, folder);
+        assert_eq!(from_folder.param_count(), 134_515_008);
+
+        let file = config.display().to_string();
+        let from_file = resolve_model(&file).expect("file resolves");
+        assert_eq!(from_file.name, file);
+        assert_eq!(
+            ModelSpec {
+                name: folder,
+                ..from_file
+            },
+            from_folder
+        );
+    }
+
+    #[test]
+    fn resolves_catalog_names() {
+        assert_eq!(
+            resolve_model("qwen2.5-0.5b").expect("catalog").name,
+            "Qwen/Qwen2.5-0.5B"
+        );
+        assert_eq!(resolve_model("tiny").expect("catalog"), ModelSpec::tiny());
+    }
+
+    #[test]
+    fn folder_without_config_and_missing_paths_say_so() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = resolve_model(&dir.path().display().to_string()).expect_err("no config");
+        assert_eq!(
+            error.to_string(),
+            format!("{}: the folder holds no config.json", dir.path().display())
+        );
+
+        let missing = dir.path().join("nowhere");
+        let error = resolve_model(&missing.display().to_string()).expect_err("missing");
+        assert_eq!(
+            error.to_string(),
+            format!("{}: no such file or folder", missing.display())
+        );
+        assert!(matches!(
+            resolve_model("./model/config.json"),
+            Err(SpecError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_name_suggests_catalog_names() {
+        let Err(SpecError::UnknownModel { name, suggestions }) = resolve_model("Qwen/Qwen2.5-0.6B")
+        else {
+            panic!("expected an unknown-model error");
+        };
+        assert_eq!(name, "Qwen/Qwen2.5-0.6B");
+        assert_eq!(
+            suggestions.first().map(String::as_str),
+            Some("Qwen/Qwen2.5-0.5B")
+        );
+    }
+
+    #[test]
+    fn bad_config_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"model_type": "llama", "hidden_size": "abc"}"#)
+            .expect("temp file");
+        let error = resolve_model(&dir.path().display().to_string()).expect_err("bad field");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{}: field `hidden_size`: expected a positive integer, found \"abc\"",
+                path.display()
+            )
+        );
+        std::fs::write(&path, r#"{"model_type": "gemma"}"#).expect("temp file");
+        let error = resolve_model(&path.display().to_string()).expect_err("unsupported");
+        assert!(
+            error
+                .to_string()
+                .ends_with("supported model types: llama, mistral, qwen2"),
+            "{error}"
+        );
     }
 }
