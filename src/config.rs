@@ -74,7 +74,7 @@ impl Checkpointing {
         match self {
             Checkpointing::None => false,
             Checkpointing::Full => true,
-            Checkpointing::Every(k) => index % k.max(1) == 0,
+            Checkpointing::Every(k) => index.is_multiple_of(k.max(1)),
         }
     }
 }

@@ -5,8 +5,11 @@
 //! its training step, optimizers) → [`probe`] (instrumented steps and memory meters) → [`train`]
 //! (the trainer loop). [`config`] holds the knobs every stage shares; [`data`] the datasets.
 
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod engine;
 pub mod probe;
 pub mod spec;
+pub mod train;

@@ -1,1 +1,23 @@
-fn main() {}
+//! The `memtune` binary: parse, dispatch, print the error chain, exit non-zero on failure.
+
+use clap::Parser;
+use memtune::cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Models { json } => memtune::commands::models(json),
+        Command::Train(args) => memtune::commands::train(&args),
+    }
+}

@@ -94,3 +94,18 @@ pub struct ProbeResult {
     pub tokens_per_s: f64,
     pub timeline: Vec<TimelineRow>,
 }
+
+/// The process's resident memory now and at its high-water mark, for progress lines.
+pub fn rss_text() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| format!("{:.0} MiB", kb as f64 / 1024.0))
+            .unwrap_or_else(|| "?".to_string())
+    };
+    format!("{} (peak {})", field("VmRSS:"), field("VmHWM:"))
+}

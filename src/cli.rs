@@ -1,0 +1,355 @@
+//! Command-line definitions and their validation into typed requests. Nothing below this module
+//! sees a clap type: each command's flags become a `TrainRequest`, `Knobs`, etc. once, here.
+
+use crate::config::{
+    self, Checkpointing, Hyper, Knobs, LossMode, Method, OptimizerKind, Precision, Quant, Schedule,
+};
+use crate::data::BadLinePolicy;
+use crate::spec::{self, ModelSpec};
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "memtune",
+    version,
+    about = "Find the fastest fine-tuning configuration that fits in your GPU memory — by measuring it — then run it.",
+    long_about = "memtune measures what fine-tuning a language model costs (short instrumented training \
+steps of the real architecture), fits a memory and speed model to those measurements, searches \
+micro-batch, accumulation, LoRA rank, precision, checkpointing, optimizer and quantization for the \
+fastest configuration that fits a memory budget, and runs that configuration with its own trainer.\n\n\
+Start with `memtune models` to see the built-in catalog, then `memtune train --model tiny --data FILE`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the built-in model catalog (configs only: no weights are needed to tune).
+    Models {
+        /// Print one JSON object per model (exact parameter counts as integers).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fine-tune a model on a text or JSONL file with the given knobs.
+    Train(TrainArgs),
+}
+
+/// The knobs every command that builds a model shares. Unset flags take the defaults shown.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KnobArgs {
+    /// What to train: full (every weight), lora (adapters on a frozen base), qlora (adapters on a
+    /// quantized frozen base).
+    #[arg(long, value_name = "full|lora|qlora", help_heading = "Knobs")]
+    pub method: Option<Method>,
+    /// LoRA rank r (adapters A: r×in, B: out×r). Default 8.
+    #[arg(long, value_name = "R", help_heading = "Knobs")]
+    pub rank: Option<usize>,
+    /// LoRA alpha; the adapter output is scaled by alpha / r. Default 2 × rank.
+    #[arg(long, value_name = "ALPHA", help_heading = "Knobs")]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapters' input during training. Default 0.
+    #[arg(long, value_name = "P", help_heading = "Knobs")]
+    pub lora_dropout: Option<f64>,
+    /// Linear layers that get adapters: comma-separated from q_proj,k_proj,v_proj,o_proj,gate_proj,
+    /// up_proj,down_proj, or `all` (default).
+    #[arg(long, value_name = "LIST", help_heading = "Knobs")]
+    pub lora_targets: Option<String>,
+    /// Storage of the frozen base under qlora: q8 (8-bit blocks) or q4 (4-bit blocks). Default q4.
+    #[arg(long, value_name = "q8|q4", help_heading = "Knobs")]
+    pub quant: Option<Quant>,
+    /// fp32; bf16 / fp16 = mixed (compute and frozen weights in 16 bits, trainable weights, gradients
+    /// and optimizer state in fp32; fp16 adds loss scaling); bf16-pure = everything in bf16. Default fp32.
+    #[arg(long, value_name = "fp32|bf16|fp16|bf16-pure", help_heading = "Knobs")]
+    pub precision: Option<Precision>,
+    /// Gradient checkpointing: none, full (recompute every layer in backward), or every:K
+    /// (recompute one layer in K). Default none.
+    #[arg(long, value_name = "none|full|every:K", help_heading = "Knobs")]
+    pub checkpointing: Option<Checkpointing>,
+    /// Micro-batch size: sequences per forward/backward. Default 1.
+    #[arg(long, value_name = "N", help_heading = "Knobs")]
+    pub batch: Option<usize>,
+    /// Gradient accumulation: micro-batches per optimizer step. Default 1.
+    #[arg(long, value_name = "N", help_heading = "Knobs")]
+    pub accum: Option<usize>,
+    /// Tokens per sequence. Default 256.
+    #[arg(long, value_name = "N", help_heading = "Knobs")]
+    pub seq: Option<usize>,
+    /// adamw, adamw8bit (block-wise 8-bit moments), adafactor (factored second moments), sgd
+    /// (with momentum). Default adamw.
+    #[arg(long, value_name = "NAME", help_heading = "Knobs")]
+    pub optimizer: Option<OptimizerKind>,
+    /// chunked (logits 256 rows at a time; default) or full (the whole fp32 logits tensor).
+    #[arg(long, value_name = "chunked|full", help_heading = "Knobs")]
+    pub loss: Option<LossMode>,
+}
+
+impl KnobArgs {
+    /// Applies the flags that were given on top of `base`, then validates the result for `spec`.
+    pub fn apply(&self, mut k: Knobs, spec: &ModelSpec) -> Result<Knobs> {
+        if let Some(v) = self.method {
+            k.method = v;
+        }
+        if let Some(v) = self.rank {
+            k.lora.rank = v;
+            if self.alpha.is_none() {
+                k.lora.alpha = 2.0 * v as f64;
+            }
+        }
+        if let Some(v) = self.alpha {
+            k.lora.alpha = v;
+        }
+        if let Some(v) = self.lora_dropout {
+            k.lora.dropout = v;
+        }
+        if let Some(v) = &self.lora_targets {
+            k.lora.targets =
+                config::parse_targets(v).map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?;
+        }
+        if let Some(v) = self.quant {
+            k.quant = v;
+        }
+        if let Some(v) = self.precision {
+            k.precision = v;
+        }
+        if let Some(v) = self.checkpointing {
+            k.checkpointing = v;
+        }
+        if let Some(v) = self.batch {
+            k.batch = v;
+        }
+        if let Some(v) = self.accum {
+            k.accum = v;
+        }
+        if let Some(v) = self.seq {
+            k.seq = v;
+        }
+        if let Some(v) = self.optimizer {
+            k.optimizer = v;
+        }
+        if let Some(v) = self.loss {
+            k.loss = v;
+        }
+        validate_knobs(&k, spec)?;
+        Ok(k)
+    }
+}
+
+/// Rejects knob values no run can use, naming the flag.
+pub fn validate_knobs(k: &Knobs, spec: &ModelSpec) -> Result<()> {
+    if k.lora.rank == 0 {
+        bail!("--rank must be at least 1 (the LoRA rank r)");
+    }
+    if !(k.lora.alpha > 0.0 && k.lora.alpha.is_finite()) {
+        bail!("--alpha must be a positive number, got {}", k.lora.alpha);
+    }
+    if !(0.0..1.0).contains(&k.lora.dropout) {
+        bail!("--lora-dropout must be in [0, 1), got {}", k.lora.dropout);
+    }
+    if k.batch == 0 {
+        bail!("--batch must be at least 1 (sequences per micro-batch)");
+    }
+    if k.accum == 0 {
+        bail!("--accum must be at least 1 (micro-batches per optimizer step)");
+    }
+    if k.seq == 0 {
+        bail!("--seq must be at least 1 token");
+    }
+    if k.seq > spec.max_position_embeddings {
+        bail!(
+            "--seq {} is beyond model `{}`'s {} positions (max_position_embeddings)",
+            k.seq,
+            spec.name,
+            spec.max_position_embeddings
+        );
+    }
+    if k.method == Method::Qlora {
+        for (what, width) in [
+            ("hidden_size", spec.hidden_size),
+            ("intermediate_size", spec.intermediate_size),
+            ("q_dim", spec.q_dim()),
+        ] {
+            if !width.is_multiple_of(32) {
+                bail!(
+                    "--method qlora needs {what} divisible by 32 (ggml blocks); model `{}` has {width}",
+                    spec.name
+                );
+            }
+        }
+    }
+    if let Checkpointing::Every(0) = k.checkpointing {
+        bail!("--checkpointing every:K needs K ≥ 1");
+    }
+    Ok(())
+}
+
+/// Optimisation flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HyperArgs {
+    /// Peak learning rate. Default 1e-3 (LoRA) — use ~1e-4 or lower for full fine-tuning of a real model.
+    #[arg(long, help_heading = "Optimisation")]
+    pub lr: Option<f64>,
+    /// Decoupled weight decay. Default 0.
+    #[arg(long, help_heading = "Optimisation")]
+    pub weight_decay: Option<f64>,
+    /// Learning-rate schedule: constant, or cosine (linear warm-up, then cosine to 10% of --lr).
+    #[arg(long, value_name = "constant|cosine", help_heading = "Optimisation")]
+    pub schedule: Option<Schedule>,
+    /// Warm-up steps for the cosine schedule. Default 0.
+    #[arg(long, value_name = "N", help_heading = "Optimisation")]
+    pub warmup: Option<usize>,
+    /// Clip the global gradient norm to this value; 0 disables clipping. Default 1.0.
+    #[arg(long, help_heading = "Optimisation")]
+    pub clip: Option<f64>,
+    /// SGD momentum. Default 0.9.
+    #[arg(long, help_heading = "Optimisation")]
+    pub momentum: Option<f64>,
+}
+
+impl HyperArgs {
+    pub fn apply(&self, mut h: Hyper) -> Result<Hyper> {
+        if let Some(v) = self.lr {
+            h.lr = v;
+        }
+        if let Some(v) = self.weight_decay {
+            h.weight_decay = v;
+        }
+        if let Some(v) = self.schedule {
+            h.schedule = v;
+        }
+        if let Some(v) = self.warmup {
+            h.warmup_steps = v;
+        }
+        if let Some(v) = self.clip {
+            h.clip = v;
+        }
+        if let Some(v) = self.momentum {
+            h.momentum = v;
+        }
+        if !(h.lr > 0.0 && h.lr.is_finite()) {
+            bail!("--lr must be a positive number, got {}", h.lr);
+        }
+        if h.weight_decay < 0.0 || !h.weight_decay.is_finite() {
+            bail!("--weight-decay must be ≥ 0, got {}", h.weight_decay);
+        }
+        if h.clip < 0.0 || !h.clip.is_finite() {
+            bail!("--clip must be ≥ 0 (0 disables clipping), got {}", h.clip);
+        }
+        if !(0.0..1.0).contains(&h.momentum) {
+            bail!("--momentum must be in [0, 1), got {}", h.momentum);
+        }
+        Ok(h)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A catalog name (see `memtune models`; case-insensitive, `org/name` or short name), a folder
+    /// holding config.json, or a config.json path. Without weights the model starts from random init.
+    #[arg(long)]
+    pub model: String,
+    /// Training data: .jsonl (one object a line: `text`; `instruction`/`input`/`output`; or chat
+    /// `messages`) or plain text (one example per paragraph).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Optimizer steps to run.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+    /// Random seed (initialisation, data order, dropout).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device: cpu, or cuda / cuda:N (needs the cuda build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Share of the examples held out for evaluation loss (0: evaluate on training windows).
+    #[arg(long, default_value_t = 0.1)]
+    pub eval_fraction: f64,
+    /// Malformed JSONL lines: fail (stop with the line number) or skip (count and go on).
+    #[arg(long, value_name = "fail|skip", default_value = "fail")]
+    pub bad_lines: String,
+    /// Folder for results (loss_log.csv), created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Print one JSON object at the end instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Resolves `--model`, turning the spec error into one that names the flag.
+pub fn resolve_model(arg: &str) -> Result<ModelSpec> {
+    spec::resolve_model(arg).with_context(|| format!("--model {arg}"))
+}
+
+/// Parses `--device`.
+pub fn parse_device(arg: &str) -> Result<Device> {
+    let arg = arg.trim().to_ascii_lowercase();
+    if arg == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match arg.as_str() {
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device {arg}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--device {arg}: this memtune was built without CUDA support; build with `cargo build --release --no-default-features --features cuda` (see scripts/check-cuda.sh), or use --device cpu"
+        );
+    }
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("--device {arg}: cannot open CUDA device {ordinal}"))
+}
+
+pub fn parse_bad_lines(arg: &str) -> Result<BadLinePolicy> {
+    match arg {
+        "fail" => Ok(BadLinePolicy::Fail),
+        "skip" => Ok(BadLinePolicy::Skip),
+        other => bail!("--bad-lines {other}: expected fail or skip"),
+    }
+}
+
+impl TrainArgs {
+    pub fn to_request(&self) -> Result<crate::train::TrainRequest> {
+        let spec = resolve_model(&self.model)?;
+        let knobs = self.knobs.apply(Knobs::default(), &spec)?;
+        let hyper = self.hyper.apply(Hyper::default())?;
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            bail!(
+                "--eval-fraction must be in [0, 1), got {}",
+                self.eval_fraction
+            );
+        }
+        if !self.data.is_file() {
+            bail!("--data {}: no such file", self.data.display());
+        }
+        if let Some(dir) = &self.output {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--output {}: cannot create the folder", dir.display()))?;
+        }
+        Ok(crate::train::TrainRequest {
+            spec,
+            knobs,
+            hyper,
+            data: self.data.clone(),
+            steps: self.steps,
+            seed: self.seed,
+            device: parse_device(&self.device)?,
+            output: self.output.clone(),
+            eval_fraction: self.eval_fraction,
+            bad_lines: parse_bad_lines(&self.bad_lines)?,
+        })
+    }
+}
