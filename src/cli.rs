@@ -37,6 +37,67 @@ pub enum Command {
     },
     /// Fine-tune a model on a text or JSONL file with the given knobs.
     Train(TrainArgs),
+    /// Measure a few real training steps: peak memory split into components, step time, tokens/s.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// A catalog name, a folder holding config.json, or a config.json path.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
+    /// Probe at this many decoder layers (default: the model's full depth). Memory per layer is the
+    /// same at any depth, so a few layers tell the cost model what it needs.
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
+    /// Measured steps (the median step time is reported; the peak is the maximum).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Untimed steps before measuring (lazy initialisation, first-touch costs).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Device: cpu, or cuda / cuda:N (needs the cuda build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Append one row per component to this CSV (created with a header if new).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Write the memory timeline of the last measured step to this CSV.
+    #[arg(long, value_name = "FILE")]
+    pub timeline_csv: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ProfileArgs {
+    pub fn to_request(&self) -> Result<crate::probe::runner::ProbeRequest> {
+        let full = resolve_model(&self.model)?;
+        let spec = match self.layers {
+            Some(0) => bail!("--layers must be at least 1"),
+            Some(n) if n > full.num_hidden_layers => {
+                bail!("--layers {n}: model `{}` has only {} layers", full.name, full.num_hidden_layers)
+            }
+            Some(n) => full.with_layers(n),
+            None => full,
+        };
+        let knobs = self.knobs.apply(Knobs::default(), &spec)?;
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        Ok(crate::probe::runner::ProbeRequest {
+            spec,
+            knobs,
+            warmup_steps: self.warmup,
+            steps: self.steps,
+            device: parse_device(&self.device)?,
+            seed: self.seed,
+        })
+    }
 }
 
 /// The knobs every command that builds a model shares. Unset flags take the defaults shown.

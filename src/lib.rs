@@ -11,5 +11,6 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod probe;
+pub mod report;
 pub mod spec;
 pub mod train;

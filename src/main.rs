@@ -19,5 +19,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Models { json } => memtune::commands::models(json),
         Command::Train(args) => memtune::commands::train(&args),
+        Command::Profile(args) => memtune::commands::profile(&args),
     }
 }

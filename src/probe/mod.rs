@@ -2,6 +2,7 @@
 //! ground truth the cost model is fitted to and judged against.
 
 pub mod meter;
+pub mod runner;
 
 use crate::config::Knobs;
 use crate::spec::ModelSpec;

@@ -1,0 +1,191 @@
+//! The probe runner: a few real training steps of the engine with the meter read at every phase
+//! boundary, and the peak split into components.
+//!
+//! How the parts are measured (all as deltas of the meter above the bytes in use before the model
+//! was built):
+//! - `weights`: the growth while the model is built (exact on CPU: the tensors' own bytes).
+//! - `optimizer`: the growth while the optimizer is built (its state is allocated up front).
+//! - `runtime`: what stays resident between steps beyond those two after the warm-up step — rope
+//!   and mask tables, ggml's repacked blocks, matmul workspaces; on CUDA also the context and
+//!   library workspaces the meter reports.
+//! - `gradients`: the gradient store held at the peak: the accumulated store of earlier micro-batches
+//!   and, when the peak falls in or after backward, the current micro-batch's gradients (measured
+//!   at the end of backward).
+//! - `activations`: the tensors the layers saved for backward, measured at the end of the last
+//!   layer's forward. When the peak falls inside backward some of them are already freed; the part
+//!   not live at the peak is taken off (so the parts never exceed the measured peak).
+//! - `transient`: the rest of the measured peak: logits and the loss, attention scores, the
+//!   recomputation under checkpointing, matmul temporaries.
+
+use super::meter::MemoryMeter;
+use super::{Components, ProbeResult, TimelineRow};
+use crate::config::Knobs;
+use crate::data::random_batch;
+use crate::engine::step::{Batch, Engine, StepObserver};
+use crate::engine::{Model, RandomInit};
+use crate::spec::ModelSpec;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::time::Instant;
+
+/// One probe to run.
+#[derive(Debug, Clone)]
+pub struct ProbeRequest {
+    /// The model at the depth to probe.
+    pub spec: ModelSpec,
+    pub knobs: Knobs,
+    /// Untimed steps first (lazy initialisation, first-touch costs).
+    pub warmup_steps: usize,
+    /// Timed and measured steps (at least 1).
+    pub steps: usize,
+    pub device: Device,
+    pub seed: u64,
+}
+
+struct Mark {
+    t_s: f64,
+    phase: &'static str,
+    layer: Option<usize>,
+    micro_batch: usize,
+    current: u64,
+    peak: u64,
+}
+
+/// Records a mark per phase boundary. Its buffer is allocated before the step so that recording
+/// never allocates (the CPU meter would count it).
+struct Recorder<'a> {
+    meter: &'a dyn MemoryMeter,
+    started: Instant,
+    marks: Vec<Mark>,
+}
+
+impl StepObserver for Recorder<'_> {
+    fn mark(&mut self, phase: &'static str, layer: Option<usize>, micro_batch: usize) {
+        if self.marks.len() < self.marks.capacity() {
+            self.marks.push(Mark {
+                t_s: self.started.elapsed().as_secs_f64(),
+                phase,
+                layer,
+                micro_batch,
+                current: self.meter.current_bytes(),
+                peak: self.meter.peak_bytes(),
+            });
+        }
+    }
+}
+
+/// Runs `req`, reading `meter`.
+pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeResult> {
+    let knobs = &req.knobs;
+    let steps = req.steps.max(1);
+    // Data first, so that its bytes are part of the baseline.
+    let batches: Vec<Vec<Batch>> = (0..req.warmup_steps + steps)
+        .map(|s| {
+            (0..knobs.accum)
+                .map(|m| random_batch(knobs.batch, knobs.seq, req.spec.vocab_size, req.seed + (s * 1000 + m) as u64, &req.device))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
+    let baseline = meter.current_bytes();
+
+    let model = Model::build(&req.spec, knobs, &req.device, &mut RandomInit::new(req.seed), req.seed)
+        .context("building the model for the probe")?;
+    let after_weights = meter.current_bytes();
+    let hyper = crate::config::Hyper { lr: 1e-5, ..Default::default() };
+    let mut engine = Engine::new(model, hyper).context("building the optimizer for the probe")?;
+    let after_optimizer = meter.current_bytes();
+
+    for micro in &batches[..req.warmup_steps] {
+        engine.train_step(micro, 1e-5, &mut crate::engine::NoObserver)?;
+    }
+    let resting = meter.current_bytes();
+
+    let per_step_marks = 8 + knobs.accum * (4 * req.spec.num_hidden_layers + 8);
+    let mut recorder = Recorder { meter, started: Instant::now(), marks: Vec::with_capacity(per_step_marks) };
+    let mut step_times = Vec::with_capacity(steps);
+    let mut peak = 0u64;
+    let mut last_marks = Vec::new();
+    for micro in &batches[req.warmup_steps..] {
+        recorder.marks.clear();
+        meter.reset_peak();
+        let t = Instant::now();
+        recorder.mark("step_start", None, 0);
+        engine.train_step(micro, 1e-5, &mut recorder)?;
+        step_times.push(t.elapsed().as_secs_f64());
+        peak = peak.max(meter.peak_bytes());
+        last_marks = std::mem::take(&mut recorder.marks);
+        recorder.marks = Vec::with_capacity(per_step_marks);
+    }
+    step_times.sort_by(f64::total_cmp);
+    let step_s = step_times[step_times.len() / 2];
+
+    let above = |bytes: u64| bytes.saturating_sub(baseline);
+    let peak_bytes = above(peak);
+    let weights = after_weights.saturating_sub(baseline);
+    let optimizer = after_optimizer.saturating_sub(after_weights);
+    let runtime = resting.saturating_sub(after_optimizer) + meter.runtime_bytes();
+    let components = attribute(&last_marks, resting, [weights, optimizer, runtime], peak_bytes, req.spec.num_hidden_layers);
+
+    let timeline = last_marks
+        .iter()
+        .map(|m| TimelineRow {
+            t_s: m.t_s,
+            phase: m.phase.to_string(),
+            layer: m.layer,
+            micro_batch: m.micro_batch,
+            current_bytes: above(m.current),
+            peak_bytes: above(m.peak),
+        })
+        .collect();
+    let tokens = knobs.batch * knobs.seq * knobs.accum;
+    Ok(ProbeResult {
+        spec: req.spec.clone(),
+        knobs: knobs.clone(),
+        device: meter.device_name(),
+        peak_bytes,
+        components,
+        step_s,
+        tokens_per_s: tokens as f64 / step_s.max(1e-12),
+        timeline,
+    })
+}
+
+/// Splits the peak; `fixed` = [weights, optimizer, runtime] as measured outside the step.
+fn attribute(marks: &[Mark], resting: u64, fixed: [u64; 3], peak_bytes: u64, layers: usize) -> Components {
+    let [weights, optimizer, runtime] = fixed;
+    let held = |m: &Mark| m.current.saturating_sub(resting);
+    // The micro-batch and phase in which the peak was reached: the first mark whose running peak
+    // equals the step's peak closes the interval that contains it.
+    let step_peak = marks.iter().map(|m| m.peak).max().unwrap_or(0);
+    let peak_mark = marks.iter().position(|m| m.peak == step_peak).unwrap_or(0);
+    let peak_micro = marks.get(peak_mark).map_or(0, |m| m.micro_batch);
+    let in_backward = marks
+        .get(peak_mark)
+        .is_some_and(|m| matches!(m.phase, "backward" | "recompute" | "micro_batch_done" | "clip" | "optimizer_step"));
+
+    let micro_marks = |micro: usize| marks.iter().filter(move |m| m.micro_batch == micro);
+    // Gradient store carried from earlier micro-batches: held at the start of this micro-batch.
+    let carried = if peak_micro == 0 {
+        0
+    } else {
+        micro_marks(peak_micro - 1).filter(|m| m.phase == "micro_batch_done").map(held).next_back().unwrap_or(0)
+    };
+    // This micro-batch's own gradients: held at its end, minus what was carried in. Measured on the
+    // first micro-batch (nothing carried), where the end-of-backward store is exactly its gradients.
+    let own_grads = micro_marks(0).filter(|m| m.phase == "micro_batch_done").map(held).next_back().unwrap_or(0);
+    let gradients = carried + if in_backward { own_grads } else { 0 };
+    // Saved activations: held after the last layer's forward, less the carried store.
+    let last_forward = micro_marks(peak_micro)
+        .filter(|m| m.phase == "forward" && m.layer == Some(layers.saturating_sub(1)))
+        .map(held)
+        .next_back()
+        .unwrap_or(0);
+    let mut activations = last_forward.saturating_sub(carried);
+    let fixed = weights + optimizer + runtime + gradients;
+    let mut transient = peak_bytes.saturating_sub(fixed + activations);
+    if fixed + activations > peak_bytes {
+        activations = peak_bytes.saturating_sub(fixed);
+        transient = 0;
+    }
+    Components { weights, gradients, optimizer, activations, transient, runtime }
+}
