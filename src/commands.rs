@@ -148,7 +148,9 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
             req.warmup_steps
         );
     }
+    let rss_before = crate::probe::meter::os_current_rss_bytes();
     let result = crate::probe::runner::run_probe(&req, meter.as_ref())?;
+    let rss_peak = crate::probe::meter::os_peak_rss_bytes();
     let probe_id = probe_id(&result);
     if let Some(path) = &args.csv {
         crate::report::profile_csv::append_profile(path, &crate::report::profile_csv::profile_rows(&probe_id, &result))?;
@@ -157,7 +159,13 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
         crate::train::write_atomic(path, crate::report::profile_csv::render_timeline(&probe_id, &result).as_bytes())?;
     }
     if args.json {
-        println!("{}", serde_json::to_string(&profile_json(&result))?);
+        let mut j = profile_json(&result);
+        // The OS view, for comparison with tools measured by RSS (the peer harness).
+        if let (Some(before), Some(peak)) = (rss_before, rss_peak) {
+            j["rss_baseline_bytes"] = before.into();
+            j["rss_peak_minus_baseline_bytes"] = peak.saturating_sub(before).into();
+        }
+        println!("{}", serde_json::to_string(&j)?);
     } else {
         print_profile(&result);
     }
