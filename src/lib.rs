@@ -6,6 +6,7 @@
 //! (the trainer loop). [`config`] holds the knobs every stage shares.
 
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod probe;
 pub mod spec;
