@@ -3,12 +3,14 @@
 //!
 //! The pipeline, one module per stage: [`spec`] (the model's shape) → [`engine`] (the candle model,
 //! its training step, optimizers) → [`probe`] (instrumented steps and memory meters) → [`train`]
-//! (the trainer loop). [`config`] holds the knobs every stage shares; [`data`] the datasets.
+//! (the trainer loop) → [`report`] (exports). [`config`] holds the knobs every stage shares;
+//! [`data`] the datasets; [`device`] GPU detection; [`cli`] and [`commands`] the command line.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod probe;
 pub mod report;
