@@ -29,9 +29,15 @@ struct Config {
 
 fn configs(quick: bool) -> Vec<Config> {
     let mut out = Vec::new();
-    let models: &[(&str, usize, usize, usize, usize, usize)] =
-        &[("L2 h256 V4k", 2, 256, 8, 688, 4096), ("L4 h512 V32k", 4, 512, 8, 1376, 32000)];
-    let shapes: &[(usize, usize)] = if quick { &[(4, 256)] } else { &[(1, 128), (4, 256), (8, 256)] };
+    let models: &[(&str, usize, usize, usize, usize, usize)] = &[
+        ("L2 h256 V4k", 2, 256, 8, 688, 4096),
+        ("L4 h512 V32k", 4, 512, 8, 1376, 32000),
+    ];
+    let shapes: &[(usize, usize)] = if quick {
+        &[(4, 256)]
+    } else {
+        &[(1, 128), (4, 256), (8, 256)]
+    };
     for &(name, layers, hidden, heads, intermediate, vocab) in models {
         for &(batch, seq) in shapes {
             for method in ["full", "lora"] {
@@ -40,7 +46,19 @@ fn configs(quick: bool) -> Vec<Config> {
                         if quick && (checkpointing || dtype == "bf16") {
                             continue;
                         }
-                        out.push(Config { name, layers, hidden, heads, intermediate, vocab, batch, seq, method, checkpointing, dtype });
+                        out.push(Config {
+                            name,
+                            layers,
+                            hidden,
+                            heads,
+                            intermediate,
+                            vocab,
+                            batch,
+                            seq,
+                            method,
+                            checkpointing,
+                            dtype,
+                        });
                     }
                 }
             }
@@ -64,7 +82,13 @@ fn write_config(dir: &Path, c: &Config) -> PathBuf {
 fn run_json(cmd: &mut Command) -> Option<serde_json::Value> {
     let out = cmd.output().ok()?;
     if !out.status.success() {
-        eprintln!("  failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        eprintln!(
+            "  failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
         return None;
     }
     let text = String::from_utf8_lossy(&out.stdout);
@@ -74,32 +98,99 @@ fn run_json(cmd: &mut Command) -> Option<serde_json::Value> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let python = args.windows(2).find(|w| w[0] == "--python").map(|w| w[1].clone()).unwrap_or_else(|| "python3".into());
-    let peer = args.windows(2).find(|w| w[0] == "--peer").map(|w| PathBuf::from(&w[1])).unwrap_or_else(|| PathBuf::from("../shared/peer"));
+    let python = args
+        .windows(2)
+        .find(|w| w[0] == "--python")
+        .map(|w| w[1].clone())
+        .unwrap_or_else(|| "python3".into());
+    let peer = args
+        .windows(2)
+        .find(|w| w[0] == "--peer")
+        .map(|w| PathBuf::from(&w[1]))
+        .unwrap_or_else(|| PathBuf::from("../shared/peer"));
     let exe = std::env::current_exe().expect("current exe");
-    let memtune = exe.parent().and_then(Path::parent).map(|d| d.join("memtune")).expect("target dir");
-    assert!(memtune.exists(), "build memtune first: cargo build --release");
+    let memtune = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("memtune"))
+        .expect("target dir");
+    assert!(
+        memtune.exists(),
+        "build memtune first: cargo build --release"
+    );
     let dir = std::env::temp_dir().join("memtune-bench");
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mib = |b: f64| b / (1024.0 * 1024.0);
-    println!("| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |");
+    println!(
+        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for c in configs(quick) {
         let cfg = write_config(&dir, &c);
-        let precision = if c.dtype == "bf16" { "bf16-pure" } else { "fp32" };
+        let precision = if c.dtype == "bf16" {
+            "bf16-pure"
+        } else {
+            "fp32"
+        };
         let ours = run_json(Command::new(&memtune).args([
-            "profile", "--model", cfg.to_str().unwrap(), "--method", c.method, "--rank", "8", "--lora-targets",
-            "q_proj,v_proj", "--precision", precision, "--checkpointing", if c.checkpointing { "full" } else { "none" },
-            "--batch", &c.batch.to_string(), "--seq", &c.seq.to_string(), "--steps", "3", "--warmup", "1", "--json",
+            "profile",
+            "--model",
+            cfg.to_str().unwrap(),
+            "--method",
+            c.method,
+            "--rank",
+            "8",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--precision",
+            precision,
+            "--checkpointing",
+            if c.checkpointing { "full" } else { "none" },
+            "--batch",
+            &c.batch.to_string(),
+            "--seq",
+            &c.seq.to_string(),
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
         ]));
         let theirs = run_json(Command::new(&python).arg(peer.join("train_step.py")).args([
-            "--layers", &c.layers.to_string(), "--hidden", &c.hidden.to_string(), "--heads", &c.heads.to_string(),
-            "--kv-heads", &c.heads.to_string(), "--intermediate", &c.intermediate.to_string(), "--vocab",
-            &c.vocab.to_string(), "--seq", &c.seq.to_string(), "--batch", &c.batch.to_string(), "--dtype", c.dtype,
-            "--method", c.method, "--lora-rank", "8", "--checkpointing", if c.checkpointing { "on" } else { "off" },
-            "--optim", "adamw", "--steps", "3", "--threads", "2",
+            "--layers",
+            &c.layers.to_string(),
+            "--hidden",
+            &c.hidden.to_string(),
+            "--heads",
+            &c.heads.to_string(),
+            "--kv-heads",
+            &c.heads.to_string(),
+            "--intermediate",
+            &c.intermediate.to_string(),
+            "--vocab",
+            &c.vocab.to_string(),
+            "--seq",
+            &c.seq.to_string(),
+            "--batch",
+            &c.batch.to_string(),
+            "--dtype",
+            c.dtype,
+            "--method",
+            c.method,
+            "--lora-rank",
+            "8",
+            "--checkpointing",
+            if c.checkpointing { "on" } else { "off" },
+            "--optim",
+            "adamw",
+            "--steps",
+            "3",
+            "--threads",
+            "2",
         ]));
-        let (Some(o), Some(t)) = (ours, theirs) else { continue };
+        let (Some(o), Some(t)) = (ours, theirs) else {
+            continue;
+        };
         let our_tps = o["tokens_per_s"].as_f64().unwrap_or(0.0);
         let their_tps = t["tokens_per_s"].as_f64().unwrap_or(0.0);
         let our_peak = o["peak_bytes"].as_f64().unwrap_or(0.0);

@@ -80,7 +80,11 @@ impl ProfileArgs {
         let spec = match self.layers {
             Some(0) => bail!("--layers must be at least 1"),
             Some(n) if n > full.num_hidden_layers => {
-                bail!("--layers {n}: model `{}` has only {} layers", full.name, full.num_hidden_layers)
+                bail!(
+                    "--layers {n}: model `{}` has only {} layers",
+                    full.name,
+                    full.num_hidden_layers
+                )
             }
             Some(n) => full.with_layers(n),
             None => full,

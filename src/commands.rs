@@ -109,11 +109,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 /// Bytes as MiB or GiB, for people.
 pub fn human_bytes(bytes: u64) -> String {
     let mib = bytes as f64 / (1024.0 * 1024.0);
-    if mib >= 1024.0 { format!("{:.2} GiB", mib / 1024.0) } else { format!("{mib:.1} MiB") }
+    if mib >= 1024.0 {
+        format!("{:.2} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.1} MiB")
+    }
 }
 
 /// The meter for `device`: the counting allocator on CPU, the driver on CUDA.
-pub fn meter_for(device: &candle_core::Device) -> Result<Box<dyn crate::probe::meter::MemoryMeter>> {
+pub fn meter_for(
+    device: &candle_core::Device,
+) -> Result<Box<dyn crate::probe::meter::MemoryMeter>> {
     match device {
         candle_core::Device::Cuda(_) => {
             let ordinal = match device.location() {
@@ -153,10 +159,16 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
     let rss_peak = crate::probe::meter::os_peak_rss_bytes();
     let probe_id = probe_id(&result);
     if let Some(path) = &args.csv {
-        crate::report::profile_csv::append_profile(path, &crate::report::profile_csv::profile_rows(&probe_id, &result))?;
+        crate::report::profile_csv::append_profile(
+            path,
+            &crate::report::profile_csv::profile_rows(&probe_id, &result),
+        )?;
     }
     if let Some(path) = &args.timeline_csv {
-        crate::train::write_atomic(path, crate::report::profile_csv::render_timeline(&probe_id, &result).as_bytes())?;
+        crate::train::write_atomic(
+            path,
+            crate::report::profile_csv::render_timeline(&probe_id, &result).as_bytes(),
+        )?;
     }
     if args.json {
         let mut j = profile_json(&result);
@@ -176,9 +188,20 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
 pub fn probe_id(p: &ProbeResult) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&p.knobs).unwrap_or_default().hash(&mut h);
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    format!("{}-L{}-{:08x}-{}", p.spec.name.replace('/', "_"), p.spec.num_hidden_layers, h.finish() as u32, secs)
+    serde_json::to_string(&p.knobs)
+        .unwrap_or_default()
+        .hash(&mut h);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!(
+        "{}-L{}-{:08x}-{}",
+        p.spec.name.replace('/', "_"),
+        p.spec.num_hidden_layers,
+        h.finish() as u32,
+        secs
+    )
 }
 
 /// The JSON shape `profile --json` and `predict --json` share.
@@ -207,7 +230,11 @@ fn print_profile(p: &ProbeResult) {
         p.spec.name,
         p.spec.num_hidden_layers,
         k.method,
-        if k.method == crate::config::Method::Full { String::new() } else { format!("r{}", k.lora.rank) },
+        if k.method == crate::config::Method::Full {
+            String::new()
+        } else {
+            format!("r{}", k.lora.rank)
+        },
         k.precision,
         k.checkpointing,
         k.optimizer,
@@ -222,6 +249,10 @@ fn print_profile(p: &ProbeResult) {
         let share = 100.0 * bytes as f64 / p.peak_bytes.max(1) as f64;
         println!("{name:<13} {:>12} {share:>6.1}%", human_bytes(bytes));
     }
-    println!("{:<13} {:>12}", "peak (measured)", human_bytes(p.peak_bytes));
+    println!(
+        "{:<13} {:>12}",
+        "peak (measured)",
+        human_bytes(p.peak_bytes)
+    );
     println!("step {:.3} s · {:.0} tokens/s", p.step_s, p.tokens_per_s);
 }

@@ -93,15 +93,21 @@ pub enum OptimizerKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossMode {
-    /// Logits computed `LOSS_CHUNK` rows at a time in forward and again in backward: the full
-    /// batch x seq x vocab logits never exist at once.
+    /// Logits computed `loss_chunk_rows(vocab)` rows at a time in forward and again in backward:
+    /// the full batch × seq × vocab logits never exist at once.
     Chunked,
     /// The whole fp32 logits tensor, as Hugging Face does.
     Full,
 }
 
-/// Rows of logits computed at once by the chunked loss.
-pub const LOSS_CHUNK: usize = 256;
+/// Logit elements (rows × vocab) the chunked loss computes at once: 16 Mi elements, 64 MiB in fp32.
+pub const LOSS_CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// Rows of logits the chunked loss computes at once for a vocabulary of `vocab` tokens: as many
+/// as fit [`LOSS_CHUNK_ELEMENTS`], between 8 and 1024 (1024 rows at a 16k vocab, 110 at Qwen's 152k).
+pub fn loss_chunk_rows(vocab: usize) -> usize {
+    (LOSS_CHUNK_ELEMENTS / vocab.max(1)).clamp(8, 1024)
+}
 
 /// Learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

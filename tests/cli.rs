@@ -4,7 +4,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn memtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memtune")).args(args).output().expect("run memtune")
+    Command::new(env!("CARGO_BIN_EXE_memtune"))
+        .args(args)
+        .output()
+        .expect("run memtune")
 }
 
 fn stdout(o: &Output) -> String {
@@ -25,7 +28,10 @@ fn text_file(dir: &Path) -> String {
 
 fn json_of(o: &Output) -> serde_json::Value {
     let out = stdout(o);
-    let line = out.lines().last().unwrap_or_else(|| panic!("no output; stderr: {}", stderr(o)));
+    let line = out
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no output; stderr: {}", stderr(o)));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
@@ -33,11 +39,20 @@ fn json_of(o: &Output) -> serde_json::Value {
 fn models_lists_exact_counts_as_json() {
     let o = memtune(&["models", "--json"]);
     assert!(o.status.success());
-    let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(rows.len() >= 11);
-    let qwen = rows.iter().find(|r| r["name"] == "Qwen/Qwen2.5-0.5B").unwrap();
+    let qwen = rows
+        .iter()
+        .find(|r| r["name"] == "Qwen/Qwen2.5-0.5B")
+        .unwrap();
     assert_eq!(qwen["params"].as_u64(), Some(494_032_768));
-    let llama = rows.iter().find(|r| r["name"] == "meta-llama/Llama-2-7b-hf").unwrap();
+    let llama = rows
+        .iter()
+        .find(|r| r["name"] == "meta-llama/Llama-2-7b-hf")
+        .unwrap();
     assert_eq!(llama["params"].as_u64(), Some(6_738_415_616));
 }
 
@@ -47,13 +62,35 @@ fn train_lowers_the_loss_with_every_memory_knob_at_once() {
     let data = text_file(dir.path());
     let out = dir.path().join("run");
     let o = memtune(&[
-        "train", "--model", "tiny", "--data", &data, "--steps", "30", "--method", "lora", "--checkpointing", "full",
-        "--optimizer", "adamw8bit", "--precision", "bf16", "--seq", "64", "--batch", "2", "--json", "--output",
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        &data,
+        "--steps",
+        "30",
+        "--method",
+        "lora",
+        "--checkpointing",
+        "full",
+        "--optimizer",
+        "adamw8bit",
+        "--precision",
+        "bf16",
+        "--seq",
+        "64",
+        "--batch",
+        "2",
+        "--json",
+        "--output",
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j = json_of(&o);
-    let (initial, fin) = (j["initial_loss"].as_f64().unwrap(), j["final_loss"].as_f64().unwrap());
+    let (initial, fin) = (
+        j["initial_loss"].as_f64().unwrap(),
+        j["final_loss"].as_f64().unwrap(),
+    );
     assert!(fin < initial, "final {fin} !< initial {initial}");
     assert_eq!(j["steps"], 30);
     assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -67,13 +104,58 @@ fn bad_input_gets_clear_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let data = text_file(dir.path());
     let cases: &[(&[&str], &str)] = &[
-        (&["train", "--model", "qwen2.5-0.6b", "--data", &data], "Qwen/Qwen2.5-0.5B"),
-        (&["train", "--model", "tiny", "--data", &data, "--rank", "0"], "--rank"),
-        (&["train", "--model", "tiny", "--data", &data, "--batch", "0"], "--batch"),
-        (&["train", "--model", "tiny", "--data", &data, "--checkpointing", "every:0"], "every:K"),
-        (&["train", "--model", "tiny", "--data", &data, "--seq", "100000"], "max_position_embeddings"),
-        (&["train", "--model", "tiny", "--data", "/nonexistent/file.txt"], "--data"),
-        (&["train", "--model", "tiny", "--data", &data, "--optimizer", "adam"], "adamw8bit"),
+        (
+            &["train", "--model", "qwen2.5-0.6b", "--data", &data],
+            "Qwen/Qwen2.5-0.5B",
+        ),
+        (
+            &["train", "--model", "tiny", "--data", &data, "--rank", "0"],
+            "--rank",
+        ),
+        (
+            &["train", "--model", "tiny", "--data", &data, "--batch", "0"],
+            "--batch",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "tiny",
+                "--data",
+                &data,
+                "--checkpointing",
+                "every:0",
+            ],
+            "every:K",
+        ),
+        (
+            &[
+                "train", "--model", "tiny", "--data", &data, "--seq", "100000",
+            ],
+            "max_position_embeddings",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "tiny",
+                "--data",
+                "/nonexistent/file.txt",
+            ],
+            "--data",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "tiny",
+                "--data",
+                &data,
+                "--optimizer",
+                "adam",
+            ],
+            "adamw8bit",
+        ),
         (&["profile", "--model", "tiny", "--layers", "9"], "--layers"),
         (&["profile", "--model", "tiny", "--device", "cuda"], "CUDA"),
     ];
@@ -81,7 +163,10 @@ fn bad_input_gets_clear_errors_not_panics() {
         let o = memtune(args);
         let err = stderr(&o);
         assert!(!o.status.success(), "{args:?} should fail");
-        assert!(err.contains(expected), "{args:?}: expected `{expected}` in:\n{err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected `{expected}` in:\n{err}"
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
     }
 }
@@ -94,7 +179,10 @@ fn malformed_config_names_file_and_field() {
     let o = memtune(&["profile", "--model", cfg.to_str().unwrap()]);
     let err = stderr(&o);
     assert!(!o.status.success());
-    assert!(err.contains("config.json") && err.contains("hidden_size"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("hidden_size"),
+        "{err}"
+    );
     std::fs::write(&cfg, r#"{"model_type":"gpt2"}"#).unwrap();
     let err = stderr(&memtune(&["profile", "--model", cfg.to_str().unwrap()]));
     assert!(err.contains("llama") && err.contains("qwen2"), "{err}");
@@ -107,21 +195,45 @@ fn profile_json_and_csv_append() {
     let tl = dir.path().join("t.csv");
     for method in ["lora", "full"] {
         let o = memtune(&[
-            "profile", "--model", "tiny", "--method", method, "--seq", "32", "--batch", "2", "--json", "--csv",
-            csv.to_str().unwrap(), "--timeline-csv", tl.to_str().unwrap(),
+            "profile",
+            "--model",
+            "tiny",
+            "--method",
+            method,
+            "--seq",
+            "32",
+            "--batch",
+            "2",
+            "--json",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--timeline-csv",
+            tl.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let j = json_of(&o);
         let peak = j["peak_bytes"].as_u64().unwrap();
-        let parts: u64 = j["components"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+        let parts: u64 = j["components"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
         assert_eq!(parts, peak, "components explain the measured peak exactly");
         assert!(j["components"]["weights"].as_u64().unwrap() > 0);
         assert_eq!(j["config"]["method"], method);
     }
     let text = std::fs::read_to_string(&csv).unwrap();
-    assert_eq!(text.lines().count(), 1 + 2 * 6, "one header, six rows per probe");
+    assert_eq!(
+        text.lines().count(),
+        1 + 2 * 6,
+        "one header, six rows per probe"
+    );
     let rows = memtune::report::profile_csv::read_profile(&csv).unwrap();
     assert_eq!(rows.len(), 12);
     let timeline = std::fs::read_to_string(&tl).unwrap();
-    assert!(timeline.lines().any(|l| l.contains(",forward,1,")), "{timeline}");
+    assert!(
+        timeline.lines().any(|l| l.contains(",forward,1,")),
+        "{timeline}"
+    );
 }

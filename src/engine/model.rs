@@ -5,10 +5,10 @@
 
 use super::ops::{self, FrozenWeight, LossTargets};
 use super::optim::Param;
-use crate::config::{Knobs, LOSS_CHUNK, LossMode, Method, Precision, Quant, Target};
+use crate::config::{Knobs, LossMode, Method, Precision, Quant, Target, loss_chunk_rows};
 use crate::spec::ModelSpec;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
@@ -145,11 +145,17 @@ pub struct Linear {
 impl Linear {
     /// `x`: `[n, in]` in the compute dtype → `[n, out]`.
     fn forward(&self, x: &Tensor, dtype: DType, train: bool) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            Weight::Trainable(v) => x.matmul(&v.as_tensor().to_dtype(dtype)?.t()?)?,
-            Weight::Frozen(f) => f.matmul_t(x)?,
+        let mut y = match (&self.weight, &self.bias) {
+            (Weight::Frozen(f), Some(Weight::Frozen(FrozenWeight::Dense(b)))) => {
+                f.matmul_t(x, Some(&b.to_dtype(dtype)?))?
+            }
+            (Weight::Frozen(f), None) => f.matmul_t(x, None)?,
+            (Weight::Frozen(_), Some(_)) => {
+                candle_core::bail!("`{}`: a frozen weight needs a frozen dense bias", self.name)
+            }
+            (Weight::Trainable(v), _) => x.matmul(&v.as_tensor().to_dtype(dtype)?.t()?)?,
         };
-        if let Some(bias) = &self.bias {
+        if let (Weight::Trainable(_), Some(bias)) = (&self.weight, &self.bias) {
             y = y.broadcast_add(&bias.as_compute(dtype)?)?;
         }
         if let Some(lora) = &self.lora {
@@ -249,7 +255,7 @@ impl Builder<'_> {
     ) -> Result<Linear> {
         let weight = if self.knobs.method == Method::Qlora {
             let t = self.source.tensor(&format!("{name}.weight"), &[out, inp])?;
-            if inp % 32 != 0 {
+            if !inp.is_multiple_of(32) {
                 candle_core::bail!(
                     "qlora needs input widths divisible by 32 (ggml blocks); `{name}` has {inp}"
                 );
@@ -470,8 +476,11 @@ impl Model {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Weight) -> Result<Tensor> {
-        let w = weight.as_compute(self.dtypes.compute)?;
-        candle_nn::ops::rms_norm_slow(x, &w, self.spec.rms_norm_eps as f32)
+        let (w, trainable) = match weight {
+            Weight::Trainable(v) => (v.as_tensor().clone(), true),
+            Weight::Frozen(f) => (f.dense(self.dtypes.compute)?, false),
+        };
+        ops::rms_norm(x, &w, self.spec.rms_norm_eps, trainable)
     }
 
     fn seq_tables(&self, seq: usize) -> Result<SeqTables> {
@@ -525,16 +534,13 @@ impl Model {
             .transpose(1, 2)?
             .contiguous()?;
         let tables = self.seq_tables(s)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &tables.cos, &tables.sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &tables.cos, &tables.sin)?;
+        let q = ops::rope(&q, &tables.cos, &tables.sin)?;
+        let k = ops::rope(&k, &tables.cos, &tables.sin)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
 
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         // Softmax in fp32, as Hugging Face's eager attention does.
-        let scores = scores
-            .to_dtype(wide(dt))?
-            .broadcast_add(&tables.mask.to_dtype(wide(dt))?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?;
+        let probs = ops::causal_softmax(&scores, &tables.mask)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -562,14 +568,20 @@ impl Model {
             LossMode::Chunked => {
                 let trainable = matches!(head, Weight::Trainable(_));
                 let w = head.as_compute(self.dtypes.compute)?;
-                ops::chunked_cross_entropy(&xn, &w, targets, LOSS_CHUNK, trainable)
+                ops::chunked_cross_entropy(
+                    &xn,
+                    &w,
+                    targets,
+                    loss_chunk_rows(self.spec.vocab_size),
+                    trainable,
+                )
             }
             LossMode::Full => {
                 let logits = match head {
                     Weight::Trainable(v) => {
                         xn.matmul(&v.as_tensor().to_dtype(self.dtypes.compute)?.t()?)?
                     }
-                    Weight::Frozen(f) => f.matmul_t(&xn)?,
+                    Weight::Frozen(f) => f.matmul_t(&xn, None)?,
                 };
                 ops::full_cross_entropy(&logits, targets)
             }
@@ -588,7 +600,7 @@ impl Model {
             Weight::Trainable(v) => {
                 xn.matmul(&v.as_tensor().to_dtype(self.dtypes.compute)?.t()?)?
             }
-            Weight::Frozen(f) => f.matmul_t(&xn)?,
+            Weight::Frozen(f) => f.matmul_t(&xn, None)?,
         };
         logits
             .to_dtype(wide(self.dtypes.compute))?

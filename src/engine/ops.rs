@@ -1,9 +1,11 @@
-//! Custom candle ops with hand-written backward passes, for the two places where candle's autograd
-//! would waste memory:
-//! - [`FrozenMatmul`]: `x @ Wᵀ` with a frozen (dense or ggml-quantized) weight. Candle's own matmul
-//!   backward always computes the weight's gradient too, and keeps it in the `GradStore` even when
-//!   the weight is not a variable: under LoRA that is a full model's worth of useless gradients. This
-//!   op returns only the input's gradient, and keeps only the (possibly quantized) weight alive.
+//! Custom candle ops with hand-written backward passes. Candle's autograd computes a gradient for
+//! every operand of every op, constants and frozen weights included, and keeps those until the step
+//! ends; and candle-nn's fused kernels have no backward at all. These ops fix both:
+//! - [`FrozenWeight::matmul_t`]: `x Wᵀ` with a frozen (dense or ggml-quantized) weight, returning
+//!   only the input's gradient (under LoRA, candle's matmul would compute and keep a full model's
+//!   worth of weight gradients).
+//! - [`causal_softmax`], [`rope`], [`rms_norm`]: candle-nn's fast kernels with exact backward passes,
+//!   keeping masks and tables out of the graph.
 //! - [`chunked_cross_entropy`]: the next-token loss computed a chunk of rows at a time, in forward
 //!   and again in backward, so the batch × seq × vocab fp32 logits never exist at once.
 
@@ -14,6 +16,157 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
 use std::sync::Arc;
+
+/// An op on `x` whose forward value was computed beforehand (with candle's fast kernels, on detached
+/// inputs) and whose backward is `backward(x, output, output_grad)`. This gives fused kernels a
+/// gradient, and keeps constants (masks, rotary tables, frozen weights) out of the autograd graph:
+/// candle's own backward stores a gradient for every operand of a binary op, constants included,
+/// until the step ends.
+struct Precomputed<F> {
+    name: &'static str,
+    value: std::sync::Mutex<Option<Tensor>>,
+    backward: F,
+}
+
+fn take_value(value: &std::sync::Mutex<Option<Tensor>>, name: &str) -> Result<Tensor> {
+    value
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{name}: lock poisoned")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))
+}
+
+fn cpu_copy(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(c) => Ok((c.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("precomputed value is not on the CPU"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_copy(t: &Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(c) => Ok((c.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("precomputed value is not on the GPU"),
+    }
+}
+
+impl<F> CustomOp1 for Precomputed<F>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_copy(&take_value(&self.value, self.name)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&take_value(&self.value, self.name)?)
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Detached: an argument that is a variable (or derives from one) would make every tensor
+        // of the backward formula record a graph, and the gradient would hold them all alive.
+        (self.backward)(&arg.detach(), &res.detach(), &grad.detach()).map(Some)
+    }
+}
+
+/// `value` as the output of an op on `x` with gradient `backward(x, value, dvalue)`.
+pub fn with_backward<F>(
+    x: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    backward: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let value = value.contiguous()?;
+    x.apply_op1(Precomputed {
+        name,
+        value: std::sync::Mutex::new(Some(value)),
+        backward,
+    })
+}
+
+struct Precomputed2<F> {
+    name: &'static str,
+    value: std::sync::Mutex<Option<Tensor>>,
+    backward: F,
+}
+
+impl<F> CustomOp2 for Precomputed2<F>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_copy(&take_value(&self.value, self.name)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&take_value(&self.value, self.name)?)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.backward)(&a.detach(), &b.detach(), &res.detach(), &grad.detach())?;
+        Ok((Some(ga), Some(gb)))
+    }
+}
+
+/// Two-input version of [`with_backward`].
+pub fn with_backward2<F>(
+    a: &Tensor,
+    b: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    backward: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync + 'static,
+{
+    let value = value.contiguous()?;
+    a.apply_op2(
+        b,
+        Precomputed2 {
+            name,
+            value: std::sync::Mutex::new(Some(value)),
+            backward,
+        },
+    )
+}
 
 /// A frozen weight `[out, in]`.
 #[derive(Clone)]
@@ -32,15 +185,6 @@ impl FrozenWeight {
         }
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        let shape = match self {
-            FrozenWeight::Dense(t) => t.shape().clone(),
-            FrozenWeight::Quantized(q) => q.shape().clone(),
-        };
-        let d = shape.dims();
-        (d[0], d[1])
-    }
-
     /// The weight as a dense tensor of `dtype` (a copy for quantized weights).
     pub fn dense(&self, dtype: DType) -> Result<Tensor> {
         match self {
@@ -49,92 +193,116 @@ impl FrozenWeight {
         }
     }
 
-    /// `x @ Wᵀ` for `x` of shape `[n, in]`, with a backward pass for `x` only.
-    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            FrozenWeight::Dense(w) => {
-                let x = x.contiguous()?;
-                x.apply_op1(FrozenMatmul {
-                    weight: self.clone(),
-                    compute: w.dtype(),
-                })
-            }
-            FrozenWeight::Quantized(_) => {
-                // ggml's CPU kernels take f32 activations.
-                let dtype = x.dtype();
-                let x = x.to_dtype(DType::F32)?.contiguous()?;
-                x.apply_op1(FrozenMatmul {
-                    weight: self.clone(),
-                    compute: DType::F32,
-                })?
-                .to_dtype(dtype)
-            }
-        }
-    }
-}
-
-/// See the module docs.
-pub struct FrozenMatmul {
-    weight: FrozenWeight,
-    compute: DType,
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        match &self.weight {
-            FrozenWeight::Quantized(q) => q.as_ref().cpu_fwd(storage, layout),
-            FrozenWeight::Dense(w) => {
-                let (n, k) = layout.shape().dims2()?;
-                let wt = w.t()?;
-                let (out, k2) = w.dims2()?;
-                if k != k2 {
-                    candle_core::bail!(
-                        "frozen matmul: input has {k} features, weight expects {k2}"
-                    );
-                }
-                let (w_storage, w_layout) = wt.storage_and_layout();
-                let Storage::Cpu(w_cpu) = &*w_storage else {
-                    candle_core::bail!("frozen matmul: weight and input on different devices")
-                };
-                let result = storage.matmul(w_cpu, (1, n, out, k), layout, w_layout)?;
-                Ok((result, Shape::from((n, out))))
-            }
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        match &self.weight {
-            FrozenWeight::Quantized(q) => q.as_ref().cuda_fwd(storage, layout),
-            FrozenWeight::Dense(w) => {
-                let (n, k) = layout.shape().dims2()?;
-                let wt = w.t()?;
-                let (out, _) = w.dims2()?;
-                let (w_storage, w_layout) = wt.storage_and_layout();
-                let Storage::Cuda(w_cuda) = &*w_storage else {
-                    candle_core::bail!("frozen matmul: weight and input on different devices")
-                };
-                let result = storage.matmul(w_cuda, (1, n, out, k), layout, w_layout)?;
-                Ok((result, Shape::from((n, out))))
-            }
-        }
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // y = x Wᵀ  ⇒  dx = dy W. The quantized weight is dequantized for this product only.
-        let w = match &self.weight {
-            FrozenWeight::Dense(w) => w.clone(),
-            FrozenWeight::Quantized(q) => q.dequantize(grad.device())?.to_dtype(self.compute)?,
+    /// `x Wᵀ (+ bias)` for `x` of shape `[n, in]`, with a gradient for `x` only: the weight (and
+    /// bias) are frozen, so no weight gradient is computed or stored.
+    pub fn matmul_t(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xd = x.detach();
+        let mut value = match self {
+            FrozenWeight::Dense(w) => xd.matmul(&w.t()?)?,
+            // ggml's kernels take f32 activations (and quantize them to 8 bits).
+            FrozenWeight::Quantized(q) => xd
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(q.as_ref())?
+                .to_dtype(dtype)?,
         };
-        Ok(Some(grad.to_dtype(w.dtype())?.matmul(&w)?))
+        if let Some(b) = bias {
+            value = value.broadcast_add(&b.detach())?;
+        }
+        let weight = self.clone();
+        with_backward(x, value, "frozen-matmul", move |_, _, grad| {
+            // y = x Wᵀ  ⇒  dx = dy W. A quantized weight is dequantized for this product only.
+            let w = weight.dense(grad.dtype())?;
+            grad.matmul(&w)
+        })
+    }
+}
+
+/// Softmax over the last dimension of attention scores `[b, h, s, s]` under a causal mask
+/// (`mask`: `[s, s]`, 0 or −∞), computed in fp32 (f64 for f64 scores) and returned in the scores'
+/// dtype. Only the probabilities are kept for backward.
+pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    let wide = wide(dtype);
+    let value = candle_nn::ops::softmax_last_dim(
+        &scores
+            .detach()
+            .to_dtype(wide)?
+            .broadcast_add(&mask.to_dtype(wide)?)?,
+    )?
+    .to_dtype(dtype)?;
+    with_backward(scores, value, "causal-softmax", move |_, probs, grad| {
+        // dx = p ⊙ (g − Σ_j g_j p_j); masked positions have p = 0.
+        let p = probs.to_dtype(wide)?;
+        let g = grad.to_dtype(wide)?;
+        let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
+        (p * g.broadcast_sub(&dot)?)?.to_dtype(dtype)
+    })
+}
+
+/// Hugging Face's rotate-half RoPE on `x`: `[b, h, s, d]` with tables `[s, d/2]` of x's dtype.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let value = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    with_backward(&x, value, "rope", move |_, _, grad| {
+        // A rotation's transpose is the rotation by the opposite angle.
+        candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &sin.neg()?)
+    })
+}
+
+/// RMSNorm `x / rms(x) · w` over the last dimension, computed in fp32 (f64 for f64 inputs).
+/// `w_trainable` decides whether the weight gets a gradient.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, w_trainable: bool) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let wide = wide(dtype);
+    let x = x.contiguous()?;
+    let value = if dtype == DType::F64 || std::env::var("SLOWNORM").is_ok() {
+        // candle-nn's fused kernel has no f64 version; f64 is the tests' reference precision.
+        let xd = x.detach();
+        let r = ((xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?).recip()?;
+        xd.broadcast_mul(&r)?
+            .broadcast_mul(&w.detach().to_dtype(dtype)?)?
+    } else {
+        candle_nn::ops::rms_norm(&x.detach(), &w.detach().to_dtype(dtype)?, eps as f32)?
+    };
+    // Gradients: with r = 1/√(mean(x²) + ε) and u = g ⊙ w,
+    // dx = r·u − x·r³·mean(u ⊙ x),  dw = Σ_rows g ⊙ x ⊙ r.
+    let grads = move |x: &Tensor,
+                      w: &Tensor,
+                      grad: &Tensor,
+                      want_w: bool|
+          -> Result<(Tensor, Option<Tensor>)> {
+        let (x, g, w32) = (x.to_dtype(wide)?, grad.to_dtype(wide)?, w.to_dtype(wide)?);
+        let r = ((x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?).recip()?;
+        let u = g.broadcast_mul(&w32)?;
+        let dot = (&u * &x)?.mean_keepdim(D::Minus1)?;
+        let dx =
+            (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?.to_dtype(dtype)?;
+        let dw = if want_w {
+            let h = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / h;
+            let gx = (g * x.broadcast_mul(&r)?)?.reshape((rows, h))?.sum(0)?;
+            Some(gx.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    };
+    if w_trainable {
+        with_backward2(&x, w, value, "rms-norm", move |x, w, _, grad| {
+            let (dx, dw) = grads(x, w, grad, true)?;
+            Ok((
+                dx,
+                dw.ok_or_else(|| candle_core::Error::Msg("rms-norm: no weight gradient".into()))?,
+            ))
+        })
+    } else {
+        let w = w.clone();
+        with_backward(&x, value, "rms-norm", move |x, _, grad| {
+            Ok(grads(x, &w, grad, false)?.0)
+        })
     }
 }
 
@@ -227,6 +395,8 @@ impl CustomOp2 for ChunkedCrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached, as in `Precomputed::bwd`: otherwise every chunk's logits stay alive in a graph.
+        let (h, w) = (&h.detach(), &w.detach());
         let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let n = h.dim(0)?;
         let vocab = w.dim(0)?;

@@ -6,13 +6,13 @@
 //! graph from its saved input (wrapped in a `Var`), and back-propagates `Σ y ⊙ upstream` through it,
 //! which yields the layer's parameter gradients and the gradient of its input.
 
-use super::model::{Model, Weight};
-use super::ops::FrozenWeight;
+use super::model::Model;
 use super::ops::LossTargets;
 use super::optim::{self, Optimizer, Param};
-use crate::config::{Checkpointing, Hyper, Precision};
+use crate::config::{Hyper, Precision};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, TensorId, Var};
+use std::collections::HashSet;
 
 /// Receives a mark at each phase boundary of a step; probes read their meter there.
 pub trait StepObserver {
@@ -44,18 +44,36 @@ impl Batch {
     }
 }
 
-/// Adds every gradient of `from` into `into`, except `skip` (a checkpoint's input variable).
-fn merge_grads(into: &mut GradStore, from: &GradStore, skip: Option<TensorId>) -> Result<()> {
+/// A gradient store holding nothing of ours (candle offers no public constructor; the backward of
+/// a constant yields a store holding only that constant's own entry).
+fn empty_grad_store(device: &candle_core::Device) -> Result<GradStore> {
+    Tensor::zeros((), DType::F32, device)?.backward()
+}
+
+/// The ids of the model's trainable parameters: the only gradients worth keeping.
+fn trainable_ids(model: &Model) -> HashSet<TensorId> {
+    model
+        .trainable()
+        .iter()
+        .map(|p| p.var.as_tensor().id())
+        .collect()
+}
+
+/// Adds the gradients of `from` whose ids are in `keep` into `into`.
+fn merge_grads(into: &mut GradStore, from: &GradStore, keep: &HashSet<TensorId>) -> Result<()> {
     let ids: Vec<TensorId> = from
         .get_ids()
         .copied()
-        .filter(|id| Some(*id) != skip)
+        .filter(|id| keep.contains(id))
         .collect();
     for id in ids {
-        let Some(g) = from.get_id(id) else { continue };
+        // Detached: a variable's gradient can hold its backward graph, and with it activations.
+        let Some(g) = from.get_id(id).map(Tensor::detach) else {
+            continue;
+        };
         let sum = match into.get_id(id) {
-            Some(existing) => existing.add(g)?,
-            None => g.clone(),
+            Some(existing) => existing.add(&g)?,
+            None => g,
         };
         into.insert_id(id, sum);
     }
@@ -79,24 +97,13 @@ pub fn forward_backward(
     };
     let n_layers = model.layers.len();
     let policy = model.knobs.checkpointing;
-
-    if policy == Checkpointing::None {
-        let mut x = model.embed(&batch.ids)?;
-        for l in 0..n_layers {
-            x = model.layer_forward(l, &x, true)?;
-            observer.mark("forward", Some(l), micro_batch);
-        }
-        let loss = model.head_loss(&x, &targets)?;
-        drop(x);
-        observer.mark("loss", None, micro_batch);
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = loss.affine(loss_scale, 0.0)?.backward()?;
-        observer.mark("backward", None, micro_batch);
-        return Ok((value, grads));
-    }
+    let keep = trainable_ids(model);
 
     // Forward: a recomputed layer keeps only its input; a kept layer keeps its graph, rooted at a
-    // `Var` copy of its input so that backward can stop there and hand the gradient down.
+    // `Var` copy of its input so that backward can stop there and hand the gradient down. Even
+    // without checkpointing, backward runs layer by layer: candle frees nothing during one
+    // `backward()` call, so a single call over the whole model would hold every layer's
+    // activations until the last gradient is computed.
     enum Saved {
         Recompute(Tensor),
         Kept(Var, Tensor),
@@ -122,11 +129,19 @@ pub fn forward_backward(
     let loss = model.head_loss(top.as_tensor(), &targets)?;
     observer.mark("loss", None, micro_batch);
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let mut grads = loss.affine(loss_scale, 0.0)?.backward()?;
+    let head_grads = loss.affine(loss_scale, 0.0)?.backward()?;
     drop(loss);
-    let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| {
-        candle_core::Error::Msg("loss has no gradient for the last hidden state".into())
-    })?;
+    // A variable's gradient can carry a graph (backward formulas multiply by other variables);
+    // detach it, or the next surrogate's backward would differentiate through it.
+    let mut upstream = head_grads
+        .get(top.as_tensor())
+        .map(Tensor::detach)
+        .ok_or_else(|| {
+            candle_core::Error::Msg("loss has no gradient for the last hidden state".into())
+        })?;
+    let mut grads = empty_grad_store(&model.device)?;
+    merge_grads(&mut grads, &head_grads, &keep)?;
+    drop(head_grads);
     observer.mark("backward", Some(n_layers), micro_batch);
 
     for l in (0..n_layers).rev() {
@@ -144,15 +159,15 @@ pub fn forward_backward(
         let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
         upstream = layer_grads
             .get(input.as_tensor())
-            .cloned()
+            .map(Tensor::detach)
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {l} input got no gradient")))?;
-        merge_grads(&mut grads, &layer_grads, Some(input.as_tensor().id()))?;
+        merge_grads(&mut grads, &layer_grads, &keep)?;
         observer.mark("backward", Some(l), micro_batch);
     }
     // The embedding's gradient (when it is trained) flows through the graph kept from `embed`.
     if model.embed_is_trainable() {
         let embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
-        merge_grads(&mut grads, &embed_grads, None)?;
+        merge_grads(&mut grads, &embed_grads, &keep)?;
     }
     Ok((value, grads))
 }
@@ -239,6 +254,7 @@ impl Engine {
             .map(|b| b.counted_tokens)
             .sum::<usize>()
             .max(1) as f64;
+        let keep = trainable_ids(&self.model);
         let mut total: Option<GradStore> = None;
         let mut loss = 0.0;
         for (i, batch) in micro_batches.iter().enumerate() {
@@ -253,20 +269,13 @@ impl Engine {
             loss += value;
             match total.as_mut() {
                 None => total = Some(grads),
-                Some(t) => merge_grads(t, &grads, None)?,
+                Some(t) => merge_grads(t, &grads, &keep)?,
             }
             observer.mark("micro_batch_done", None, i);
         }
-        let mut grads = total.ok_or_else(|| {
+        let grads = total.ok_or_else(|| {
             candle_core::Error::Msg("a step needs at least one micro-batch".into())
         })?;
-        // Frozen norm weights and biases collect (small) gradients through candle's broadcast ops;
-        // drop them so that only trainable parameters' gradients are held and clipped.
-        for (_, weight) in self.model.base_weights() {
-            if let Weight::Frozen(FrozenWeight::Dense(t)) = weight {
-                grads.remove(t);
-            }
-        }
         Ok((loss, grads))
     }
 

@@ -82,16 +82,33 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
     let batches: Vec<Vec<Batch>> = (0..req.warmup_steps + steps)
         .map(|s| {
             (0..knobs.accum)
-                .map(|m| random_batch(knobs.batch, knobs.seq, req.spec.vocab_size, req.seed + (s * 1000 + m) as u64, &req.device))
+                .map(|m| {
+                    random_batch(
+                        knobs.batch,
+                        knobs.seq,
+                        req.spec.vocab_size,
+                        req.seed + (s * 1000 + m) as u64,
+                        &req.device,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<_>>()?;
     let baseline = meter.current_bytes();
 
-    let model = Model::build(&req.spec, knobs, &req.device, &mut RandomInit::new(req.seed), req.seed)
-        .context("building the model for the probe")?;
+    let model = Model::build(
+        &req.spec,
+        knobs,
+        &req.device,
+        &mut RandomInit::new(req.seed),
+        req.seed,
+    )
+    .context("building the model for the probe")?;
     let after_weights = meter.current_bytes();
-    let hyper = crate::config::Hyper { lr: 1e-5, ..Default::default() };
+    let hyper = crate::config::Hyper {
+        lr: 1e-5,
+        ..Default::default()
+    };
     let mut engine = Engine::new(model, hyper).context("building the optimizer for the probe")?;
     let after_optimizer = meter.current_bytes();
 
@@ -101,7 +118,11 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
     let resting = meter.current_bytes();
 
     let per_step_marks = 8 + knobs.accum * (4 * req.spec.num_hidden_layers + 8);
-    let mut recorder = Recorder { meter, started: Instant::now(), marks: Vec::with_capacity(per_step_marks) };
+    let mut recorder = Recorder {
+        meter,
+        started: Instant::now(),
+        marks: Vec::with_capacity(per_step_marks),
+    };
     let mut step_times = Vec::with_capacity(steps);
     let mut peak = 0u64;
     let mut last_marks = Vec::new();
@@ -124,7 +145,13 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
     let weights = after_weights.saturating_sub(baseline);
     let optimizer = after_optimizer.saturating_sub(after_weights);
     let runtime = resting.saturating_sub(after_optimizer) + meter.runtime_bytes();
-    let components = attribute(&last_marks, resting, [weights, optimizer, runtime], peak_bytes, req.spec.num_hidden_layers);
+    let components = attribute(
+        &last_marks,
+        resting,
+        [weights, optimizer, runtime],
+        peak_bytes,
+        req.spec.num_hidden_layers,
+    );
 
     let timeline = last_marks
         .iter()
@@ -151,7 +178,13 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
 }
 
 /// Splits the peak; `fixed` = [weights, optimizer, runtime] as measured outside the step.
-fn attribute(marks: &[Mark], resting: u64, fixed: [u64; 3], peak_bytes: u64, layers: usize) -> Components {
+fn attribute(
+    marks: &[Mark],
+    resting: u64,
+    fixed: [u64; 3],
+    peak_bytes: u64,
+    layers: usize,
+) -> Components {
     let [weights, optimizer, runtime] = fixed;
     let held = |m: &Mark| m.current.saturating_sub(resting);
     // The micro-batch and phase in which the peak was reached: the first mark whose running peak
@@ -159,20 +192,31 @@ fn attribute(marks: &[Mark], resting: u64, fixed: [u64; 3], peak_bytes: u64, lay
     let step_peak = marks.iter().map(|m| m.peak).max().unwrap_or(0);
     let peak_mark = marks.iter().position(|m| m.peak == step_peak).unwrap_or(0);
     let peak_micro = marks.get(peak_mark).map_or(0, |m| m.micro_batch);
-    let in_backward = marks
-        .get(peak_mark)
-        .is_some_and(|m| matches!(m.phase, "backward" | "recompute" | "micro_batch_done" | "clip" | "optimizer_step"));
+    let in_backward = marks.get(peak_mark).is_some_and(|m| {
+        matches!(
+            m.phase,
+            "backward" | "recompute" | "micro_batch_done" | "clip" | "optimizer_step"
+        )
+    });
 
     let micro_marks = |micro: usize| marks.iter().filter(move |m| m.micro_batch == micro);
     // Gradient store carried from earlier micro-batches: held at the start of this micro-batch.
     let carried = if peak_micro == 0 {
         0
     } else {
-        micro_marks(peak_micro - 1).filter(|m| m.phase == "micro_batch_done").map(held).next_back().unwrap_or(0)
+        micro_marks(peak_micro - 1)
+            .filter(|m| m.phase == "micro_batch_done")
+            .map(held)
+            .next_back()
+            .unwrap_or(0)
     };
     // This micro-batch's own gradients: held at its end, minus what was carried in. Measured on the
     // first micro-batch (nothing carried), where the end-of-backward store is exactly its gradients.
-    let own_grads = micro_marks(0).filter(|m| m.phase == "micro_batch_done").map(held).next_back().unwrap_or(0);
+    let own_grads = micro_marks(0)
+        .filter(|m| m.phase == "micro_batch_done")
+        .map(held)
+        .next_back()
+        .unwrap_or(0);
     let gradients = carried + if in_backward { own_grads } else { 0 };
     // Saved activations: held after the last layer's forward, less the carried store.
     let last_forward = micro_marks(peak_micro)
@@ -187,5 +231,12 @@ fn attribute(marks: &[Mark], resting: u64, fixed: [u64; 3], peak_bytes: u64, lay
         activations = peak_bytes.saturating_sub(fixed);
         transient = 0;
     }
-    Components { weights, gradients, optimizer, activations, transient, runtime }
+    Components {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        transient,
+        runtime,
+    }
 }

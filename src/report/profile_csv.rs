@@ -55,7 +55,13 @@ pub fn profile_rows(probe_id: &str, p: &ProbeResult) -> Vec<ProfileRow> {
             method: k.method.to_string(),
             rank: k.lora.rank,
             alpha: k.lora.alpha,
-            lora_targets: k.lora.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(" "),
+            lora_targets: k
+                .lora
+                .targets
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(" "),
             quant: k.quant.to_string(),
             precision: k.precision.to_string(),
             checkpointing: k.checkpointing.to_string(),
@@ -76,11 +82,15 @@ pub fn profile_rows(probe_id: &str, p: &ProbeResult) -> Vec<ProfileRow> {
 
 /// Renders rows as CSV text, with the header when `header` is true.
 pub fn render_profile(rows: &[ProfileRow], header: bool) -> Result<String> {
-    let mut w = csv::WriterBuilder::new().has_headers(header).from_writer(Vec::new());
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(header)
+        .from_writer(Vec::new());
     for row in rows {
         w.serialize(row)?;
     }
-    Ok(String::from_utf8(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?)
+    Ok(String::from_utf8(
+        w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?,
+    )?)
 }
 
 /// Appends `rows` to the CSV at `path`, writing the header when the file is new or empty, and
@@ -103,13 +113,15 @@ pub fn append_profile(path: &Path, rows: &[ProfileRow]) -> Result<()> {
         .append(true)
         .open(path)
         .with_context(|| format!("--csv {}: cannot open for appending", path.display()))?;
-    file.write_all(text.as_bytes()).with_context(|| format!("--csv {}: write failed", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("--csv {}: write failed", path.display()))?;
     Ok(())
 }
 
 /// Reads a profile CSV back.
 pub fn read_profile(path: &Path) -> Result<Vec<ProfileRow>> {
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let mut r = csv::Reader::from_path(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
     let mut rows = Vec::new();
     for (i, row) in r.deserialize().enumerate() {
         rows.push(row.with_context(|| format!("{}: row {}", path.display(), i + 2))?);
