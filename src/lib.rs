@@ -6,6 +6,8 @@
 //! (the trainer loop). [`config`] holds the knobs every stage shares.
 
 pub mod config;
+pub mod cost;
 pub mod engine;
 pub mod probe;
+pub mod search;
 pub mod spec;
