@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 pub use calibrate::{
     CalibrationProgress, Evaluation, EvaluationRow, calibrate, calibration_plan, evaluate,
-    holdout_plan, probe_label,
+    holdout_plan, leave_one_out, probe_label,
 };
 
 /// Runs one probe: a few instrumented training steps of `spec` (usually at reduced depth) with
@@ -58,26 +58,50 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The phase a probe peaked in: the first timeline mark at which the running peak reached the
-    /// final one names it (`optimizer_*` → update). Without a timeline, a peak with no activations
-    /// live is taken to be the update.
+    /// The phase a timeline mark belongs to: `optimizer_step*` is the update; `weights` and
+    /// `optimizer_init` (before any step) belong to neither; every other mark (forward, loss,
+    /// backward, per-layer marks) is compute.
+    pub fn of_mark(phase: &str) -> Option<Phase> {
+        if phase.starts_with("optimizer_step") {
+            Some(Phase::Update)
+        } else if phase == "weights" || phase.starts_with("optimizer") {
+            None
+        } else {
+            Some(Phase::Compute)
+        }
+    }
+
+    /// The phase a probe peaked in: the mark at which the peak was first reached names it. Without a
+    /// timeline, a peak with no activations live is taken to be the update.
     pub fn of_probe(probe: &ProbeResult) -> Phase {
         if let Some(row) = probe
             .timeline
             .iter()
             .find(|r| r.peak_bytes >= probe.peak_bytes)
         {
-            return if row.phase.starts_with("optim") {
-                Phase::Update
-            } else {
-                Phase::Compute
-            };
+            return Phase::of_mark(&row.phase).unwrap_or(Phase::Update);
         }
         if probe.components.activations == 0 {
             Phase::Update
         } else {
             Phase::Compute
         }
+    }
+
+    /// The highest memory a probe reached in this phase, when that is not its overall peak and the
+    /// timeline tells: the largest mark of the phase below the overall peak. This works whether marks
+    /// carry the peak within their phase or the running peak (a running peak that already includes
+    /// the overall one equals it and is skipped).
+    pub fn secondary_peak(self, probe: &ProbeResult) -> Option<u64> {
+        if Phase::of_probe(probe) == self {
+            return None;
+        }
+        probe
+            .timeline
+            .iter()
+            .filter(|r| Phase::of_mark(&r.phase) == Some(self) && r.peak_bytes < probe.peak_bytes)
+            .map(|r| r.peak_bytes)
+            .max()
     }
 }
 
@@ -197,42 +221,113 @@ fn dot(coefficients: &BTreeMap<String, f64>, features: &[Feature]) -> f64 {
         .sum()
 }
 
-fn fit_map(
-    features: &[Vec<Feature>],
-    targets: &[f64],
-    weights: &[f64],
-    select: impl Fn(&str) -> bool,
-    prior: impl Fn(&str) -> f64,
-) -> Result<BTreeMap<String, f64>, CostError> {
-    let names: Vec<&'static str> = feature_names(features)
+fn memory_feature_names() -> Vec<&'static str> {
+    // Names do not depend on the configuration: any one gives them all.
+    features::memory_features(&ModelSpec::tiny(), &Knobs::default())
         .into_iter()
-        .filter(|n| select(n))
-        .collect();
-    let rows: Vec<Vec<f64>> = features
+        .map(|(n, _)| n)
+        .collect()
+}
+
+fn value(features: &[Feature], name: &str) -> f64 {
+    features
         .iter()
-        .zip(weights)
-        .map(|(f, w)| {
+        .find(|(n, _)| *n == name)
+        .map_or(0.0, |(_, v)| *v)
+}
+
+/// Fits one phase's four components jointly. A probe that peaked in the phase gives one row per
+/// component (its measured split); a probe that peaked in the other phase but whose timeline shows
+/// this phase's high-water mark gives one row for the sum (that mark less the exact weights and
+/// optimizer state). The second kind matters: at probe sizes a full fine-tune peaks in the optimizer
+/// step, and only those marks tell what its forward/backward costs. Rows are relative to the bytes
+/// they explain, since probes span orders of magnitude.
+fn fit_phase(probes: &[ProbeResult], phase: Phase) -> Result<PhaseCoefficients, CostError> {
+    let names = memory_feature_names();
+    let blocks: Vec<Vec<&'static str>> = FITTED
+        .iter()
+        .map(|&c| {
             names
                 .iter()
-                .map(|n| f.iter().find(|(m, _)| m == n).map_or(0.0, |(_, v)| v * w))
+                .copied()
+                .filter(|n| allowed(phase, c, n))
                 .collect()
         })
         .collect();
-    let scaled: Vec<f64> = targets.iter().zip(weights).map(|(t, w)| t * w).collect();
-    let priors: Vec<f64> = names.iter().map(|n| prior(n)).collect();
-    let solution = nnls::fit_nonnegative(&rows, &scaled, &priors, RIDGE)?;
-    Ok(names.iter().map(|n| n.to_string()).zip(solution).collect())
+    let width: usize = blocks.iter().map(Vec::len).sum();
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    let mut targets: Vec<f64> = Vec::new();
+    for probe in probes {
+        let feats = features::memory_features(&probe.spec, &probe.knobs);
+        if Phase::of_probe(probe) == phase {
+            let weight = 1.0 / probe.peak_bytes.max(1) as f64;
+            let measured = probe.components.as_array();
+            let mut offset = 0;
+            for (block, &component) in blocks.iter().zip(&FITTED) {
+                let mut row = vec![0.0; width];
+                for (i, name) in block.iter().enumerate() {
+                    row[offset + i] = value(&feats, name) * weight;
+                }
+                rows.push(row);
+                targets.push(measured[component] as f64 * weight);
+                offset += block.len();
+            }
+        } else if let Some(peak) = phase.secondary_peak(probe) {
+            let exact = exact::weight_bytes(&probe.spec, &probe.knobs)
+                + exact::optimizer_bytes(&probe.spec, &probe.knobs);
+            let weight = 1.0 / peak.max(1) as f64;
+            let row: Vec<f64> = blocks
+                .iter()
+                .flatten()
+                .map(|name| value(&feats, name) * weight)
+                .collect();
+            rows.push(row);
+            targets.push((peak as f64 - exact as f64) * weight);
+        }
+    }
+    let prior: Vec<f64> = blocks
+        .iter()
+        .flatten()
+        .map(|n| features::memory_prior(n))
+        .collect();
+    let solution = nnls::fit_nonnegative(&rows, &targets, &prior, RIDGE)?;
+    let mut fitted = PhaseCoefficients::default();
+    let mut values = solution.into_iter();
+    for (block, &component) in blocks.iter().zip(&FITTED) {
+        let map: BTreeMap<String, f64> = block
+            .iter()
+            .map(|n| (n.to_string(), values.next().unwrap_or(0.0)))
+            .collect();
+        *match component {
+            1 => &mut fitted.gradients,
+            3 => &mut fitted.activations,
+            4 => &mut fitted.transient,
+            _ => &mut fitted.runtime,
+        } = map;
+    }
+    Ok(fitted)
 }
 
-fn feature_names(features: &[Vec<Feature>]) -> Vec<&'static str> {
-    match features.first() {
-        Some(f) => f.iter().map(|(n, _)| *n).collect(),
-        // Names do not depend on the configuration: any one gives them all.
-        None => features::memory_features(&ModelSpec::tiny(), &Knobs::default())
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect(),
-    }
+/// Fits seconds per step to the timed probes, relative to each probe's time.
+fn fit_time(probes: &[ProbeResult]) -> Result<BTreeMap<String, f64>, CostError> {
+    let names: Vec<&'static str> = features::time_features(&ModelSpec::tiny(), &Knobs::default())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let timed: Vec<&ProbeResult> = probes
+        .iter()
+        .filter(|p| p.step_s > 0.0 && p.step_s.is_finite())
+        .collect();
+    let rows: Vec<Vec<f64>> = timed
+        .iter()
+        .map(|p| {
+            let feats = features::time_features(&p.spec, &p.knobs);
+            names.iter().map(|n| value(&feats, n) / p.step_s).collect()
+        })
+        .collect();
+    let targets = vec![1.0; rows.len()];
+    let solution = nnls::fit_nonnegative(&rows, &targets, &vec![0.0; names.len()], RIDGE)?;
+    Ok(names.iter().map(|n| n.to_string()).zip(solution).collect())
 }
 
 impl CostModel {
@@ -247,68 +342,10 @@ impl CostModel {
         if let Some(other) = probes.iter().find(|p| shape_key(&p.spec) != key) {
             return Err(CostError::MixedShapes(key, shape_key(&other.spec)));
         }
-        let mut coefficients = Coefficients::default();
-        for phase in [Phase::Compute, Phase::Update] {
-            let members: Vec<&ProbeResult> = probes
-                .iter()
-                .filter(|p| Phase::of_probe(p) == phase)
-                .collect();
-            let feats: Vec<Vec<Feature>> = members
-                .iter()
-                .map(|p| features::memory_features(&p.spec, &p.knobs))
-                .collect();
-            // Residuals relative to each probe's peak: probes span orders of magnitude.
-            let weights: Vec<f64> = members
-                .iter()
-                .map(|p| 1.0 / (p.peak_bytes.max(1) as f64))
-                .collect();
-            let mut fitted = PhaseCoefficients::default();
-            for component in FITTED {
-                let targets: Vec<f64> = members
-                    .iter()
-                    .map(|p| p.components.as_array()[component] as f64)
-                    .collect();
-                let map = fit_map(
-                    &feats,
-                    &targets,
-                    &weights,
-                    |n| allowed(phase, component, n),
-                    features::memory_prior,
-                )?;
-                *match component {
-                    1 => &mut fitted.gradients,
-                    3 => &mut fitted.activations,
-                    4 => &mut fitted.transient,
-                    _ => &mut fitted.runtime,
-                } = map;
-            }
-            match phase {
-                Phase::Compute => coefficients.compute = fitted,
-                Phase::Update => coefficients.update = fitted,
-            }
-        }
-        let timed: Vec<&ProbeResult> = probes
-            .iter()
-            .filter(|p| p.step_s > 0.0 && p.step_s.is_finite())
-            .collect();
-        let feats: Vec<Vec<Feature>> = timed
-            .iter()
-            .map(|p| features::time_features(&p.spec, &p.knobs))
-            .collect();
-        let targets: Vec<f64> = timed.iter().map(|p| p.step_s).collect();
-        let weights: Vec<f64> = timed.iter().map(|p| 1.0 / p.step_s).collect();
-        let names = if feats.is_empty() {
-            vec![features::time_features(
-                &ModelSpec::tiny(),
-                &Knobs::default(),
-            )]
-        } else {
-            feats
-        };
-        coefficients.time = if timed.is_empty() {
-            names[0].iter().map(|(n, _)| (n.to_string(), 0.0)).collect()
-        } else {
-            fit_map(&names, &targets, &weights, |_| true, |_| 0.0)?
+        let coefficients = Coefficients {
+            compute: fit_phase(&probes, Phase::Compute)?,
+            update: fit_phase(&probes, Phase::Update)?,
+            time: fit_time(&probes)?,
         };
         Ok(Self {
             version: version(),

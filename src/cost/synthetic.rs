@@ -13,6 +13,8 @@ use crate::spec::ModelSpec;
 #[derive(Debug, Clone, Default)]
 pub struct SyntheticProber {
     pub fail_above_bytes: Option<u64>,
+    /// Report running peaks in the timeline instead of each phase's own peak.
+    pub running_peaks: bool,
     /// Probes run so far (tests check that a cached calibration runs none).
     pub probes_run: usize,
 }
@@ -116,10 +118,10 @@ impl SyntheticProber {
             transient: temporaries as u64,
             runtime: runtime as u64,
         };
-        let (phase, components) = if update.total() > compute.total() {
-            ("optimizer_step", update)
+        let components = if update.total() > compute.total() {
+            update
         } else {
-            ("backward", compute)
+            compute
         };
 
         // Time: matmuls at a rate per precision, attention likewise, an optimizer pass, overheads.
@@ -158,21 +160,43 @@ impl SyntheticProber {
             components,
             step_s,
             tokens_per_s: tokens / step_s,
-            timeline: vec![TimelineRow {
+            // One step's marks, each with the peak reached within its phase.
+            timeline: [
+                ("weights", weights),
+                ("optimizer_init", weights + optimizer),
+                ("backward", compute.total()),
+                ("optimizer_step", update.total()),
+            ]
+            .iter()
+            .map(|&(phase, bytes)| TimelineRow {
                 t_s: step_s,
                 phase: phase.to_string(),
                 layer: None,
                 micro_batch: knobs.accum - 1,
-                current_bytes: components.total(),
-                peak_bytes: components.total(),
-            }],
+                current_bytes: bytes,
+                peak_bytes: bytes,
+            })
+            .collect(),
         }
+    }
+}
+
+/// Rewrites a timeline whose rows carry the peak within each phase so that they carry the running
+/// peak since the probe started (the other way a meter may report it).
+pub fn running_peaks(timeline: &mut [TimelineRow]) {
+    let mut peak = 0;
+    for row in timeline {
+        peak = peak.max(row.peak_bytes);
+        row.peak_bytes = peak;
     }
 }
 
 impl Prober for SyntheticProber {
     fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> anyhow::Result<ProbeResult> {
-        let result = Self::truth(spec, knobs);
+        let mut result = Self::truth(spec, knobs);
+        if self.running_peaks {
+            running_peaks(&mut result.timeline);
+        }
         if let Some(limit) = self.fail_above_bytes
             && result.peak_bytes > limit
         {
