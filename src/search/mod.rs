@@ -12,7 +12,7 @@ pub use space::{PolicyError, PolicyRequest, SearchSpace};
 pub use write::{TunedConfig, candidates_csv, write_candidates_csv, write_tuned_toml};
 
 use crate::config::{Knobs, Method};
-use crate::cost::{CostModel, Prediction, probe_label};
+use crate::cost::{CostModel, Prediction};
 use crate::spec::ModelSpec;
 
 /// One evaluated configuration.
@@ -79,6 +79,16 @@ fn describe(knobs: &Knobs) -> String {
         "{method}, {}, checkpointing {}, micro-batch {} × accumulation {}, {}, {} loss",
         knobs.precision, knobs.checkpointing, knobs.batch, knobs.accum, knobs.optimizer, knobs.loss
     )
+}
+
+/// "fits but slower: …" or, for a tie in predicted speed (under 0.05%), why the pick won it.
+fn slower(speed: f64, best: f64, what: &str) -> String {
+    let percent = percent_slower(speed, best);
+    if percent < 0.05 {
+        format!("{what}; as fast as the pick, which needs less memory")
+    } else {
+        format!("{what} but slower: {speed:.0} tokens/s, {percent:.1}% below the pick")
+    }
 }
 
 fn percent_slower(slow: f64, fast: f64) -> f64 {
@@ -166,10 +176,7 @@ pub fn search(
     for (index, c) in candidates.iter_mut().enumerate() {
         c.reason = match (c.fits, best_speed) {
             (true, _) if index == 0 => "pick: fastest that fits".to_string(),
-            (true, Some(best)) => format!(
-                "fits; {:.1}% slower than the pick",
-                percent_slower(c.prediction.tokens_per_s, best)
-            ),
+            (true, Some(best)) => slower(c.prediction.tokens_per_s, best, "fits"),
             _ => format!(
                 "does not fit: over budget by {}",
                 format_bytes(c.required_bytes.saturating_sub(budget_bytes))
@@ -257,10 +264,10 @@ fn explain_knobs(
                     format_bytes(c.required_bytes),
                     format_bytes(c.required_bytes - budget)
                 ),
-                Some(c) => format!(
-                    "fits but slower: {:.0} tokens/s, {:.1}% below the pick",
+                Some(c) => slower(
                     c.prediction.tokens_per_s,
-                    percent_slower(c.prediction.tokens_per_s, best_speed)
+                    best_speed,
+                    "fits with the pick's other knobs",
                 ),
                 None => match candidates
                     .iter()
@@ -378,11 +385,6 @@ impl SearchOutcome {
             }
         }
         out
-    }
-
-    /// Identity of a candidate's configuration (as calibration labels it), for tables and tests.
-    pub fn label(&self, spec: &ModelSpec, candidate: &Candidate) -> String {
-        probe_label(spec, &candidate.knobs)
     }
 }
 
