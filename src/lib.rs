@@ -9,10 +9,12 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod cost;
 pub mod data;
 pub mod device;
 pub mod engine;
 pub mod probe;
 pub mod report;
+pub mod search;
 pub mod spec;
 pub mod train;

@@ -1,0 +1,920 @@
+//! Calibration: the probes memtune chooses for itself, running them (or reusing a cached run), fitting,
+//! and judging the fit on probes it was not fitted to.
+//!
+//! The plan probes every allowed value of every discrete knob, but at reduced depth (1–2 layers),
+//! short sequences and micro-batches of 1–2, changing one thing at a time from a base configuration:
+//! the features carry the structure (what scales with layers, tokens, seq², vocab), the probes only fix
+//! coefficients. A probe still carries the full vocabulary and hidden size, so for large layers
+//! (≥ 50M parameters, e.g. 7B) the sequences are halved.
+
+use super::{CostError, CostModel, FailedProbe, Prober, shape_key, version};
+use crate::config::{Checkpointing, Knobs, LossMode, Method, OptimizerKind, Precision};
+use crate::probe::ProbeResult;
+use crate::search::SearchSpace;
+use crate::spec::ModelSpec;
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+
+/// Layers above this many parameters make probes costly: use shorter sequences.
+const LARGE_LAYER_PARAMS: u64 = 50_000_000;
+/// Batch and sequence of the probe that makes the chunked loss saturate: more tokens than the
+/// loss computes at once (`loss_chunk_rows`) for this vocabulary.
+fn chunk_probe(vocab: usize) -> (usize, usize) {
+    (2, crate::config::loss_chunk_rows(vocab) / 2 + 32)
+}
+
+/// A short, stable description of a probe configuration: everything that changes its cost and nothing
+/// else (LoRA alpha and dropout do not). Also the identity of a probe in the cache.
+pub fn probe_label(spec: &ModelSpec, knobs: &Knobs) -> String {
+    let method = match knobs.method {
+        Method::Full => "full".to_string(),
+        Method::Lora => format!("lora r{} {}", knobs.lora.rank, targets(knobs)),
+        Method::Qlora => format!(
+            "qlora {} r{} {}",
+            knobs.quant,
+            knobs.lora.rank,
+            targets(knobs)
+        ),
+    };
+    format!(
+        "L{} b{}x{} s{} {} {} ckpt={} {} loss={}",
+        spec.num_hidden_layers,
+        knobs.batch,
+        knobs.accum,
+        knobs.seq,
+        method,
+        knobs.precision,
+        knobs.checkpointing,
+        knobs.optimizer,
+        knobs.loss
+    )
+}
+
+fn targets(knobs: &Knobs) -> String {
+    if knobs.lora.targets.len() == crate::config::Target::ALL.len() {
+        "all".to_string()
+    } else {
+        knobs
+            .lora
+            .targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn prefer<T: Copy + PartialEq>(values: &[T], preferred: T) -> T {
+    if values.contains(&preferred) {
+        preferred
+    } else {
+        values[0]
+    }
+}
+
+/// The probes that calibrate `spec` for searching `space`, base configuration first, without
+/// duplicates.
+pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec, Knobs)> {
+    let large = spec.layer_params() >= LARGE_LAYER_PARAMS;
+    let cap = |s: usize| s.min(spec.max_position_embeddings).max(1);
+    let (s0, s1) = if large {
+        (cap(32), cap(64))
+    } else {
+        (cap(64), cap(128))
+    };
+    let deep = spec.num_hidden_layers.min(2);
+    let chunk = (
+        chunk_probe(spec.vocab_size).0,
+        cap(chunk_probe(spec.vocab_size).1),
+    );
+
+    let base_method = space.methods[0];
+    let frozen_method = space.methods.iter().copied().find(|&m| m != Method::Full);
+    let base_precision = prefer(&space.precisions, Precision::Fp32);
+    let base = Knobs {
+        method: base_method,
+        lora: crate::config::LoraSettings {
+            rank: space.ranks[0],
+            ..space.lora.clone()
+        },
+        quant: space.quants[0],
+        precision: base_precision,
+        checkpointing: prefer(&space.checkpointing, Checkpointing::None),
+        batch: 1,
+        accum: 1,
+        seq: s0,
+        optimizer: prefer(&space.optimizers, OptimizerKind::Adamw),
+        loss: prefer(&space.losses, LossMode::Chunked),
+    };
+    let mut plan: Vec<(ModelSpec, Knobs)> = Vec::new();
+    let mut add = |layers: usize, batch: usize, seq: usize, knobs: &Knobs| {
+        let entry = (
+            spec.with_layers(layers.max(1)),
+            Knobs {
+                batch,
+                seq,
+                ..knobs.clone()
+            },
+        );
+        let label = probe_label(&entry.0, &entry.1);
+        if !plan.iter().any(|(s, k)| probe_label(s, k) == label) {
+            plan.push(entry);
+        }
+    };
+    // The shape sweep, at the base configuration: tokens vs seq² (s0, s1), per layer vs once (1, 2
+    // layers), and batch and the chunked loss's saturation (2 × 160 tokens > one chunk).
+    add(1, 1, s0, &base);
+    add(1, 1, s1, &base);
+    add(deep, 1, s1, &base);
+    add(deep, 1, s0, &base);
+    add(1, chunk.0, chunk.1, &base);
+    // Each other precision: seq² vs tokens (s0, s1) and per layer vs once (2 layers) fix its rates;
+    // the first half precision also saturates the chunked loss, which splits every memory term
+    // between compute-dtype and fp32 tensors (too slow a probe for large layers).
+    let mut first_half = true;
+    for &precision in space.precisions.iter().filter(|&&p| p != base_precision) {
+        let knobs = Knobs {
+            precision,
+            ..base.clone()
+        };
+        add(1, 1, s0, &knobs);
+        add(1, 1, s1, &knobs);
+        add(deep, 1, s1, &knobs);
+        if first_half && !large && base_precision == Precision::Fp32 {
+            add(1, chunk.0, chunk.1, &knobs);
+        }
+        first_half = false;
+    }
+    let half = space
+        .precisions
+        .iter()
+        .copied()
+        .find(|&p| p != Precision::Fp32);
+    for &checkpointing in space
+        .checkpointing
+        .iter()
+        .filter(|&&c| c != base.checkpointing)
+    {
+        let knobs = Knobs {
+            checkpointing,
+            ..base.clone()
+        };
+        match checkpointing {
+            Checkpointing::Every(_) => add(deep, 1, s1, &knobs),
+            _ => {
+                add(1, 1, s0, &knobs);
+                add(deep, 1, s0, &knobs);
+                add(deep, 1, s1, &knobs);
+            }
+        }
+    }
+    for &loss in space.losses.iter().filter(|&&l| l != base.loss) {
+        let knobs = Knobs {
+            loss,
+            ..base.clone()
+        };
+        add(1, 1, s0, &knobs);
+        add(deep, 1, s1, &knobs);
+        if let Some(precision) = half.filter(|&p| p != base_precision) {
+            add(1, 1, s0, &Knobs { precision, ..knobs });
+        }
+    }
+    let full_allowed = space.methods.contains(&Method::Full);
+    for &optimizer in space.optimizers.iter().filter(|&&o| o != base.optimizer) {
+        let knobs = Knobs {
+            optimizer,
+            ..base.clone()
+        };
+        add(1, 1, s0, &knobs);
+        if full_allowed {
+            // Full fine-tunes peak in the optimizer step at probe sizes: its temporaries need depth.
+            add(
+                deep,
+                1,
+                s0,
+                &Knobs {
+                    method: Method::Full,
+                    ..knobs
+                },
+            );
+        }
+    }
+    for &method in space.methods.iter().filter(|&&m| m != base_method) {
+        let quants: &[crate::config::Quant] = if method == Method::Qlora {
+            &space.quants
+        } else {
+            &space.quants[..1]
+        };
+        for &quant in quants {
+            let knobs = Knobs {
+                method,
+                quant,
+                ..base.clone()
+            };
+            add(1, 1, s0, &knobs);
+            add(deep, 1, s1, &knobs);
+        }
+    }
+    if full_allowed {
+        // At probe sizes a full fine-tune usually peaks in the optimizer step (the embedding's update
+        // temporaries dwarf a short sequence's activations), so its probes tell forward/backward
+        // only as one total each (the backward mark): it takes more shapes to split that total into
+        // per-layer tokens, scores, mask, chunked logits, gradients and weight casts — at the base
+        // precision and at one half precision (where casts and the fp32 share appear).
+        let full = Knobs {
+            method: Method::Full,
+            ..base.clone()
+        };
+        let mut precisions = vec![base_precision];
+        precisions.extend(half.filter(|&p| p != base_precision));
+        for precision in precisions {
+            let knobs = Knobs {
+                precision,
+                ..full.clone()
+            };
+            add(1, 1, s0, &knobs);
+            add(1, 1, s1, &knobs);
+            add(deep, 1, s0, &knobs);
+            add(deep, 1, s1, &knobs);
+            add(1, 2, s0, &knobs);
+            add(1, chunk.0, chunk.1, &knobs);
+            if !large {
+                add(deep, chunk.0, chunk.1, &knobs);
+            }
+        }
+    }
+    if let (Some(method), Some(&largest)) = (frozen_method, space.ranks.iter().max())
+        && space.ranks.len() > 1
+    {
+        let rank = if largest == base.lora.rank {
+            space.ranks.iter().copied().min().unwrap_or(largest)
+        } else {
+            largest
+        };
+        let knobs = Knobs {
+            method,
+            lora: crate::config::LoraSettings {
+                rank,
+                ..base.lora.clone()
+            },
+            ..base.clone()
+        };
+        add(1, 1, s0, &knobs);
+        add(deep, 1, s1, &knobs);
+    }
+    if space.effective_batch > 1
+        && space
+            .micro_batches
+            .iter()
+            .any(|&m| m < space.effective_batch)
+    {
+        let knobs = Knobs {
+            accum: 2,
+            ..base.clone()
+        };
+        add(1, 1, s0, &knobs);
+        if full_allowed {
+            // Accumulated gradients of the layers and of the embeddings and head scale differently.
+            add(
+                deep,
+                1,
+                s0,
+                &Knobs {
+                    method: Method::Full,
+                    ..knobs
+                },
+            );
+        }
+    }
+    plan
+}
+
+/// Configurations for judging a fit: deeper, longer and larger than any calibration probe, varying
+/// each knob of `space` from the base, plus a few combinations.
+pub fn holdout_plan(
+    spec: &ModelSpec,
+    space: &SearchSpace,
+    layers: usize,
+    seq: usize,
+    batch: usize,
+) -> Vec<(ModelSpec, Knobs)> {
+    let model = spec.with_layers(layers.clamp(1, spec.num_hidden_layers.max(1)));
+    let mut out: Vec<(ModelSpec, Knobs)> = Vec::new();
+    let base = Knobs {
+        method: space.methods[0],
+        lora: crate::config::LoraSettings {
+            rank: space.ranks[0],
+            ..space.lora.clone()
+        },
+        quant: space.quants[0],
+        precision: space.precisions[0],
+        checkpointing: space.checkpointing[0],
+        batch,
+        accum: 1,
+        seq,
+        optimizer: space.optimizers[0],
+        loss: space.losses[0],
+    };
+    let mut push = |knobs: Knobs| {
+        if !out.iter().any(|(_, k)| *k == knobs) {
+            out.push((model.clone(), knobs));
+        }
+    };
+    push(base.clone());
+    for &method in &space.methods {
+        push(Knobs {
+            method,
+            ..base.clone()
+        });
+    }
+    for &quant in &space.quants {
+        if space.methods.contains(&Method::Qlora) {
+            push(Knobs {
+                method: Method::Qlora,
+                quant,
+                ..base.clone()
+            });
+        }
+    }
+    for &rank in &space.ranks {
+        push(Knobs {
+            lora: crate::config::LoraSettings {
+                rank,
+                ..base.lora.clone()
+            },
+            ..base.clone()
+        });
+    }
+    for &precision in &space.precisions {
+        push(Knobs {
+            precision,
+            ..base.clone()
+        });
+    }
+    for &checkpointing in &space.checkpointing {
+        push(Knobs {
+            checkpointing,
+            ..base.clone()
+        });
+        for &precision in &space.precisions {
+            push(Knobs {
+                checkpointing,
+                precision,
+                ..base.clone()
+            });
+        }
+    }
+    for &optimizer in &space.optimizers {
+        push(Knobs {
+            optimizer,
+            ..base.clone()
+        });
+    }
+    for &loss in &space.losses {
+        push(Knobs {
+            loss,
+            ..base.clone()
+        });
+        for &precision in &space.precisions {
+            push(Knobs {
+                loss,
+                precision,
+                ..base.clone()
+            });
+        }
+    }
+    push(Knobs {
+        accum: 2,
+        ..base.clone()
+    });
+    out
+}
+
+/// Progress of a calibration, reported before each probe and once at the end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationProgress {
+    /// Probes finished so far (run now or found in the cache).
+    pub done: usize,
+    pub total: usize,
+    /// The probe about to run, or a summary at the end.
+    pub label: String,
+    /// True for the final report when every probe came from the cache.
+    pub cached: bool,
+}
+
+/// Where the calibration of `spec` on `device` is cached: one JSON file per (model shape, device,
+/// memtune version).
+pub fn cache_path(cache_dir: &Path, spec: &ModelSpec, device: &str) -> PathBuf {
+    let key = format!("{}|{}|{}", shape_key(spec), device, version());
+    cache_dir.join(format!(
+        "calibration-{}-{:016x}.json",
+        shape_key(spec),
+        super::fnv1a(key.as_bytes())
+    ))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename, so a reader never
+/// sees half a file and a crash leaves the old one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// A cached calibration for this shape, device and version, if one is on disk and readable.
+pub fn load_cached(path: &Path, spec: &ModelSpec, device: &str) -> Option<CostModel> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let model: CostModel = serde_json::from_str(&text).ok()?;
+    (model.version == version() && model.device == device && model.fits_shape(spec))
+        .then_some(model)
+}
+
+/// Saves a calibration to the cache (atomically).
+pub fn save(model: &CostModel, path: &Path) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(model)?;
+    write_atomic(path, &json)
+        .with_context(|| format!("writing calibration cache {}", path.display()))
+}
+
+/// Calibrates a cost model for `spec` over `space`: reuses the cached probes for this (shape, device,
+/// version), runs only the planned probes missing from the cache, refits, and rewrites the cache after
+/// every probe (a late failure loses nothing). A probe that fails is recorded, not retried, and does
+/// not stop the others; calibration fails only when no probe succeeds.
+pub fn calibrate(
+    spec: &ModelSpec,
+    space: &SearchSpace,
+    prober: &mut dyn Prober,
+    cache_dir: Option<&Path>,
+    progress: &mut dyn FnMut(&CalibrationProgress),
+) -> anyhow::Result<CostModel> {
+    let device = prober.device();
+    let path = cache_dir.map(|d| cache_path(d, spec, &device));
+    let cached = path.as_deref().and_then(|p| load_cached(p, spec, &device));
+    let (mut probes, mut failed) = match cached.clone() {
+        Some(model) => (model.fitted_on, model.failed),
+        None => (Vec::new(), Vec::new()),
+    };
+    let plan = calibration_plan(spec, space);
+    let known = |label: &str, probes: &[ProbeResult], failed: &[FailedProbe]| {
+        probes
+            .iter()
+            .any(|p| probe_label(&p.spec, &p.knobs) == label)
+            || failed.iter().any(|f| f.label == label)
+    };
+    let pending: Vec<&(ModelSpec, Knobs)> = plan
+        .iter()
+        .filter(|(s, k)| !known(&probe_label(s, k), &probes, &failed))
+        .collect();
+    let total = plan.len();
+    if pending.is_empty()
+        && let Some(model) = cached
+    {
+        progress(&CalibrationProgress {
+            done: total,
+            total,
+            label: "calibration cached".to_string(),
+            cached: true,
+        });
+        return Ok(model);
+    }
+    let mut model = None;
+    for (index, (probe_spec, knobs)) in pending.iter().enumerate() {
+        let label = probe_label(probe_spec, knobs);
+        progress(&CalibrationProgress {
+            done: total - pending.len() + index,
+            total,
+            label: label.clone(),
+            cached: false,
+        });
+        match prober.probe(probe_spec, knobs) {
+            Ok(result) => probes.push(result),
+            Err(e) => failed.push(FailedProbe {
+                label,
+                error: format!("{e:#}"),
+            }),
+        }
+        if probes.is_empty() {
+            continue;
+        }
+        let fitted = CostModel::fit(probes.clone(), &device, failed.clone())?;
+        if let Some(p) = &path {
+            save(&fitted, p)?;
+        }
+        model = Some(fitted);
+    }
+    let model = match model {
+        Some(m) => m,
+        None if !probes.is_empty() => CostModel::fit(probes, &device, failed)?,
+        None => {
+            let reasons: Vec<String> = failed
+                .iter()
+                .map(|f| format!("{}: {}", f.label, f.error))
+                .collect();
+            return Err(CostError::NoProbes).with_context(|| {
+                format!("every calibration probe failed:\n{}", reasons.join("\n"))
+            });
+        }
+    };
+    progress(&CalibrationProgress {
+        done: total,
+        total,
+        label: format!(
+            "calibrated on {} probes ({} failed)",
+            model.fitted_on.len(),
+            model.failed.len()
+        ),
+        cached: false,
+    });
+    Ok(model)
+}
+
+/// One judged probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationRow {
+    pub label: String,
+    pub measured_peak_bytes: u64,
+    pub predicted_peak_bytes: u64,
+    /// (predicted − measured) / measured.
+    pub peak_error: f64,
+    pub measured_step_s: f64,
+    pub predicted_step_s: f64,
+    pub step_error: f64,
+}
+
+/// Prediction error of a model on probes (ideally ones it was not fitted to).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub rows: Vec<EvaluationRow>,
+    /// Median and worst of |peak_error|.
+    pub median_peak_error: f64,
+    pub worst_peak_error: f64,
+    pub median_step_error: f64,
+    pub worst_step_error: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        0.5 * (v[mid - 1] + v[mid])
+    }
+}
+
+/// Judges `model` on `probes`.
+pub fn evaluate(model: &CostModel, probes: &[ProbeResult]) -> Evaluation {
+    let rows: Vec<EvaluationRow> = probes
+        .iter()
+        .map(|p| {
+            let predicted = model.predict(&p.spec, &p.knobs);
+            let rel = |pred: f64, meas: f64| {
+                if meas > 0.0 {
+                    (pred - meas) / meas
+                } else {
+                    0.0
+                }
+            };
+            EvaluationRow {
+                label: probe_label(&p.spec, &p.knobs),
+                measured_peak_bytes: p.peak_bytes,
+                predicted_peak_bytes: predicted.peak_bytes,
+                peak_error: rel(predicted.peak_bytes as f64, p.peak_bytes as f64),
+                measured_step_s: p.step_s,
+                predicted_step_s: predicted.step_s,
+                step_error: rel(predicted.step_s, p.step_s),
+            }
+        })
+        .collect();
+    summarize(rows)
+}
+
+fn summarize(rows: Vec<EvaluationRow>) -> Evaluation {
+    let peak: Vec<f64> = rows.iter().map(|r| r.peak_error.abs()).collect();
+    let step: Vec<f64> = rows.iter().map(|r| r.step_error.abs()).collect();
+    Evaluation {
+        median_peak_error: median(peak.clone()),
+        worst_peak_error: peak.iter().copied().fold(0.0, f64::max),
+        median_step_error: median(step.clone()),
+        worst_step_error: step.iter().copied().fold(0.0, f64::max),
+        rows,
+    }
+}
+
+/// Leave-one-out cross-validation of a fitted model: each fitted probe predicted by a model fitted to
+/// all the others. Judges a calibration without running extra probes (though probes at larger shapes,
+/// see [`holdout_plan`], judge extrapolation better). A probe whose removal leaves nothing to fit is
+/// skipped.
+pub fn leave_one_out(model: &CostModel) -> Result<Evaluation, CostError> {
+    let mut rows = Vec::new();
+    for (i, probe) in model.fitted_on.iter().enumerate() {
+        let rest: Vec<ProbeResult> = model
+            .fitted_on
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, p)| p.clone())
+            .collect();
+        if rest.is_empty() {
+            continue;
+        }
+        let partial = CostModel::fit(rest, &model.device, Vec::new())?;
+        rows.extend(evaluate(&partial, std::slice::from_ref(probe)).rows);
+    }
+    Ok(summarize(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::Phase;
+    use crate::cost::synthetic::SyntheticProber;
+    use crate::search::PolicyRequest;
+
+    fn wide_space() -> SearchSpace {
+        SearchSpace::from_request(&PolicyRequest {
+            methods: Some(vec![Method::Lora, Method::Full, Method::Qlora]),
+            ranks: Some(vec![8, 32]),
+            optimizers: Some(vec![
+                OptimizerKind::Adamw,
+                OptimizerKind::Adamw8bit,
+                OptimizerKind::Adafactor,
+                OptimizerKind::Sgd,
+            ]),
+            effective_batch: 8,
+            seq: 512,
+            ..PolicyRequest::default()
+        })
+        .unwrap()
+    }
+
+    /// A small Llama with 12 layers (probes use 1–2 of them).
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            name: "synthetic-12l".to_string(),
+            vocab_size: 4096,
+            hidden_size: 256,
+            intermediate_size: 704,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            num_key_value_heads: 2,
+            head_dim: 32,
+            max_position_embeddings: 4096,
+            ..ModelSpec::tiny()
+        }
+    }
+
+    #[test]
+    fn plan_is_small_shallow_and_covers_every_knob_value() {
+        let space = wide_space();
+        let plan = calibration_plan(&spec(), &space);
+        assert!(plan.iter().all(|(s, k)| s.num_hidden_layers <= 2
+            && k.batch <= 2
+            && k.seq <= chunk_probe(s.vocab_size).1.max(128)));
+        for method in &space.methods {
+            assert!(plan.iter().any(|(_, k)| k.method == *method), "{method}");
+        }
+        for p in &space.precisions {
+            assert!(plan.iter().any(|(_, k)| k.precision == *p), "{p}");
+        }
+        for c in &space.checkpointing {
+            assert!(plan.iter().any(|(_, k)| k.checkpointing == *c), "{c}");
+        }
+        for o in &space.optimizers {
+            assert!(plan.iter().any(|(_, k)| k.optimizer == *o), "{o}");
+        }
+        for q in &space.quants {
+            assert!(
+                plan.iter()
+                    .any(|(_, k)| k.method == Method::Qlora && k.quant == *q),
+                "{q}"
+            );
+        }
+        assert!(plan.iter().any(|(_, k)| k.lora.rank == 32));
+        assert!(plan.iter().any(|(_, k)| k.accum > 1));
+        assert!(plan.len() <= 50, "{}", plan.len());
+        // The default policy (lora only) stays near two dozen probes.
+        let default = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
+        let n = calibration_plan(&spec(), &default).len();
+        assert!(n <= 25, "{n}");
+    }
+
+    #[test]
+    fn large_layers_get_short_sequences() {
+        let seven_b = ModelSpec {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 32,
+            head_dim: 128,
+            ..spec()
+        };
+        let default = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
+        let plan = calibration_plan(&seven_b, &default);
+        // Only the chunked-loss saturation probe exceeds 64 tokens.
+        let long: Vec<_> = plan.iter().filter(|(_, k)| k.seq > 64).collect();
+        assert_eq!(long.len(), 1);
+        assert_eq!((long[0].1.batch, long[0].1.seq), chunk_probe(32000));
+    }
+
+    #[test]
+    fn fit_on_the_plan_predicts_held_out_larger_configs_within_one_percent() {
+        let space = wide_space();
+        let model = calibrate(
+            &spec(),
+            &space,
+            &mut SyntheticProber::new(),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut holdout: Vec<ProbeResult> = holdout_plan(&spec(), &space, 12, 512, 4)
+            .iter()
+            .chain(holdout_plan(&spec(), &space, 6, 1024, 1).iter())
+            .map(|(s, k)| SyntheticProber::truth(s, k))
+            .collect();
+        // Full fine-tunes at small scale peak in the optimizer step: judge that phase too.
+        holdout.push(SyntheticProber::truth(
+            &spec().with_layers(3),
+            &Knobs {
+                method: Method::Full,
+                seq: 32,
+                batch: 1,
+                ..Knobs::default()
+            },
+        ));
+        assert!(holdout.len() >= 30);
+        let eval = evaluate(&model, &holdout);
+        let worst = eval
+            .rows
+            .iter()
+            .max_by(|a, b| a.peak_error.abs().total_cmp(&b.peak_error.abs()))
+            .unwrap();
+        assert!(eval.worst_peak_error < 0.01, "worst {worst:?}");
+        let slow = eval
+            .rows
+            .iter()
+            .max_by(|a, b| a.step_error.abs().total_cmp(&b.step_error.abs()))
+            .unwrap();
+        assert!(eval.worst_step_error < 0.01, "worst {slow:?}");
+    }
+
+    #[test]
+    fn full_fine_tunes_that_peak_in_the_optimizer_step_still_predict_backward_at_scale() {
+        // A large vocabulary makes the embedding's optimizer temporaries dwarf a probe's activations:
+        // every full fine-tune probe peaks in the optimizer step, and only the timeline's backward
+        // mark tells what forward/backward cost. Both ways of reporting marks must work.
+        let spec = ModelSpec {
+            vocab_size: 64_000,
+            hidden_size: 512,
+            ..spec()
+        };
+        let space = SearchSpace::from_request(&PolicyRequest {
+            methods: Some(vec![Method::Full]),
+            ..PolicyRequest::default()
+        })
+        .unwrap();
+        for running in [false, true] {
+            let mut prober = SyntheticProber {
+                running_peaks: running,
+                ..SyntheticProber::new()
+            };
+            let model = calibrate(&spec, &space, &mut prober, None, &mut |_| {}).unwrap();
+            let compute: Vec<String> = model
+                .fitted_on
+                .iter()
+                .filter(|p| Phase::of_probe(p) == Phase::Compute)
+                .map(|p| probe_label(&p.spec, &p.knobs))
+                .collect();
+            assert!(compute.is_empty(), "{compute:?}");
+            let holdout: Vec<ProbeResult> = holdout_plan(&spec, &space, 12, 1024, 4)
+                .iter()
+                .map(|(s, k)| SyntheticProber::truth(s, k))
+                .collect();
+            assert!(holdout.iter().all(|p| Phase::of_probe(p) == Phase::Compute));
+            let eval = evaluate(&model, &holdout);
+            assert!(
+                eval.worst_peak_error < 0.01,
+                "running={running}: {:?}",
+                eval.rows
+            );
+        }
+    }
+
+    #[test]
+    fn leave_one_out_judges_every_fitted_probe() {
+        let space = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
+        let model = calibrate(
+            &spec(),
+            &space,
+            &mut SyntheticProber::new(),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        let eval = leave_one_out(&model).unwrap();
+        assert_eq!(eval.rows.len(), model.fitted_on.len());
+        assert!(eval.median_peak_error < 0.01, "{:?}", eval.rows);
+    }
+
+    #[test]
+    fn cache_is_reused_and_extended_only_by_missing_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let narrow = SearchSpace::from_request(&PolicyRequest {
+            precisions: Some(vec![Precision::Fp32]),
+            ..PolicyRequest::default()
+        })
+        .unwrap();
+        let mut prober = SyntheticProber::new();
+        let first =
+            calibrate(&spec(), &narrow, &mut prober, Some(dir.path()), &mut |_| {}).unwrap();
+        let ran = prober.probes_run;
+        assert_eq!(ran, calibration_plan(&spec(), &narrow).len());
+        let mut events = Vec::new();
+        let again = calibrate(&spec(), &narrow, &mut prober, Some(dir.path()), &mut |e| {
+            events.push(e.clone())
+        })
+        .unwrap();
+        assert_eq!(prober.probes_run, ran, "a cached calibration runs no probe");
+        // (JSON may move a float by one ulp: compare what matters.)
+        assert_eq!(again.fitted_on.len(), first.fitted_on.len());
+        let probe = &first.fitted_on[0];
+        let (a, b) = (
+            first.predict(&probe.spec, &probe.knobs),
+            again.predict(&probe.spec, &probe.knobs),
+        );
+        assert_eq!(a.peak_bytes, b.peak_bytes);
+        assert!(events.last().unwrap().cached);
+        // Allowing bf16 runs only the bf16 probes.
+        let wider = SearchSpace::from_request(&PolicyRequest {
+            precisions: Some(vec![Precision::Fp32, Precision::Bf16]),
+            ..PolicyRequest::default()
+        })
+        .unwrap();
+        calibrate(&spec(), &wider, &mut prober, Some(dir.path()), &mut |_| {}).unwrap();
+        let new = prober.probes_run - ran;
+        let bf16 = calibration_plan(&spec(), &wider)
+            .iter()
+            .filter(|(_, k)| k.precision == Precision::Bf16)
+            .count();
+        assert_eq!(new, bf16);
+        // No temporary file is left beside the cache.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn failed_probes_are_recorded_and_the_rest_still_fit() {
+        let space = SearchSpace::from_request(&PolicyRequest {
+            precisions: Some(vec![Precision::Fp32]),
+            ..PolicyRequest::default()
+        })
+        .unwrap();
+        let plan = calibration_plan(&spec(), &space);
+        let smallest = plan
+            .iter()
+            .map(|(s, k)| SyntheticProber::truth(s, k).peak_bytes)
+            .min()
+            .unwrap();
+        let mut prober = SyntheticProber {
+            fail_above_bytes: Some(smallest),
+            ..SyntheticProber::new()
+        };
+        let model = calibrate(&spec(), &space, &mut prober, None, &mut |_| {}).unwrap();
+        assert_eq!(model.fitted_on.len() + model.failed.len(), plan.len());
+        assert!(
+            model
+                .failed
+                .iter()
+                .all(|f| f.error.contains("out of memory"))
+        );
+        let mut none_run = SyntheticProber {
+            fail_above_bytes: Some(0),
+            ..SyntheticProber::new()
+        };
+        let err = calibrate(&spec(), &space, &mut none_run, None, &mut |_| {}).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("every calibration probe failed"),
+            "{err:#}"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! A stand-in engine whose memory and speed follow a known formula, written tensor by tensor (hidden,
+//! intermediate, q/kv widths, heads × seq², vocab) rather than through [`super::features`], so that
+//! fitting it tests that the features span what a Llama step allocates. Tests and the CLI's
+//! end-to-end tests use it where no real engine should run; it is not a model of any device.
+
+use super::{Prober, exact};
+use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, loss_chunk_rows};
+use crate::probe::{Components, ProbeResult, TimelineRow};
+use crate::spec::ModelSpec;
+
+/// A prober with noise-free, known truth. `fail_above_bytes` makes probes whose true peak exceeds it
+/// fail, as an out-of-memory probe would.
+#[derive(Debug, Clone, Default)]
+pub struct SyntheticProber {
+    pub fail_above_bytes: Option<u64>,
+    /// Report running peaks in the timeline instead of each phase's own peak.
+    pub running_peaks: bool,
+    /// Probes run so far (tests check that a cached calibration runs none).
+    pub probes_run: usize,
+}
+
+impl SyntheticProber {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The true measurement of one configuration.
+    pub fn truth(spec: &ModelSpec, knobs: &Knobs) -> ProbeResult {
+        let l = spec.num_hidden_layers as f64;
+        let (b, s) = (knobs.batch as f64, knobs.seq as f64);
+        let n = b * s;
+        let h = spec.hidden_size as f64;
+        let i = spec.intermediate_size as f64;
+        let q = spec.q_dim() as f64;
+        let kv = spec.kv_dim() as f64;
+        let heads = spec.num_attention_heads as f64;
+        let v = spec.vocab_size as f64;
+        let cb = exact::compute_dtype_bytes(knobs.precision) as f64;
+        let tb = exact::trainable_dtype_bytes(knobs.precision) as f64;
+        let frozen = knobs.method != Method::Full;
+        let recomputed = (0..spec.num_hidden_layers)
+            .filter(|&x| knobs.checkpointing.recomputes(x))
+            .count() as f64;
+        let kept = l - recomputed;
+
+        // Per kept layer: norms' inputs and outputs (fp32 statistics), q/k/v, attention output, the
+        // MLP's gate/up/act products, and scores plus probabilities.
+        let trained_extra = if frozen { 0.0 } else { 1.0 };
+        let layer_tokens = n
+            * ((3.0 + trained_extra) * h * cb
+                + 2.0 * h * 4.0
+                + 2.0 * q * cb
+                + 2.0 * kv * cb
+                + 3.0 * i * cb);
+        let layer_scores = b * heads * s * s * (2.0 * cb + 4.0);
+        let mut lora = 0.0;
+        if frozen {
+            let r = knobs.lora.rank as f64;
+            for &t in &knobs.lora.targets {
+                let (out, inp) = exact::projection_shape(spec, t);
+                let (out, inp) = (out as f64, inp as f64);
+                lora += n * r * tb + n * out * tb;
+                if cb != tb {
+                    lora += n * inp * tb;
+                }
+            }
+        }
+        let casts = if !frozen && cb != tb {
+            spec.layer_params() as f64 * cb
+        } else {
+            0.0
+        };
+        let activations = kept * (layer_tokens + layer_scores + lora + casts)
+            + recomputed * n * h * cb
+            + n * h * (2.0 * cb + 4.0);
+        let rows = match knobs.loss {
+            LossMode::Full => n,
+            LossMode::Chunked => n.min(loss_chunk_rows(spec.vocab_size) as f64),
+        };
+        let logits = match knobs.loss {
+            LossMode::Full => rows * v * (cb + 3.0 * 4.0),
+            LossMode::Chunked => rows * v * (cb + 2.0 * 4.0),
+        };
+        let recompute = if recomputed > 0.0 {
+            n * (6.0 * h + 3.0 * i) * cb + b * heads * s * s * 2.0 * cb
+        } else {
+            0.0
+        };
+        let dequant = if knobs.method == Method::Qlora {
+            exact::projection_params(spec) as f64 * cb
+        } else {
+            0.0
+        };
+        let runtime = 65_536.0;
+        let grads = exact::gradient_bytes(spec, knobs) as f64;
+        let weights = exact::weight_bytes(spec, knobs);
+        let optimizer = exact::optimizer_bytes(spec, knobs);
+        let compute = Components {
+            weights,
+            gradients: (grads * if knobs.accum > 1 { 2.0 } else { 1.0 }) as u64,
+            optimizer,
+            activations: activations as u64,
+            transient: (logits + recompute + dequant) as u64,
+            runtime: runtime as u64,
+        };
+        let largest = exact::largest_trainable_tensor(spec, knobs) as f64 * 4.0;
+        let temporaries = match knobs.optimizer {
+            OptimizerKind::Adamw => 3.0 * largest,
+            OptimizerKind::Adamw8bit => 4.0 * largest,
+            OptimizerKind::Adafactor => 2.0 * largest,
+            OptimizerKind::Sgd => largest,
+        };
+        let update = Components {
+            weights,
+            gradients: grads as u64,
+            optimizer,
+            activations: 0,
+            transient: temporaries as u64,
+            runtime: runtime as u64,
+        };
+        let components = if update.total() > compute.total() {
+            update
+        } else {
+            compute
+        };
+
+        // Time: matmuls at a rate per precision, attention likewise, an optimizer pass, overheads.
+        let rate = match knobs.precision {
+            Precision::Fp32 => 1.0e11,
+            Precision::Bf16 => 0.6e11,
+            Precision::Fp16 => 0.7e11,
+            Precision::Bf16Pure => 0.65e11,
+        };
+        let passes = if frozen { 2.0 } else { 3.0 };
+        let lin = exact::projection_params(spec) as f64;
+        let head_passes = passes
+            + if knobs.loss == LossMode::Chunked {
+                1.0
+            } else {
+                0.0
+            };
+        let flops = n * (2.0 * lin * (l * passes + recomputed) + 2.0 * v * h * head_passes)
+            + if frozen {
+                n * 2.0
+                    * exact::adapter_params_per_layer(spec, &knobs.lora) as f64
+                    * (3.0 * l + recomputed)
+            } else {
+                0.0
+            };
+        let attention = n * 4.0 * s * q * (3.0 * l + recomputed);
+        let micro = flops / rate + attention / (0.5 * rate) + 2e-4 * (3.0 * l + recomputed) + 1e-3;
+        let trainable = exact::trainable_params(spec, knobs) as f64;
+        let step_s = knobs.accum as f64 * micro + trainable * 2e-9 + 5e-3;
+        let tokens = n * knobs.accum as f64;
+        ProbeResult {
+            spec: spec.clone(),
+            knobs: knobs.clone(),
+            device: "synthetic".to_string(),
+            peak_bytes: components.total(),
+            components,
+            step_s,
+            tokens_per_s: tokens / step_s,
+            // One step's marks, each with the peak reached within its phase.
+            timeline: [
+                ("weights", weights),
+                ("optimizer_init", weights + optimizer),
+                ("backward", compute.total()),
+                ("optimizer_step", update.total()),
+            ]
+            .iter()
+            .map(|&(phase, bytes)| TimelineRow {
+                t_s: step_s,
+                phase: phase.to_string(),
+                layer: None,
+                micro_batch: knobs.accum - 1,
+                current_bytes: bytes,
+                peak_bytes: bytes,
+            })
+            .collect(),
+        }
+    }
+}
+
+/// Rewrites a timeline whose rows carry the peak within each phase so that they carry the running
+/// peak since the probe started (the other way a meter may report it).
+pub fn running_peaks(timeline: &mut [TimelineRow]) {
+    let mut peak = 0;
+    for row in timeline {
+        peak = peak.max(row.peak_bytes);
+        row.peak_bytes = peak;
+    }
+}
+
+impl Prober for SyntheticProber {
+    fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> anyhow::Result<ProbeResult> {
+        let mut result = Self::truth(spec, knobs);
+        if self.running_peaks {
+            running_peaks(&mut result.timeline);
+        }
+        if let Some(limit) = self.fail_above_bytes
+            && result.peak_bytes > limit
+        {
+            anyhow::bail!(
+                "out of memory: needs {} bytes, {} available",
+                result.peak_bytes,
+                limit
+            );
+        }
+        self.probes_run += 1;
+        Ok(result)
+    }
+
+    fn device(&self) -> String {
+        "synthetic".to_string()
+    }
+}
