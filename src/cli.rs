@@ -39,6 +39,237 @@ pub enum Command {
     Train(TrainArgs),
     /// Measure a few real training steps: peak memory split into components, step time, tokens/s.
     Profile(ProfileArgs),
+    /// Predict memory and speed of one configuration at full depth from calibration probes.
+    Predict(PredictArgs),
+    /// Find the fastest configuration that fits a memory budget (and optionally run it).
+    Tune(TuneArgs),
+}
+
+/// Where calibrations are cached, and the device probes run on.
+#[derive(Args, Debug, Clone)]
+pub struct CalibrationArgs {
+    /// Device the probes run on: cpu, or cuda / cuda:N (needs the cuda build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Calibration cache folder (default: $MEMTUNE_CACHE, else ~/.cache/memtune). Calibrations are
+    /// reused per model shape, device and memtune version.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Do not read or write the calibration cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl CalibrationArgs {
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        if let Some(dir) = &self.cache {
+            return Some(dir.clone());
+        }
+        if let Some(dir) = std::env::var_os("MEMTUNE_CACHE") {
+            return Some(PathBuf::from(dir));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("memtune"))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// A catalog name, a folder holding config.json, or a config.json path.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    /// Print one JSON object (the same shape as `profile --json`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TuneArgs {
+    /// A catalog name, a folder holding config.json, or a config.json path.
+    #[arg(long)]
+    pub model: String,
+    /// The memory budget: 24G, 24GB, 24GiB (all GiB: memtune's units are binary), 24000M,
+    /// 25769803776 (bytes), or `auto` (the detected GPU's total memory).
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_mem: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Sequences per optimizer step (micro-batch × accumulation).
+    #[arg(long, default_value_t = 8)]
+    pub effective_batch: usize,
+    /// Methods to consider, comma-separated (full,lora,qlora). Default: lora — full and qlora learn
+    /// something different, so they are considered only when you allow them.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub method: Option<String>,
+    /// LoRA ranks to consider, comma-separated. Default: 8.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub rank: Option<String>,
+    /// Base quantizations to consider under qlora (q8,q4). Default: both.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub quant: Option<String>,
+    /// Optimizers to consider (adamw,adamw8bit,adafactor,sgd). Default: adamw.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub optimizer: Option<String>,
+    /// Precisions to consider (fp32,bf16,fp16,bf16-pure). Default: fp32,bf16,fp16.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub precision: Option<String>,
+    /// Checkpointing policies to consider (none,full,every:K). Default: none,every:2,full.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub checkpointing: Option<String>,
+    /// Loss modes to consider (chunked,full). Default: both.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub loss: Option<String>,
+    /// Micro-batch sizes to consider. Default: every divisor of --effective-batch.
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub batch: Option<String>,
+    /// LoRA alpha (default 2 × rank) and targets (default all) for LoRA candidates.
+    #[arg(long, help_heading = "Policy")]
+    pub alpha: Option<f64>,
+    #[arg(long, value_name = "LIST", help_heading = "Policy")]
+    pub lora_targets: Option<String>,
+    /// Safety margin: a pick must fit with its predicted peak × (1 + margin). Default 0.05.
+    #[arg(long, default_value_t = 0.05)]
+    pub margin: f64,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    /// Write tuned.toml, candidates.csv, the calibration probes (profile.csv) and accuracy.csv here.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Run the pick for real at full depth for a few steps and compare its measured peak with the
+    /// prediction and the budget.
+    #[arg(long)]
+    pub verify: bool,
+    /// Go on to fine-tune with the pick on this data file.
+    #[arg(long, value_name = "FILE")]
+    pub train: Option<PathBuf>,
+    /// Optimizer steps for --train.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a comma-separated list for `flag`.
+pub fn parse_list<T: std::str::FromStr<Err = String>>(
+    flag: &str,
+    text: &Option<String>,
+) -> Result<Option<Vec<T>>> {
+    let Some(text) = text else { return Ok(None) };
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        out.push(
+            part.parse::<T>()
+                .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?,
+        );
+    }
+    if out.is_empty() {
+        bail!("{flag} is empty");
+    }
+    Ok(Some(out))
+}
+
+fn parse_numbers(flag: &str, text: &Option<String>) -> Result<Option<Vec<usize>>> {
+    let Some(text) = text else { return Ok(None) };
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<usize>() {
+            Ok(n) if n > 0 => out.push(n),
+            _ => bail!("{flag}: expected whole numbers ≥ 1, got `{part}`"),
+        }
+    }
+    if out.is_empty() {
+        bail!("{flag} is empty");
+    }
+    Ok(Some(out))
+}
+
+impl TuneArgs {
+    /// The policy request the flags describe, validated against `spec`.
+    pub fn policy(&self, spec: &ModelSpec) -> Result<crate::search::PolicyRequest> {
+        if self.seq == 0 || self.seq > spec.max_position_embeddings {
+            bail!(
+                "--seq {} must be between 1 and model `{}`'s {} positions",
+                self.seq,
+                spec.name,
+                spec.max_position_embeddings
+            );
+        }
+        if self.effective_batch == 0 {
+            bail!("--effective-batch must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.margin) {
+            bail!("--margin must be in [0, 1), got {}", self.margin);
+        }
+        let ranks = parse_numbers("--rank", &self.rank)?;
+        let mut lora = config::LoraSettings::default();
+        if let Some(targets) = &self.lora_targets {
+            lora.targets = config::parse_targets(targets)
+                .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?;
+        }
+        if let Some(alpha) = self.alpha {
+            if !(alpha > 0.0) {
+                bail!("--alpha must be positive");
+            }
+            lora.alpha = alpha;
+        } else if let Some(r) = ranks.as_ref().and_then(|r| r.first()) {
+            lora.alpha = 2.0 * *r as f64;
+        }
+        let methods: Option<Vec<Method>> = parse_list("--method", &self.method)?;
+        if methods.as_ref().is_some_and(|m| m.contains(&Method::Qlora)) {
+            for (what, width) in [
+                ("hidden_size", spec.hidden_size),
+                ("intermediate_size", spec.intermediate_size),
+            ] {
+                if !width.is_multiple_of(32) {
+                    bail!(
+                        "--method qlora needs {what} divisible by 32; model `{}` has {width}",
+                        spec.name
+                    );
+                }
+            }
+        }
+        Ok(crate::search::PolicyRequest {
+            methods,
+            ranks,
+            quants: parse_list("--quant", &self.quant)?,
+            optimizers: parse_list("--optimizer", &self.optimizer)?,
+            precisions: parse_list("--precision", &self.precision)?,
+            checkpointing: parse_list("--checkpointing", &self.checkpointing)?,
+            losses: parse_list("--loss", &self.loss)?,
+            micro_batches: parse_numbers("--batch", &self.batch)?,
+            effective_batch: self.effective_batch,
+            seq: self.seq,
+            lora,
+        })
+    }
+
+    /// The budget in bytes.
+    pub fn budget_bytes(&self) -> Result<u64> {
+        if self.gpu_mem.trim().eq_ignore_ascii_case("auto") {
+            let gpus = crate::device::detect_gpus().map_err(|e| {
+                anyhow::anyhow!(
+                    "--gpu-mem auto: {e}; give the budget explicitly, e.g. --gpu-mem 24G"
+                )
+            })?;
+            return Ok(gpus[0].total_bytes);
+        }
+        let bytes = crate::search::parse_bytes(&self.gpu_mem)
+            .map_err(|e| anyhow::anyhow!("--gpu-mem {}: {e}", self.gpu_mem))?;
+        if bytes == 0 {
+            bail!("--gpu-mem must be more than 0 bytes");
+        }
+        Ok(bytes)
+    }
 }
 
 #[derive(Args, Debug)]

@@ -256,3 +256,310 @@ fn print_profile(p: &ProbeResult) {
     );
     println!("step {:.3} s · {:.0} tokens/s", p.step_s, p.tokens_per_s);
 }
+
+/// Runs the calibration probes for `space` (or reuses the cache), printing progress on stderr.
+fn calibrate_for(
+    spec: &crate::spec::ModelSpec,
+    space: &crate::search::SearchSpace,
+    calibration: &crate::cli::CalibrationArgs,
+    quiet: bool,
+) -> Result<(crate::cost::CostModel, String, candle_core::Device)> {
+    let device = crate::cli::parse_device(&calibration.device)?;
+    let meter = meter_for(&device)?;
+    let cache = calibration.cache_dir();
+    if let Some(dir) = &cache {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("calibration cache {}: {e}", dir.display()))?;
+    }
+    let mut prober = crate::probe::runner::EngineProber {
+        device: device.clone(),
+        meter: meter.as_ref(),
+        warmup_steps: 1,
+        steps: 1,
+        seed: 0,
+    };
+    let started = std::time::Instant::now();
+    let mut progress = |p: &crate::cost::CalibrationProgress| {
+        if !quiet {
+            if p.done < p.total {
+                eprintln!(
+                    "[{:>5.1}s] probe {}/{}: {}",
+                    started.elapsed().as_secs_f64(),
+                    p.done + 1,
+                    p.total,
+                    p.label
+                );
+            } else {
+                eprintln!("[{:>5.1}s] {}", started.elapsed().as_secs_f64(), p.label);
+            }
+        }
+    };
+    let model = crate::cost::calibrate(spec, space, &mut prober, cache.as_deref(), &mut progress)?;
+    Ok((model, meter.device_name(), device))
+}
+
+/// The JSON shape of a prediction, matching `profile --json`.
+fn prediction_json(
+    spec: &crate::spec::ModelSpec,
+    knobs: &crate::config::Knobs,
+    device: &str,
+    p: &crate::cost::Prediction,
+) -> serde_json::Value {
+    let components: serde_json::Map<String, serde_json::Value> = COMPONENT_NAMES
+        .iter()
+        .zip(p.components.as_array())
+        .map(|(n, b)| (n.to_string(), serde_json::Value::from(b)))
+        .collect();
+    serde_json::json!({
+        "model": spec.name,
+        "layers": spec.num_hidden_layers,
+        "device": device,
+        "peak_bytes": p.peak_bytes,
+        "components": components,
+        "step_s": p.step_s,
+        "tokens_per_s": p.tokens_per_s,
+        "config": knobs,
+        "predicted": true,
+    })
+}
+
+/// `memtune predict`.
+pub fn predict(args: &crate::cli::PredictArgs) -> Result<()> {
+    let spec = crate::cli::resolve_model(&args.model)?;
+    let knobs = args.knobs.apply(crate::config::Knobs::default(), &spec)?;
+    let request = crate::search::PolicyRequest {
+        methods: Some(vec![knobs.method]),
+        ranks: Some(vec![knobs.lora.rank]),
+        quants: Some(vec![knobs.quant]),
+        optimizers: Some(vec![knobs.optimizer]),
+        precisions: Some(vec![knobs.precision]),
+        checkpointing: Some(vec![knobs.checkpointing]),
+        losses: Some(vec![knobs.loss]),
+        micro_batches: Some(vec![knobs.batch]),
+        effective_batch: knobs.batch * knobs.accum,
+        seq: knobs.seq,
+        lora: knobs.lora.clone(),
+    };
+    let space = crate::search::SearchSpace::from_request(&request)?;
+    let (model, device, _) = calibrate_for(&spec, &space, &args.calibration, false)?;
+    let p = model.predict(&spec, &knobs);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&prediction_json(&spec, &knobs, &device, &p))?
+        );
+    } else {
+        println!(
+            "{} · {} layers · predicted from {} probes on {device}",
+            spec.name,
+            spec.num_hidden_layers,
+            model.fitted_on.len()
+        );
+        println!("{:<13} {:>12}", "component", "memory");
+        for (name, bytes) in COMPONENT_NAMES.iter().zip(p.components.as_array()) {
+            println!("{name:<13} {:>12}", human_bytes(bytes));
+        }
+        println!("{:<13} {:>12}", "peak", human_bytes(p.peak_bytes));
+        println!(
+            "step {:.3} s · {:.0} tokens/s (predicted)",
+            p.step_s, p.tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+/// `memtune tune`.
+pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
+    use crate::search::{
+        SearchSpace, TunedConfig, format_bytes, search, write_candidates_csv, write_tuned_toml,
+    };
+    let started = std::time::Instant::now();
+    let spec = crate::cli::resolve_model(&args.model)?;
+    let request = args.policy(&spec)?;
+    let space = SearchSpace::from_request(&request)?;
+    let budget = args.budget_bytes()?;
+    let hyper = args.hyper.apply(crate::config::Hyper::default())?;
+    if let Some(data) = &args.train
+        && !data.is_file()
+    {
+        anyhow::bail!("--train {}: no such file", data.display());
+    }
+    // Create the output folder before the work, so that a bad path fails now.
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("--out {}: cannot create the folder: {e}", dir.display())
+        })?;
+    }
+    if !args.json {
+        eprintln!(
+            "tuning {} ({} params) for {} at seq {} × effective batch {}",
+            spec.name,
+            group_digits(spec.param_count()),
+            format_bytes(budget),
+            args.seq,
+            args.effective_batch
+        );
+    }
+    let (model, device_name, device) = calibrate_for(&spec, &space, &args.calibration, args.json)?;
+    let outcome = search(&model, &spec, &space, budget, args.margin);
+    let tune_s = started.elapsed().as_secs_f64();
+
+    if let Some(dir) = &args.out {
+        write_candidates_csv(&dir.join("candidates.csv"), &outcome)?;
+        let rows: Vec<_> = model
+            .fitted_on
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                crate::report::profile_csv::profile_rows(&format!("calibration-{i:02}"), p)
+            })
+            .collect();
+        crate::train::write_atomic(
+            &dir.join("profile.csv"),
+            crate::report::profile_csv::render_profile(&rows, true)?.as_bytes(),
+        )?;
+        if let Ok(loo) = crate::cost::leave_one_out(&model) {
+            let mut text = String::from("label,predicted_peak_bytes,measured_peak_bytes\n");
+            for r in &loo.rows {
+                text.push_str(&format!(
+                    "\"{}\",{},{}\n",
+                    r.label.replace('"', "'"),
+                    r.predicted_peak_bytes,
+                    r.measured_peak_bytes
+                ));
+            }
+            crate::train::write_atomic(&dir.join("accuracy.csv"), text.as_bytes())?;
+        }
+        if let Some(tuned) = TunedConfig::from_outcome(&args.model, &outcome, hyper.clone()) {
+            write_tuned_toml(&dir.join("tuned.toml"), &tuned)?;
+        }
+    }
+
+    let Some(best) = outcome.best().cloned() else {
+        if args.json {
+            let closest = outcome.closest().map(|(c, over)| serde_json::json!({"config": c.knobs, "required_bytes": c.required_bytes, "over_budget_bytes": over}));
+            println!(
+                "{}",
+                serde_json::json!({"chosen": null, "budget_bytes": budget, "candidates_evaluated": outcome.candidates.len(), "closest": closest})
+            );
+        } else {
+            print!("{}", outcome.explain());
+        }
+        anyhow::bail!(
+            "no configuration of {} fits in {}",
+            spec.name,
+            format_bytes(budget)
+        );
+    };
+    if !args.json {
+        print!("{}", outcome.explain());
+        println!(
+            "Tuned in {tune_s:.1} s ({} calibration probes on {device_name}).",
+            model.fitted_on.len()
+        );
+        if let Some(dir) = &args.out {
+            println!(
+                "Wrote {}/tuned.toml, candidates.csv, profile.csv, accuracy.csv",
+                dir.display()
+            );
+        }
+    }
+
+    let mut verified = serde_json::Value::Null;
+    if args.verify {
+        if !args.json {
+            eprintln!(
+                "verifying the pick at full depth ({} layers)…",
+                spec.num_hidden_layers
+            );
+        }
+        let meter = meter_for(&device)?;
+        let req = crate::probe::runner::ProbeRequest {
+            spec: spec.clone(),
+            knobs: best.knobs.clone(),
+            warmup_steps: 1,
+            steps: 2,
+            device: device.clone(),
+            seed: 0,
+        };
+        let measured = crate::probe::runner::run_probe(&req, meter.as_ref())?;
+        let error = (best.prediction.peak_bytes as f64 - measured.peak_bytes as f64)
+            / measured.peak_bytes.max(1) as f64;
+        let within = measured.peak_bytes <= budget;
+        if !args.json {
+            println!(
+                "Verified: measured peak {} vs predicted {} ({:+.2}%), budget {} — {}; measured {:.0} tokens/s vs predicted {:.0}",
+                format_bytes(measured.peak_bytes),
+                format_bytes(best.prediction.peak_bytes),
+                100.0 * error,
+                format_bytes(budget),
+                if within {
+                    "within budget"
+                } else {
+                    "OVER BUDGET"
+                },
+                measured.tokens_per_s,
+                best.prediction.tokens_per_s
+            );
+        }
+        verified = serde_json::json!({
+            "peak_bytes": measured.peak_bytes,
+            "components": profile_json(&measured)["components"].clone(),
+            "tokens_per_s": measured.tokens_per_s,
+            "peak_error": error,
+            "within_budget": within,
+        });
+    }
+    if args.json {
+        let p = &best.prediction;
+        let components = prediction_json(&spec, &best.knobs, &device_name, p)["components"].clone();
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": spec.name,
+                "chosen": best.knobs,
+                "predicted": {"components": components, "peak_bytes": p.peak_bytes, "tokens_per_s": p.tokens_per_s, "step_s": p.step_s},
+                "budget_bytes": budget,
+                "margin": args.margin,
+                "candidates_evaluated": outcome.candidates.len(),
+                "candidates_fitting": outcome.fitting,
+                "probes": model.fitted_on.len(),
+                "policy": outcome.policy,
+                "tune_s": tune_s,
+                "device": device_name,
+                "verified": verified,
+            })
+        );
+    }
+    if let Some(data) = &args.train {
+        let req = crate::train::TrainRequest {
+            spec: spec.clone(),
+            knobs: best.knobs.clone(),
+            hyper,
+            data: data.clone(),
+            steps: args.steps,
+            seed: 0,
+            device,
+            output: args.out.clone(),
+            eval_fraction: 0.1,
+            bad_lines: crate::data::BadLinePolicy::Fail,
+        };
+        let summary = crate::train::run(&req, &mut |r| {
+            if !args.json && (r.step == 1 || r.step % 10 == 0) {
+                eprintln!(
+                    "step {}: loss {:.4}, {:.0} tokens/s",
+                    r.step, r.loss, r.tokens_per_s
+                );
+            }
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            println!(
+                "trained {} steps: eval loss {:.4} → {:.4}",
+                summary.steps, summary.initial_loss, summary.final_loss
+            );
+        }
+    }
+    Ok(())
+}

@@ -20,5 +20,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models { json } => memtune::commands::models(json),
         Command::Train(args) => memtune::commands::train(&args),
         Command::Profile(args) => memtune::commands::profile(&args),
+        Command::Predict(args) => memtune::commands::predict(&args),
+        Command::Tune(args) => memtune::commands::tune(&args),
     }
 }

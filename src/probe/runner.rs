@@ -21,8 +21,8 @@ use super::meter::MemoryMeter;
 use super::{Components, ProbeResult, TimelineRow};
 use crate::config::Knobs;
 use crate::data::random_batch;
+use crate::engine::Model;
 use crate::engine::step::{Batch, Engine, StepObserver};
-use crate::engine::{Model, RandomInit};
 use crate::spec::ModelSpec;
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -100,7 +100,7 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
         &req.spec,
         knobs,
         &req.device,
-        &mut RandomInit::new(req.seed),
+        &mut ProbeInit::new(req.seed),
         req.seed,
     )
     .context("building the model for the probe")?;
@@ -238,5 +238,68 @@ fn attribute(
         activations,
         transient,
         runtime,
+    }
+}
+
+/// Fast deterministic initial values for probes: memory and step time do not depend on weight values,
+/// so a probe fills weights with a cheap uniform(−0.03, 0.03) sequence (norms with ones) rather than
+/// the trainer's normal draws, which dominate probe time for large embeddings.
+pub struct ProbeInit {
+    state: u64,
+}
+
+impl ProbeInit {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+}
+
+impl crate::engine::WeightSource for ProbeInit {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> candle_core::Result<candle_core::Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else {
+            (0..n)
+                .map(|_| {
+                    // xorshift64*
+                    self.state ^= self.state >> 12;
+                    self.state ^= self.state << 25;
+                    self.state ^= self.state >> 27;
+                    let bits = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                    (bits as f32 / (1u64 << 24) as f32 - 0.5) * 0.06
+                })
+                .collect()
+        };
+        candle_core::Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+}
+
+/// The cost model's prober: real engine steps measured by `meter` on `device`.
+pub struct EngineProber<'a> {
+    pub device: Device,
+    pub meter: &'a dyn MemoryMeter,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    pub seed: u64,
+}
+
+impl crate::cost::Prober for EngineProber<'_> {
+    fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> Result<ProbeResult> {
+        let req = ProbeRequest {
+            spec: spec.clone(),
+            knobs: knobs.clone(),
+            warmup_steps: self.warmup_steps,
+            steps: self.steps,
+            device: self.device.clone(),
+            seed: self.seed,
+        };
+        run_probe(&req, self.meter)
+    }
+
+    fn device(&self) -> String {
+        self.meter.device_name()
     }
 }

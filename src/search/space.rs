@@ -156,24 +156,15 @@ impl SearchSpace {
         let optimizers = choose(
             "optimizer",
             &request.optimizers,
-            vec![
-                OptimizerKind::Adamw,
-                OptimizerKind::Adafactor,
-                OptimizerKind::Sgd,
-            ],
-            "adamw, adafactor, sgd; 8-bit states only when allowed",
+            vec![OptimizerKind::Adamw],
+            "adamw; adamw8bit, adafactor and sgd change the training dynamics, allow them explicitly",
             &mut policy,
         )?;
         let precisions = choose(
             "precision",
             &request.precisions,
-            vec![
-                Precision::Fp32,
-                Precision::Bf16,
-                Precision::Fp16,
-                Precision::Bf16Pure,
-            ],
-            "any precision",
+            vec![Precision::Fp32, Precision::Bf16, Precision::Fp16],
+            "fp32 or mixed precision (fp32 master weights); bf16-pure rounds updates, allow it explicitly",
             &mut policy,
         )?;
         let checkpointing = choose(
@@ -314,8 +305,10 @@ mod tests {
         assert_eq!(space.ranks, vec![8]);
         assert!(!space.optimizers.contains(&OptimizerKind::Adamw8bit));
         assert_eq!(space.micro_batches, vec![1, 2, 4, 8]);
-        // lora: 1 rank × 1 quant × 4 precisions × 3 checkpointing × 3 optimizers × 2 losses × 4 micro.
-        assert_eq!(space.candidates().len(), 4 * 3 * 3 * 2 * 4);
+        assert_eq!(space.optimizers, vec![OptimizerKind::Adamw]);
+        assert!(!space.precisions.contains(&Precision::Bf16Pure));
+        // lora: 1 rank × 1 quant × 3 precisions × 3 checkpointing × 1 optimizer × 2 losses × 4 micro.
+        assert_eq!(space.candidates().len(), 3 * 3 * 2 * 4);
         assert!(space.candidates().iter().all(|k| k.batch * k.accum == 8));
         let text = space.policy.join("\n");
         assert!(text.contains("method: lora (default policy"), "{text}");
