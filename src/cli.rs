@@ -217,7 +217,7 @@ impl TuneArgs {
                 .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?;
         }
         if let Some(alpha) = self.alpha {
-            if !(alpha > 0.0) {
+            if alpha.is_nan() || alpha <= 0.0 {
                 bail!("--alpha must be positive");
             }
             lora.alpha = alpha;
