@@ -316,6 +316,14 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
         "time_loss",
         d.accum * d.tokens * d.vocab * (head_passes - 1.0),
     ));
+    // Small matmuls are bound by reading their weights, not by arithmetic: each pass over a layer
+    // streams its matrices once per micro-batch, and the head streams the vocabulary matrix once per
+    // loss chunk per pass. Short probes sit in this regime; long sequences in the arithmetic one.
+    let head_chunks = (d.tokens / d.logit_rows.max(1.0)).ceil();
+    let stream = d.accum
+        * d.compute_bytes
+        * (lin * base_passes + d.vocab * d.hidden * head_chunks * head_passes);
+    f.push(("time_weight_stream", stream));
     for kind in OPTIMIZERS {
         let on = if knobs.optimizer == kind { 1.0 } else { 0.0 };
         let name = match kind {

@@ -37,7 +37,7 @@ pub trait Prober {
 }
 
 /// Bumped whenever the features or the fit change, so cached calibrations are not reused across them.
-pub const COST_MODEL_VERSION: u32 = 1;
+pub const COST_MODEL_VERSION: u32 = 2;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -318,36 +318,26 @@ pub struct LossTargets {
     pub normalizer: f64,
 }
 
-/// `Σ_rows mask · (logsumexp(logits) − logits[target])` for `logits = h Wᵀ` computed in fp32,
-/// rows `[start, start + len)`. Returns the sum and, when asked, the probabilities' gradient.
-fn chunk_nll(
-    h: &Tensor,
-    w: &Tensor,
-    targets: &LossTargets,
-    start: usize,
-    len: usize,
-) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let h_chunk = h.narrow(0, start, len)?;
-    let logits = h_chunk
+/// Logits of rows `[start, start + len)`, in f32 (f64 for an f64 model).
+fn chunk_logits(h: &Tensor, w: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    h.narrow(0, start, len)?
         .matmul(&w.t()?)?
-        .to_dtype(super::model::wide(h.dtype()))?;
+        .to_dtype(wide(h.dtype()))
+}
+
+/// Per-row log-sum-exp of `logits` `[rows, vocab]` → `[rows, 1]`.
+fn log_sum_exp(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let exp = shifted.exp()?;
-    let sum_exp = exp.sum_keepdim(D::Minus1)?;
-    let ids = targets.ids.narrow(0, start, len)?.unsqueeze(1)?;
-    let target_shifted = shifted.gather(&ids, 1)?;
-    let nll = (sum_exp.log()? - target_shifted)?.squeeze(1)?;
-    let mask = targets
-        .mask
-        .narrow(0, start, len)?
-        .to_dtype(wide(h.dtype()))?;
-    Ok((nll, mask, exp.broadcast_div(&sum_exp)?, ids))
+    let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    max + sum.log()?
 }
 
 struct ChunkedCrossEntropy {
     targets: LossTargets,
     chunk: usize,
+    /// Each row's log-sum-exp from the forward pass `[n, 1]`: backward gets the probabilities
+    /// from one recomputed matmul and one exp.
+    lse: Tensor,
     value: f64,
     /// f32, or f64 for an f64 model.
     dtype: DType,
@@ -399,26 +389,35 @@ impl CustomOp2 for ChunkedCrossEntropy {
         let (h, w) = (&h.detach(), &w.detach());
         let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let n = h.dim(0)?;
-        let vocab = w.dim(0)?;
+        let wide = wide(h.dtype());
         let mut grad_h = Vec::new();
         let mut grad_w: Option<Tensor> = None;
         let mut start = 0;
         while start < n {
             let len = self.chunk.min(n - start);
-            let (_, mask, probs, ids) = chunk_nll(h, w, &self.targets, start, len)?;
-            // d nll / d logits = softmax − one_hot(target), weighted per row.
-            let one_hot = Tensor::arange(0u32, vocab as u32, h.device())?
-                .unsqueeze(0)?
-                .broadcast_eq(&ids)?
-                .to_dtype(wide(h.dtype()))?;
-            let row_scale = (mask * (upstream / self.targets.normalizer))?.unsqueeze(1)?;
-            let d_logits = (probs - one_hot)?
-                .broadcast_mul(&row_scale)?
-                .to_dtype(h.dtype())?;
+            // d nll / d logits = softmax − one_hot(target), each row weighted by its mask.
+            let logits = chunk_logits(h, w, start, len)?;
+            let probs = logits
+                .broadcast_sub(&self.lse.narrow(0, start, len)?)?
+                .exp()?;
+            drop(logits);
+            let row_scale = (self.targets.mask.narrow(0, start, len)?.to_dtype(wide)?
+                * (upstream / self.targets.normalizer))?
+                .unsqueeze(1)?;
+            let d_logits = probs.broadcast_mul(&row_scale)?;
+            drop(probs);
+            let ids = self
+                .targets
+                .ids
+                .narrow(0, start, len)?
+                .unsqueeze(1)?
+                .contiguous()?;
+            d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
+            let d_logits = d_logits.to_dtype(h.dtype())?;
             grad_h.push(d_logits.matmul(w)?);
             if self.weight_trainable {
                 let h_chunk = h.narrow(0, start, len)?;
-                let gw = d_logits.t()?.matmul(&h_chunk)?.to_dtype(wide(h.dtype()))?;
+                let gw = d_logits.t()?.matmul(&h_chunk)?.to_dtype(wide)?;
                 grad_w = Some(match grad_w {
                     Some(total) => (total + gw)?,
                     None => gw,
@@ -443,22 +442,34 @@ pub fn chunked_cross_entropy(
 ) -> Result<Tensor> {
     let n = h.dim(0)?;
     let (h_detached, w_detached) = (h.detach(), w.detach());
+    let wide = wide(h.dtype());
     let mut total = 0f64;
+    let mut lse_parts = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let (nll, mask, _, _) = chunk_nll(&h_detached, &w_detached, targets, start, len)?;
+        let logits = chunk_logits(&h_detached, &w_detached, start, len)?;
+        let lse = log_sum_exp(&logits)?;
+        let ids = targets
+            .ids
+            .narrow(0, start, len)?
+            .unsqueeze(1)?
+            .contiguous()?;
+        let nll = (&lse - logits.gather(&ids, 1)?)?.squeeze(1)?;
+        let mask = targets.mask.narrow(0, start, len)?.to_dtype(wide)?;
         total += (nll * mask)?
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
+        lse_parts.push(lse);
         start += len;
     }
     let op = ChunkedCrossEntropy {
         targets: targets.clone(),
         chunk,
+        lse: Tensor::cat(&lse_parts, 0)?,
         value: total / targets.normalizer,
-        dtype: wide(h.dtype()),
+        dtype: wide,
         weight_trainable,
     };
     h.apply_op2(w, op)
