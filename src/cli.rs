@@ -39,6 +39,22 @@ pub enum Command {
     Train(TrainArgs),
     /// Measure a few real training steps: peak memory split into components, step time, tokens/s.
     Profile(ProfileArgs),
+    /// Render SVG charts and an index.html from profile / tune CSV outputs.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A folder holding any of profile.csv, timeline CSVs, candidates.csv, accuracy.csv (recognised by
+    /// their header) and tuned.toml, or one such CSV file.
+    #[arg(long, value_name = "DIR|FILE.csv")]
+    pub from: PathBuf,
+    /// Folder to write the charts and index.html into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Memory budget to draw (e.g. 24G), overriding tuned.toml's; probes are then judged against it.
+    #[arg(long, value_name = "SIZE")]
+    pub budget: Option<String>,
 }
 
 #[derive(Args, Debug)]

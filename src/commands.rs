@@ -1,7 +1,7 @@
 //! What each subcommand does with its validated request: run the stage, print for people (tables,
 //! progress on stderr) or for programs (`--json` on stdout).
 
-use crate::cli::{ProfileArgs, TrainArgs};
+use crate::cli::{ProfileArgs, ReportArgs, TrainArgs};
 use crate::probe::{COMPONENT_NAMES, ProbeResult};
 use crate::spec::catalog_rows;
 use anyhow::Result;
@@ -255,4 +255,22 @@ fn print_profile(p: &ProbeResult) {
         human_bytes(p.peak_bytes)
     );
     println!("step {:.3} s · {:.0} tokens/s", p.step_s, p.tokens_per_s);
+}
+
+/// `memtune report`.
+pub fn report(args: &ReportArgs) -> Result<()> {
+    let mut data = crate::report::load_report_inputs(&args.from)?;
+    if let Some(text) = &args.budget {
+        let bytes = crate::search::parse_bytes(text)
+            .map_err(|e| anyhow::anyhow!("--budget {text}: {e}"))?;
+        data.budget_bytes = Some(bytes);
+    }
+    let rendered = crate::report::render_report(&data)?;
+    for s in &rendered.skipped {
+        eprintln!("skipped {}: {}", s.chart, s.reason);
+    }
+    for path in crate::report::write_rendered(&rendered, &args.out)? {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
