@@ -6,7 +6,9 @@ use memtune::config::{Hyper, Knobs};
 use memtune::cost::{Phase, Prediction};
 use memtune::probe::{COMPONENT_NAMES, Components};
 use memtune::report::charts::{configs_from_candidates, one_knob_alternatives};
-use memtune::report::data::{CANDIDATES_HEADER, ConfigRef, InputKind};
+use memtune::report::data::{
+    CANDIDATES_HEADER, ConfigRef, InputKind, accuracy_csv as accuracy_csv_of,
+};
 use memtune::report::{load_report_inputs, render_report, write_report_dir};
 use memtune::search::TunedConfig;
 use memtune::search::write::CandidateRow;
@@ -14,18 +16,18 @@ use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
-/// Two probes (six rows each) of the profile CSV schema.
+/// Two probes (six rows each) of the profile CSV schema; `p1` measured the pick of `candidates_csv`.
 fn profile_csv() -> String {
     let mut text = String::from(memtune::report::profile_csv::PROFILE_HEADER);
     text.push('\n');
     let probes = [
-        ("p1", "none", 1, [1, 0, 0, 12, 7, 3], 24, 2811.0),
-        ("p2", "full", 2, [1, 0, 0, 1, 25, 3], 31, 2150.0),
+        ("p1", "none", 2, 2, [1, 0, 0, 12, 7, 3], 24, 2811.0),
+        ("p2", "full", 2, 1, [1, 0, 0, 1, 25, 3], 31, 2150.0),
     ];
-    for (id, ckpt, batch, parts, peak, speed) in probes {
+    for (id, ckpt, batch, accum, parts, peak, speed) in probes {
         for (name, mib) in COMPONENT_NAMES.iter().zip(parts) {
             text.push_str(&format!(
-                "{id},tiny,2,cpu,lora,8,16.0,q_proj v_proj,q4,fp32,{ckpt},{batch},1,256,adamw,chunked,{name},{},{},0.1,{speed},0.1.0\n",
+                "{id},tiny,2,cpu,lora,8,16.0,q_proj v_proj,q4,fp32,{ckpt},{batch},{accum},256,adamw,chunked,{name},{},{},0.1,{speed},0.1.0\n",
                 mib * MIB,
                 peak * MIB
             ));
@@ -262,6 +264,7 @@ fn inputs_are_recognised_by_header_and_the_tuned_pick_is_chosen() {
     assert_eq!(data.margin, Some(0.1));
     assert_eq!(data.chosen, Some(ConfigRef::Candidate { rank: 1 }));
     assert_eq!(data.model.as_deref(), Some("tiny"));
+    assert_eq!(accuracy_csv_of(&data.accuracy).unwrap(), accuracy_csv());
     // The header constant is the one the search's writer produces.
     assert_eq!(
         candidates_csv().lines().next(),
@@ -291,6 +294,9 @@ fn every_chart_is_well_formed_svg_with_its_title_units_and_legend() {
         ]
     );
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    // The checker itself rejects what it should.
+    assert!(well_formed("<svg><g></svg>").is_err());
+    assert!(well_formed("<svg><g/><text>a</text></svg>").is_ok());
     for chart in &report.charts {
         well_formed(&chart.svg).unwrap_or_else(|e| panic!("{}: {e}", chart.file));
     }
@@ -401,6 +407,8 @@ fn the_page_names_charts_pick_budget_and_measured_error() {
     for text in [
         "#1 lora r8 · fp32 · ckpt none · 2 × 2 · adamw · chunked — predicted peak 19.0 MiB, 20.9 MiB with the safety margin, 3000 tokens/s",
         "30.0 MiB with a 10% safety margin on the predicted peak",
+        // (19 − 24) / 24 = −20.8%.
+        "<dd id=\"measured\">peak 24.0 MiB, 2811 tokens/s (probe at 2 layer(s)); the prediction is -20.8% off, within the budget</dd>",
         "median |predicted − measured| / measured 10.0%, worst 50.0% (L2 b4 worst), over 4 configuration(s) not used in fitting",
         "<td>L2 b4 worst</td><td>0.0 MiB</td><td>0.0 MiB</td><td>+50.0%</td>",
     ] {

@@ -230,6 +230,10 @@ pub struct ConfigView {
     /// Peak plus the safety margin (the peak itself for probes).
     pub required_bytes: u64,
     pub tokens_per_s: f64,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Decoder layers, for probes (candidates are for the whole model).
+    pub layers: Option<usize>,
     /// Whether it fits the budget, where known.
     pub fits: Option<bool>,
 }
@@ -240,6 +244,11 @@ impl ConfigView {
             ConfigRef::Probe { probe_id } => Some(probe_id),
             ConfigRef::Candidate { .. } => None,
         }
+    }
+
+    /// Whether `other` has the same knobs and sequence length (depth aside).
+    pub fn same_knobs(&self, other: &ConfigView) -> bool {
+        self.knobs[..8] == other.knobs[..8] && self.seq == other.seq
     }
 
     fn is(&self, chosen: Option<&ConfigRef>) -> bool {
@@ -294,6 +303,8 @@ pub fn configs_from_candidates(rows: &[CandidateRow]) -> Vec<ConfigView> {
                 peak_bytes: r.peak_bytes,
                 required_bytes: r.required_bytes.max(r.peak_bytes),
                 tokens_per_s: r.tokens_per_s,
+                seq: r.seq,
+                layers: None,
                 fits: Some(r.fits),
             }
         })
@@ -340,6 +351,8 @@ pub fn configs_from_probes(rows: &[ProfileRow]) -> Vec<ConfigView> {
                     peak_bytes: r.peak_bytes,
                     required_bytes: r.peak_bytes,
                     tokens_per_s: r.tokens_per_s,
+                    seq: r.seq,
+                    layers: Some(r.layers),
                     fits: None,
                 });
                 views.len() - 1

@@ -92,10 +92,11 @@ figcaption{color:#555;font-size:14px;margin-top:6px}\
 table{border-collapse:collapse;font-size:14px}td,th{border-bottom:1px solid #e4e4e4;padding:4px 10px;text-align:right}\
 td:first-child,th:first-child{text-align:left}\
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}\
-ul{padding-left:22px}footer{color:#888;font-size:13px;margin-top:40px}";
+.item{white-space:nowrap;margin-right:14px}ul{padding-left:22px}footer{color:#888;font-size:13px;margin-top:40px}";
 
-/// The chosen configuration in words, with what was predicted or measured for it.
-fn chosen_text(data: &ReportData) -> (String, Option<[u64; 6]>) {
+/// The chosen configuration in words, with what was predicted or measured for it, its components,
+/// and, for a predicted pick that a probe also measured, that measurement against the prediction.
+fn chosen_text(data: &ReportData) -> (String, Option<[u64; 6]>, Option<String>) {
     let candidates = configs_from_candidates(&data.candidates);
     let probes = configs_from_probes(&data.profile);
     let Some(chosen) = &data.chosen else {
@@ -104,31 +105,60 @@ fn chosen_text(data: &ReportData) -> (String, Option<[u64; 6]>) {
         } else {
             "none: no evaluated configuration fits the budget"
         };
-        return (why.to_string(), None);
+        return (why.to_string(), None, None);
     };
-    let view = candidates
+    let Some(view) = candidates
         .iter()
         .chain(probes.iter())
-        .find(|v| v.id == *chosen);
-    match view {
-        Some(v) => {
-            let what = match chosen {
-                ConfigRef::Candidate { .. } => format!(
+        .find(|v| v.id == *chosen)
+    else {
+        return ("(not among the inputs)".to_string(), None, None);
+    };
+    let (what, measured) = match chosen {
+        ConfigRef::Candidate { .. } => {
+            let measured = probes.iter().find(|p| p.same_knobs(view)).map(|p| {
+                let error = if p.peak_bytes > 0 {
+                    100.0 * (view.peak_bytes as f64 - p.peak_bytes as f64) / p.peak_bytes as f64
+                } else {
+                    0.0
+                };
+                format!(
+                    "peak {}, {:.0} tokens/s (probe at {} layer(s)); the prediction is {:+.1}% off{}",
+                    human_bytes(p.peak_bytes),
+                    p.tokens_per_s,
+                    p.layers.unwrap_or(0),
+                    error,
+                    match data.budget_bytes {
+                        Some(b) if p.peak_bytes > b => ", and the measured peak exceeds the budget",
+                        Some(_) => ", within the budget",
+                        None => "",
+                    }
+                )
+            });
+            (
+                format!(
                     "predicted peak {}, {} with the safety margin, {:.0} tokens/s",
-                    human_bytes(v.peak_bytes),
-                    human_bytes(v.required_bytes),
-                    v.tokens_per_s
+                    human_bytes(view.peak_bytes),
+                    human_bytes(view.required_bytes),
+                    view.tokens_per_s
                 ),
-                ConfigRef::Probe { .. } => format!(
-                    "measured peak {}, {:.0} tokens/s",
-                    human_bytes(v.peak_bytes),
-                    v.tokens_per_s
-                ),
-            };
-            (format!("{} — {what}", v.label), Some(v.components))
+                measured,
+            )
         }
-        None => ("(not among the inputs)".to_string(), None),
-    }
+        ConfigRef::Probe { .. } => (
+            format!(
+                "measured peak {}, {:.0} tokens/s",
+                human_bytes(view.peak_bytes),
+                view.tokens_per_s
+            ),
+            None,
+        ),
+    };
+    (
+        format!("{} — {what}", view.label),
+        Some(view.components),
+        measured,
+    )
 }
 
 fn error_text(data: &ReportData) -> String {
@@ -159,7 +189,7 @@ fn index_html(data: &ReportData, charts: &[Chart], skipped: &[Skipped]) -> Strin
         charts.len()
     ));
 
-    let (chosen, components) = chosen_text(data);
+    let (chosen, components, measured) = chosen_text(data);
     let budget = match data.budget_bytes {
         Some(b) => match data.margin {
             Some(m) => format!(
@@ -183,7 +213,7 @@ fn index_html(data: &ReportData, charts: &[Chart], skipped: &[Skipped]) -> Strin
             .zip(super::charts::COMPONENT_COLOURS)
             .map(|((name, bytes), c)| {
                 format!(
-                    "<span class=\"swatch\" style=\"background:#{:02x}{:02x}{:02x}\"></span>{} {}",
+                    "<span class=\"item\"><span class=\"swatch\" style=\"background:#{:02x}{:02x}{:02x}\"></span>{} {}</span>",
                     c.0,
                     c.1,
                     c.2,
@@ -194,7 +224,13 @@ fn index_html(data: &ReportData, charts: &[Chart], skipped: &[Skipped]) -> Strin
             .collect();
         h.push_str(&format!(
             "<dt>Its components</dt><dd>{}</dd>\n",
-            list.join(" &nbsp; ")
+            list.join(" ")
+        ));
+    }
+    if let Some(m) = measured {
+        h.push_str(&format!(
+            "<dt>Measured for it</dt><dd id=\"measured\">{}</dd>\n",
+            escape(&m)
         ));
     }
     h.push_str(&format!(
