@@ -476,3 +476,52 @@ fn an_unknown_csv_is_refused_with_the_schemas_it_could_have_been() {
     let err = format!("{:#}", load_report_inputs(empty.path()).unwrap_err());
     assert!(err.contains("no CSV files"), "{err}");
 }
+
+#[test]
+fn reports_straight_from_a_probe_and_from_a_search() {
+    use memtune::cost::{CostModel, calibration_plan, synthetic::SyntheticProber};
+    use memtune::report::ReportData;
+    use memtune::search::{PolicyRequest, SearchSpace, search};
+    use memtune::spec::ModelSpec;
+
+    let spec = ModelSpec::tiny();
+    let probe = SyntheticProber::truth(
+        &spec,
+        &Knobs {
+            accum: 2,
+            ..Knobs::default()
+        },
+    );
+    let data = ReportData::from_probe("p", &probe);
+    assert_eq!(
+        data.chosen,
+        Some(ConfigRef::Probe {
+            probe_id: "p".into()
+        })
+    );
+    let report = render_report(&data).unwrap();
+    let files: Vec<&str> = report.charts.iter().map(|c| c.file.as_str()).collect();
+    assert_eq!(files, ["measured.svg", "timeline.svg"]);
+    assert!(report.index_html.contains("measured peak"));
+
+    let space = SearchSpace::from_request(&PolicyRequest {
+        precisions: Some(vec![memtune::config::Precision::Fp32]),
+        effective_batch: 4,
+        seq: 128,
+        ..PolicyRequest::default()
+    })
+    .unwrap();
+    let probes = calibration_plan(&spec, &space)
+        .iter()
+        .map(|(s, k)| SyntheticProber::truth(s, k))
+        .collect();
+    let model = CostModel::fit(probes, "synthetic", Vec::new()).unwrap();
+    let outcome = search(&model, &spec, &space, 64 * MIB, 0.1);
+    let data = ReportData::from_outcome(&outcome, None);
+    assert_eq!(data.budget_bytes, Some(64 * MIB));
+    assert_eq!(data.candidates.len(), outcome.candidates.len());
+    assert_eq!(data.chosen, Some(ConfigRef::Candidate { rank: 1 }));
+    let report = render_report(&data).unwrap();
+    let files: Vec<&str> = report.charts.iter().map(|c| c.file.as_str()).collect();
+    assert_eq!(files, ["breakdown.svg", "frontier.svg", "knobs.svg"]);
+}
