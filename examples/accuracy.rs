@@ -8,7 +8,9 @@
 //! Prints a markdown table (one row per held-out configuration) and the median / worst absolute
 //! error of memtune's prediction and of each estimator.
 
-use memtune::config::{Checkpointing, Knobs, LoraSettings, LossMode, Method, OptimizerKind, Precision, Quant};
+use memtune::config::{
+    Checkpointing, Knobs, LoraSettings, LossMode, Method, OptimizerKind, Precision, Quant,
+};
 use memtune::cost::{Prober, calibrate};
 use memtune::probe::meter::CpuMeter;
 use memtune::probe::runner::{EngineProber, ProbeRequest, run_probe};
@@ -29,8 +31,25 @@ struct Case {
     seq: usize,
 }
 
-fn case(method: Method, precision: Precision, checkpointing: Checkpointing, loss: LossMode, batch: usize, seq: usize) -> Case {
-    Case { method, precision, checkpointing, loss, optimizer: OptimizerKind::Adamw, quant: Quant::Q4, batch, accum: 1, seq }
+fn case(
+    method: Method,
+    precision: Precision,
+    checkpointing: Checkpointing,
+    loss: LossMode,
+    batch: usize,
+    seq: usize,
+) -> Case {
+    Case {
+        method,
+        precision,
+        checkpointing,
+        loss,
+        optimizer: OptimizerKind::Adamw,
+        quant: Quant::Q4,
+        batch,
+        accum: 1,
+        seq,
+    }
 }
 
 fn knobs(c: &Case) -> Knobs {
@@ -50,22 +69,50 @@ fn knobs(c: &Case) -> Knobs {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Relative errors of the peer's estimators a–e, parsed from its CLI output.
-fn estimators(peer: &PathBuf, spec: &memtune::spec::ModelSpec, k: &Knobs, measured: u64) -> Vec<(String, f64)> {
+fn estimators(
+    peer: &PathBuf,
+    spec: &memtune::spec::ModelSpec,
+    k: &Knobs,
+    measured: u64,
+) -> Vec<(String, f64)> {
     let trainable = memtune::cost::exact::trainable_params(spec, k);
     let dtype_bytes = if k.precision == Precision::Fp32 { 4 } else { 2 };
     let mut cmd = Command::new("python3");
     cmd.arg(peer.join("estimators.py")).args([
-        "--params", &(spec.param_count() + if k.method == Method::Full { 0 } else { trainable }).to_string(),
-        "--trainable", &trainable.to_string(),
-        "--dtype-bytes", &dtype_bytes.to_string(),
-        "--batch", &k.batch.to_string(), "--seq", &k.seq.to_string(),
-        "--hidden", &spec.hidden_size.to_string(), "--layers", &spec.num_hidden_layers.to_string(),
-        "--heads", &spec.num_attention_heads.to_string(), "--vocab", &spec.vocab_size.to_string(),
-        "--measured-bytes", &measured.to_string(),
+        "--params",
+        &(spec.param_count()
+            + if k.method == Method::Full {
+                0
+            } else {
+                trainable
+            })
+        .to_string(),
+        "--trainable",
+        &trainable.to_string(),
+        "--dtype-bytes",
+        &dtype_bytes.to_string(),
+        "--batch",
+        &k.batch.to_string(),
+        "--seq",
+        &k.seq.to_string(),
+        "--hidden",
+        &spec.hidden_size.to_string(),
+        "--layers",
+        &spec.num_hidden_layers.to_string(),
+        "--heads",
+        &spec.num_attention_heads.to_string(),
+        "--vocab",
+        &spec.vocab_size.to_string(),
+        "--measured-bytes",
+        &measured.to_string(),
     ]);
     if matches!(k.precision, Precision::Bf16 | Precision::Fp16) {
         cmd.arg("--mixed-precision");
@@ -78,7 +125,13 @@ fn estimators(peer: &PathBuf, spec: &memtune::spec::ModelSpec, k: &Knobs, measur
         .lines()
         .filter_map(|l| {
             let name = l.split_whitespace().next()?.to_string();
-            let err = l.split("rel.err").nth(1)?.trim().trim_end_matches('%').parse::<f64>().ok()?;
+            let err = l
+                .split("rel.err")
+                .nth(1)?
+                .trim()
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .ok()?;
             Some((name, err / 100.0))
         })
         .collect()
@@ -95,22 +148,44 @@ fn main() -> anyhow::Result<()> {
     use Method::{Full, Lora, Qlora};
     use Precision::{Bf16, Fp16, Fp32};
     let mut plan: Vec<(&str, Vec<Case>)> = vec![
-        ("HuggingFaceTB/SmolLM2-135M", vec![
-            case(Lora, Fp32, NoCkpt, Chunked, 1, 256),
-            case(Lora, Bf16, Ckpt, Chunked, 2, 256),
-            case(Full, Fp32, NoCkpt, Chunked, 1, 128),
-            Case { quant: Quant::Q4, ..case(Qlora, Fp32, Every(2), FullLoss, 1, 256) },
-            Case { optimizer: OptimizerKind::Adamw8bit, accum: 2, ..case(Full, Bf16, Ckpt, Chunked, 1, 256) },
-        ]),
-        ("Qwen/Qwen2.5-0.5B", vec![
-            case(Lora, Fp32, NoCkpt, Chunked, 1, 256),
-            case(Lora, Fp32, Ckpt, FullLoss, 2, 256),
-            Case { quant: Quant::Q8, ..case(Qlora, Bf16, NoCkpt, Chunked, 1, 128) },
-        ]),
-        ("HuggingFaceTB/SmolLM2-360M", vec![
-            case(Lora, Fp32, Every(2), Chunked, 1, 256),
-            Case { accum: 2, ..case(Lora, Fp16, NoCkpt, Chunked, 1, 128) },
-        ]),
+        (
+            "HuggingFaceTB/SmolLM2-135M",
+            vec![
+                case(Lora, Fp32, NoCkpt, Chunked, 1, 256),
+                case(Lora, Bf16, Ckpt, Chunked, 2, 256),
+                case(Full, Fp32, NoCkpt, Chunked, 1, 128),
+                Case {
+                    quant: Quant::Q4,
+                    ..case(Qlora, Fp32, Every(2), FullLoss, 1, 256)
+                },
+                Case {
+                    optimizer: OptimizerKind::Adamw8bit,
+                    accum: 2,
+                    ..case(Full, Bf16, Ckpt, Chunked, 1, 256)
+                },
+            ],
+        ),
+        (
+            "Qwen/Qwen2.5-0.5B",
+            vec![
+                case(Lora, Fp32, NoCkpt, Chunked, 1, 256),
+                case(Lora, Fp32, Ckpt, FullLoss, 2, 256),
+                Case {
+                    quant: Quant::Q8,
+                    ..case(Qlora, Bf16, NoCkpt, Chunked, 1, 128)
+                },
+            ],
+        ),
+        (
+            "HuggingFaceTB/SmolLM2-360M",
+            vec![
+                case(Lora, Fp32, Every(2), Chunked, 1, 256),
+                Case {
+                    accum: 2,
+                    ..case(Lora, Fp16, NoCkpt, Chunked, 1, 128)
+                },
+            ],
+        ),
     ];
     if quick {
         plan.truncate(1);
@@ -119,7 +194,9 @@ fn main() -> anyhow::Result<()> {
     let meter = CpuMeter::new();
     let mut ours = Vec::new();
     let mut theirs: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    println!("| model | layers | config | measured peak MiB | predicted MiB | error | best closed-form (error) |");
+    println!(
+        "| model | layers | config | measured peak MiB | predicted MiB | error | best closed-form (error) |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (name, cases) in &plan {
         let spec = catalog::get(name)?;
@@ -130,7 +207,11 @@ fn main() -> anyhow::Result<()> {
             Some(v)
         };
         let parse = |v: Option<Vec<String>>| -> anyhow::Result<Option<Vec<_>>> {
-            Ok(v.map(|v| v.iter().map(|s| s.parse()).collect::<Result<Vec<_>, _>>()).transpose().map_err(anyhow::Error::msg)?)
+            Ok(
+                v.map(|v| v.iter().map(|s| s.parse()).collect::<Result<Vec<_>, _>>())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+            )
         };
         let request = PolicyRequest {
             methods: parse(pick(&|c| c.method.to_string()))?,
@@ -142,16 +223,35 @@ fn main() -> anyhow::Result<()> {
             ..PolicyRequest::default()
         };
         let space = SearchSpace::from_request(&request)?;
-        let mut prober = EngineProber { device: candle_core::Device::Cpu, meter: &meter, warmup_steps: 1, steps: 1, seed: 0 };
+        let mut prober = EngineProber {
+            device: candle_core::Device::Cpu,
+            meter: &meter,
+            warmup_steps: 1,
+            steps: 1,
+            seed: 0,
+        };
         let started = std::time::Instant::now();
         let model = calibrate(&spec, &space, &mut prober, cache.as_deref(), &mut |_| {})?;
-        eprintln!("{name}: calibrated on {} probes in {:.1} s ({})", model.fitted_on.len(), started.elapsed().as_secs_f64(), prober.device());
+        eprintln!(
+            "{name}: calibrated on {} probes in {:.1} s ({})",
+            model.fitted_on.len(),
+            started.elapsed().as_secs_f64(),
+            prober.device()
+        );
         for c in cases {
             let k = knobs(c);
             let predicted = model.predict(&spec, &k);
-            let req = ProbeRequest { spec: spec.clone(), knobs: k.clone(), warmup_steps: 1, steps: 1, device: candle_core::Device::Cpu, seed: 0 };
+            let req = ProbeRequest {
+                spec: spec.clone(),
+                knobs: k.clone(),
+                warmup_steps: 1,
+                steps: 1,
+                device: candle_core::Device::Cpu,
+                seed: 0,
+            };
             let measured = run_probe(&req, &meter)?;
-            let err = (predicted.peak_bytes as f64 - measured.peak_bytes as f64) / measured.peak_bytes as f64;
+            let err = (predicted.peak_bytes as f64 - measured.peak_bytes as f64)
+                / measured.peak_bytes as f64;
             ours.push(err.abs());
             let est = estimators(&peer, &spec, &k, measured.peak_bytes);
             for (n, e) in &est {
@@ -173,7 +273,8 @@ fn main() -> anyhow::Result<()> {
                 measured.peak_bytes as f64 / 1048576.0,
                 predicted.peak_bytes as f64 / 1048576.0,
                 100.0 * err,
-                best.map(|(n, e)| format!("{n} {:+.1}%", 100.0 * e)).unwrap_or_else(|| "—".into()),
+                best.map(|(n, e)| format!("{n} {:+.1}%", 100.0 * e))
+                    .unwrap_or_else(|| "—".into()),
             );
         }
     }
@@ -181,9 +282,17 @@ fn main() -> anyhow::Result<()> {
     println!("| predictor | median abs error | worst abs error |");
     println!("|---|---|---|");
     let worst = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    println!("| memtune (fitted to its own probes) | {:.2}% | {:.2}% |", 100.0 * median(ours.clone()), 100.0 * worst(&ours));
+    println!(
+        "| memtune (fitted to its own probes) | {:.2}% | {:.2}% |",
+        100.0 * median(ours.clone()),
+        100.0 * worst(&ours)
+    );
     for (n, v) in &theirs {
-        println!("| {n} | {:.1}% | {:.1}% |", 100.0 * median(v.clone()), 100.0 * worst(v));
+        println!(
+            "| {n} | {:.1}% | {:.1}% |",
+            100.0 * median(v.clone()),
+            100.0 * worst(v)
+        );
     }
     Ok(())
 }

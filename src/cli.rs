@@ -43,6 +43,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Find the fastest configuration that fits a memory budget (and optionally run it).
     Tune(TuneArgs),
+    /// Render SVG charts and an index.html from profile / tune CSV outputs.
+    Report(ReportArgs),
 }
 
 /// Where calibrations are cached, and the device probes run on.
@@ -273,6 +275,20 @@ impl TuneArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A folder holding any of profile.csv, timeline CSVs, candidates.csv, accuracy.csv (recognised by
+    /// their header) and tuned.toml, or one such CSV file.
+    #[arg(long, value_name = "DIR|FILE.csv")]
+    pub from: PathBuf,
+    /// Folder to write the charts and index.html into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Memory budget to draw (e.g. 24G), overriding tuned.toml's; probes are then judged against it.
+    #[arg(long, value_name = "SIZE")]
+    pub budget: Option<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct ProfileArgs {
     /// A catalog name, a folder holding config.json, or a config.json path.
     #[arg(long)]
@@ -300,6 +316,9 @@ pub struct ProfileArgs {
     /// Write the memory timeline of the last measured step to this CSV.
     #[arg(long, value_name = "FILE")]
     pub timeline_csv: Option<PathBuf>,
+    /// Render the probe's charts (component breakdown, timeline) and an index.html into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

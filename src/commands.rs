@@ -1,7 +1,7 @@
 //! What each subcommand does with its validated request: run the stage, print for people (tables,
 //! progress on stderr) or for programs (`--json` on stdout).
 
-use crate::cli::{ProfileArgs, TrainArgs};
+use crate::cli::{ProfileArgs, ReportArgs, TrainArgs};
 use crate::probe::{COMPONENT_NAMES, ProbeResult};
 use crate::spec::catalog_rows;
 use anyhow::Result;
@@ -163,6 +163,17 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
             path,
             &crate::report::profile_csv::profile_rows(&probe_id, &result),
         )?;
+    }
+    if let Some(dir) = &args.report {
+        let data = crate::report::ReportData::from_probe(&probe_id, &result);
+        let written = crate::report::write_report_dir(&data, dir)?;
+        if !args.json {
+            eprintln!(
+                "report: {} ({} files)",
+                dir.join("index.html").display(),
+                written.len()
+            );
+        }
     }
     if let Some(path) = &args.timeline_csv {
         crate::train::write_atomic(
@@ -502,6 +513,17 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
                 best.prediction.tokens_per_s
             );
         }
+        if let Some(dir) = &args.out {
+            let id = format!("verify-{}", probe_id(&measured));
+            crate::report::profile_csv::append_profile(
+                &dir.join("profile.csv"),
+                &crate::report::profile_csv::profile_rows(&id, &measured),
+            )?;
+            crate::train::write_atomic(
+                &dir.join("timeline.csv"),
+                crate::report::profile_csv::render_timeline(&id, &measured).as_bytes(),
+            )?;
+        }
         verified = serde_json::json!({
             "peak_bytes": measured.peak_bytes,
             "components": profile_json(&measured)["components"].clone(),
@@ -530,6 +552,17 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
                 "verified": verified,
             })
         );
+    }
+    if let Some(dir) = &args.out {
+        let data = crate::report::load_report_inputs(dir)?;
+        let written = crate::report::write_report_dir(&data, dir)?;
+        if !args.json {
+            println!(
+                "Report: {} ({} files)",
+                dir.join("index.html").display(),
+                written.len()
+            );
+        }
     }
     if let Some(data) = &args.train {
         let req = crate::train::TrainRequest {
@@ -560,6 +593,24 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
                 summary.steps, summary.initial_loss, summary.final_loss
             );
         }
+    }
+    Ok(())
+}
+
+/// `memtune report`.
+pub fn report(args: &ReportArgs) -> Result<()> {
+    let mut data = crate::report::load_report_inputs(&args.from)?;
+    if let Some(text) = &args.budget {
+        let bytes = crate::search::parse_bytes(text)
+            .map_err(|e| anyhow::anyhow!("--budget {text}: {e}"))?;
+        data.budget_bytes = Some(bytes);
+    }
+    let rendered = crate::report::render_report(&data)?;
+    for s in &rendered.skipped {
+        eprintln!("skipped {}: {}", s.chart, s.reason);
+    }
+    for path in crate::report::write_rendered(&rendered, &args.out)? {
+        println!("{}", path.display());
     }
     Ok(())
 }

@@ -22,5 +22,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(args) => memtune::commands::profile(&args),
         Command::Predict(args) => memtune::commands::predict(&args),
         Command::Tune(args) => memtune::commands::tune(&args),
+        Command::Report(args) => memtune::commands::report(&args),
     }
 }
