@@ -67,6 +67,17 @@ fn knobs(c: &Case) -> Knobs {
     }
 }
 
+/// The distinct values of one knob across `cases`.
+fn values<T: PartialEq + Copy>(cases: &[Case], f: impl Fn(&Case) -> T) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for c in cases {
+        if !out.contains(&f(c)) {
+            out.push(f(c));
+        }
+    }
+    out
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -78,7 +89,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Relative errors of the peer's estimators a–e, parsed from its CLI output.
 fn estimators(
-    peer: &PathBuf,
+    peer: &std::path::Path,
     spec: &memtune::spec::ModelSpec,
     k: &Knobs,
     measured: u64,
@@ -200,26 +211,13 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for (name, cases) in &plan {
         let spec = catalog::get(name)?;
-        let pick = |f: &dyn Fn(&Case) -> String| -> Option<Vec<String>> {
-            let mut v: Vec<String> = cases.iter().map(f).collect();
-            v.sort();
-            v.dedup();
-            Some(v)
-        };
-        let parse = |v: Option<Vec<String>>| -> anyhow::Result<Option<Vec<_>>> {
-            Ok(
-                v.map(|v| v.iter().map(|s| s.parse()).collect::<Result<Vec<_>, _>>())
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
-            )
-        };
         let request = PolicyRequest {
-            methods: parse(pick(&|c| c.method.to_string()))?,
-            quants: parse(pick(&|c| c.quant.to_string()))?,
-            optimizers: parse(pick(&|c| c.optimizer.to_string()))?,
-            precisions: parse(pick(&|c| c.precision.to_string()))?,
-            checkpointing: parse(pick(&|c| c.checkpointing.to_string()))?,
-            losses: parse(pick(&|c| c.loss.to_string()))?,
+            methods: Some(values(cases, |c| c.method)),
+            quants: Some(values(cases, |c| c.quant)),
+            optimizers: Some(values(cases, |c| c.optimizer)),
+            precisions: Some(values(cases, |c| c.precision)),
+            checkpointing: Some(values(cases, |c| c.checkpointing)),
+            losses: Some(values(cases, |c| c.loss)),
             ..PolicyRequest::default()
         };
         let space = SearchSpace::from_request(&request)?;
