@@ -1,0 +1,96 @@
+//! Regret: tune a small model, then run every fitting configuration for real and compare the
+//! measured throughput of the pick with the best measured one (and check that none exceeds the
+//! budget when run).
+//!
+//!     cargo build --release --examples
+//!     target/release/examples/regret [--model NAME] [--budget 160M] [--seq 128] [--effective-batch 4]
+
+use memtune::cost::calibrate;
+use memtune::probe::meter::CpuMeter;
+use memtune::probe::runner::{EngineProber, ProbeRequest, run_probe};
+use memtune::search::{PolicyRequest, SearchSpace, format_bytes, parse_bytes, search};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: &str| {
+        args.windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].clone())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let spec = memtune::spec::resolve_model(&arg("--model", "HuggingFaceTB/SmolLM2-135M"))?
+        .with_layers(arg("--layers", "4").parse()?);
+    let budget = parse_bytes(&arg("--budget", "600M"))?;
+    let request = PolicyRequest {
+        effective_batch: arg("--effective-batch", "4").parse()?,
+        seq: arg("--seq", "128").parse()?,
+        ..PolicyRequest::default()
+    };
+    let space = SearchSpace::from_request(&request)?;
+    let meter = CpuMeter::new();
+    let mut prober = EngineProber {
+        device: candle_core::Device::Cpu,
+        meter: &meter,
+        warmup_steps: 1,
+        steps: 1,
+        seed: 0,
+    };
+    let model = calibrate(&spec, &space, &mut prober, None, &mut |_| {})?;
+    let outcome = search(&model, &spec, &space, budget, 0.05);
+    println!(
+        "{} at {} layers, budget {}: {} of {} configurations predicted to fit",
+        spec.name,
+        spec.num_hidden_layers,
+        format_bytes(budget),
+        outcome.fitting,
+        outcome.candidates.len()
+    );
+    println!(
+        "| rank by prediction | config | predicted tok/s | measured tok/s | predicted peak | measured peak | within budget |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut measured = Vec::new();
+    for (i, c) in outcome.candidates.iter().take(outcome.fitting).enumerate() {
+        let req = ProbeRequest {
+            spec: spec.clone(),
+            knobs: c.knobs.clone(),
+            warmup_steps: 1,
+            steps: 3,
+            device: candle_core::Device::Cpu,
+            seed: 0,
+        };
+        let p = run_probe(&req, &meter)?;
+        let k = &c.knobs;
+        println!(
+            "| {} | {} ckpt {} {} loss, {}×{} accum {} | {:.0} | {:.0} | {} | {} | {} |",
+            i + 1,
+            k.precision,
+            k.checkpointing,
+            k.loss,
+            k.batch,
+            k.seq,
+            k.accum,
+            c.prediction.tokens_per_s,
+            p.tokens_per_s,
+            format_bytes(c.prediction.peak_bytes),
+            format_bytes(p.peak_bytes),
+            if p.peak_bytes <= budget { "yes" } else { "NO" }
+        );
+        measured.push((p.tokens_per_s, p.peak_bytes));
+    }
+    let best = measured.iter().map(|m| m.0).fold(0.0, f64::max);
+    if let Some(pick) = measured.first() {
+        println!(
+            "\npick measured {:.0} tokens/s; best measured {:.0}; pick / best = {:.1}%",
+            pick.0,
+            best,
+            100.0 * pick.0 / best
+        );
+        let over = measured.iter().filter(|m| m.1 > budget).count();
+        println!(
+            "configurations over budget when run: {over} of {}",
+            measured.len()
+        );
+    }
+    Ok(())
+}
