@@ -1,7 +1,7 @@
 //! What each subcommand does with its validated request: run the stage, print for people (tables,
 //! progress on stderr) or for programs (`--json` on stdout).
 
-use crate::cli::{ProfileArgs, TrainArgs};
+use crate::cli::{GenerateArgs, ProfileArgs, TrainArgs};
 use crate::probe::{COMPONENT_NAMES, ProbeResult};
 use crate::spec::catalog_rows;
 use anyhow::Result;
@@ -101,6 +101,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         );
         if let Some(dir) = &req.output {
             println!("loss log: {}", dir.join("loss_log.csv").display());
+        }
+        for dir in &summary.written {
+            println!("wrote {}", dir.display());
         }
     }
     Ok(())
@@ -255,4 +258,41 @@ fn print_profile(p: &ProbeResult) {
         human_bytes(p.peak_bytes)
     );
     println!("step {:.3} s · {:.0} tokens/s", p.step_s, p.tokens_per_s);
+}
+
+/// `memtune generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    use crate::train::generate::{Generator, PromptFormat, Sampling};
+    let device = args.validate()?;
+    let generator = Generator::load(&args.model, args.adapter.as_deref(), &device)?;
+    let format = PromptFormat {
+        chat: args.chat,
+        system: args.system.clone(),
+    };
+    let prompt = generator.prompt_ids(&args.prompt, &format);
+    let started = std::time::Instant::now();
+    let ids = generator.generate(
+        &prompt,
+        Sampling {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            seed: args.seed,
+        },
+    )?;
+    let completion = generator.tokenizer.decode(&ids);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt": args.prompt,
+                "prompt_tokens": prompt.len(),
+                "completion": completion,
+                "completion_ids": ids,
+                "generate_s": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!("{completion}");
+    }
+    Ok(())
 }

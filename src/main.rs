@@ -20,5 +20,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models { json } => memtune::commands::models(json),
         Command::Train(args) => memtune::commands::train(&args),
         Command::Profile(args) => memtune::commands::profile(&args),
+        Command::Generate(args) => memtune::commands::generate(&args),
     }
 }

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use std::path::Path;
-pub use tokenizer::{ByteTokenizer, Tokenizer};
+pub use tokenizer::{ByteTokenizer, ChatTemplate, HfTokenizer, Message, Tokenizer};
 
 /// One tokenized example: tokens and, per token, whether it is trained on as a target.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,11 @@ pub fn load_examples(
         }
     } else {
         for paragraph in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
-            let mut tokens = vec![tokenizer.bos()];
+            let mut tokens = if tokenizer.add_bos() {
+                vec![tokenizer.bos()]
+            } else {
+                Vec::new()
+            };
             tokens.extend(tokenizer.encode(paragraph));
             let trained = vec![true; tokens.len()];
             examples.push(Example { tokens, trained });
@@ -85,15 +89,22 @@ fn parse_line(line: &str, tokenizer: &dyn Tokenizer) -> std::result::Result<Exam
             Some(_) => Err(format!("field `{name}` must be a string")),
         }
     };
+    let chat = tokenizer.chat_template();
     let mut ex = Example {
-        tokens: vec![tokenizer.bos()],
-        trained: vec![false],
+        tokens: Vec::new(),
+        trained: Vec::new(),
     };
+    if tokenizer.add_bos() {
+        ex.tokens.push(tokenizer.bos());
+        ex.trained.push(false);
+    }
     let mut push = |text: &str, trained: bool| {
         let ids = tokenizer.encode(text);
         ex.trained.extend(std::iter::repeat_n(trained, ids.len()));
         ex.tokens.extend(ids);
     };
+    // A chat turn ends with the template's end marker; other examples end with EOS.
+    let mut ends_with_eos = true;
     if let Some(messages) = obj.get("messages") {
         let messages = messages
             .as_array()
@@ -101,6 +112,7 @@ fn parse_line(line: &str, tokenizer: &dyn Tokenizer) -> std::result::Result<Exam
         if messages.is_empty() {
             return Err("field `messages` is empty".into());
         }
+        let mut turns = Vec::with_capacity(messages.len());
         for m in messages {
             let role = m
                 .get("role")
@@ -110,28 +122,51 @@ fn parse_line(line: &str, tokenizer: &dyn Tokenizer) -> std::result::Result<Exam
                 .get("content")
                 .and_then(|c| c.as_str())
                 .ok_or("each message needs a string `content`")?;
-            // ChatML, as SmolLM2 and Qwen use; only assistant turns are trained on.
-            push(&format!("<|im_start|>{role}\n"), false);
-            let trained = role == "assistant";
-            push(&format!("{content}<|im_end|>"), trained);
-            push("\n", false);
+            turns.push(Message::new(role, content));
+        }
+        if !turns.iter().any(|m| m.role == "assistant") {
+            return Err("`messages` has no `assistant` turn to train on".into());
+        }
+        // ChatML (the model's template when it has one); only assistant turns are trained on.
+        ends_with_eos = chat.is_none();
+        for (text, trained) in chat.unwrap_or_default().render(&turns, false) {
+            push(&text, trained);
         }
     } else if let Some(output) = field("output")? {
         let instruction =
             field("instruction")?.ok_or("instruction data needs `instruction` with `output`")?;
-        let prompt = match field("input")? {
-            Some(input) if !input.is_empty() => format!("{instruction}\n\n{input}\n\n"),
-            _ => format!("{instruction}\n\n"),
-        };
-        push(&prompt, false);
-        push(output, true);
+        let input = field("input")?.filter(|i| !i.is_empty());
+        if let Some(chat) = &chat {
+            // A chat model learns instructions as one user turn and one assistant reply.
+            let prompt = match input {
+                Some(input) => format!("{instruction}\n\n{input}"),
+                None => instruction.to_string(),
+            };
+            let turns = [
+                Message::new("user", &prompt),
+                Message::new("assistant", output),
+            ];
+            for (text, trained) in chat.render(&turns, false) {
+                push(&text, trained);
+            }
+            ends_with_eos = false;
+        } else {
+            let prompt = match input {
+                Some(input) => format!("{instruction}\n\n{input}\n\n"),
+                None => format!("{instruction}\n\n"),
+            };
+            push(&prompt, false);
+            push(output, true);
+        }
     } else if let Some(text) = field("text")? {
         push(text, true);
     } else {
         return Err("expected a `text`, `instruction`/`output` or `messages` field".into());
     }
-    ex.tokens.push(tokenizer.eos());
-    ex.trained.push(true);
+    if ends_with_eos {
+        ex.tokens.push(tokenizer.eos());
+        ex.trained.push(true);
+    }
     Ok(ex)
 }
 
