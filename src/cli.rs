@@ -351,6 +351,10 @@ pub struct TrainArgs {
     /// Malformed JSONL lines: fail (stop with the line number; the default) or skip (count and go on).
     #[arg(long, value_name = "fail|skip")]
     pub bad_lines: Option<String>,
+    /// pack: examples back to back in windows of --seq tokens (the default; no compute on padding);
+    /// pad: one example per sequence, right-padded or cut to --seq (examples never see each other).
+    #[arg(long, value_name = "pack|pad")]
+    pub packing: Option<String>,
     /// Folder for results, created if missing: loss_log.csv, summary.json, adapter/ (PEFT),
     /// merged/ (Hugging Face folder), checkpoints/step-N/.
     #[arg(long, value_name = "DIR")]
@@ -517,7 +521,14 @@ impl TrainArgs {
             bail!("--save-every needs --output (the folder checkpoints go under)");
         }
         let defaults = crate::train::RunOptions::default();
+        let packing = match self.packing.clone().or(data_file.packing.clone()) {
+            Some(p) => p
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--packing: {e}"))?,
+            None => crate::data::Packing::default(),
+        };
         let options = crate::train::RunOptions {
+            packing,
             save_every,
             eval_every: self.eval_every.or(out_file.eval_every).unwrap_or(0),
             resume: self.resume.clone(),
@@ -532,7 +543,7 @@ impl TrainArgs {
         let bad_lines = self
             .bad_lines
             .clone()
-            .or(data_file.bad_lines)
+            .or(data_file.bad_lines.clone())
             .unwrap_or_else(|| "fail".to_string());
         let device = self
             .device

@@ -265,7 +265,7 @@ fn config_file_sets_the_run_and_flags_override_it() {
         &config,
         format!(
             "model = \"tiny\"\nbudget_bytes = 1\n[knobs]\nseq = 32\nbatch = 2\n[knobs.lora]\nrank = 2\n\
-             [hyper]\nlr = 0.01\n[data]\ntrain = {data:?}\n[output]\ndir = {:?}\nmerged = false\n\
+             [hyper]\nlr = 0.01\n[data]\ntrain = {data:?}\npacking = \"pad\"\n[output]\ndir = {:?}\nmerged = false\n\
              [train]\nsteps = 5\n",
             out.display().to_string()
         ),
@@ -287,6 +287,8 @@ fn config_file_sets_the_run_and_flags_override_it() {
         "rank from a file keeps alpha"
     );
     assert_eq!(o["written"], serde_json::json!([out.join("adapter")]));
+    // Padded: one window per example; 40 lines, the last 4 held out for evaluation.
+    assert_eq!((o["train_windows"].as_u64(), o["eval_windows"].as_u64()), (Some(36), Some(4)));
 
     std::fs::write(&config, "[output]\nevery = 3\n").unwrap();
     let o = memtune(&["train", "--config", config.to_str().unwrap()]);

@@ -182,33 +182,82 @@ pub struct Windows {
     seq: usize,
 }
 
+/// How examples become fixed-length sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Packing {
+    /// Back to back, cut into windows of `seq` tokens: no compute is spent on padding, but an
+    /// example can attend to the one before it and can be cut in two.
+    #[default]
+    Pack,
+    /// One example per sequence, right-padded (or cut) to `seq`. Padding comes after every real
+    /// token, so the causal mask already keeps real tokens from attending to it, and padded
+    /// targets carry no loss: examples never see each other.
+    Pad,
+}
+
+impl std::str::FromStr for Packing {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "pack" => Ok(Packing::Pack),
+            "pad" => Ok(Packing::Pad),
+            other => Err(format!("unknown packing `{other}`; expected pack or pad")),
+        }
+    }
+}
+
+/// A window of `seq + 1` tokens and the loss weight of each of its `seq` targets, padded.
+fn window(tokens: &[u32], trained: &[bool], seq: usize, pad: u32) -> (Vec<u32>, Vec<f32>) {
+    let mut w = tokens.to_vec();
+    let mut m: Vec<f32> = trained[1..]
+        .iter()
+        .map(|&t| if t { 1.0 } else { 0.0 })
+        .collect();
+    while w.len() < seq + 1 {
+        w.push(pad);
+        m.push(0.0);
+    }
+    (w, m)
+}
+
 impl Windows {
+    /// Packed windows (see [`Packing::Pack`]).
     pub fn new(examples: &[Example], seq: usize, seed: u64, pad: u32) -> Result<Self> {
-        let mut tokens = Vec::new();
-        let mut trained = Vec::new();
-        for ex in examples {
-            tokens.extend_from_slice(&ex.tokens);
-            trained.extend_from_slice(&ex.trained);
-        }
+        Self::with_packing(examples, seq, seed, pad, Packing::Pack)
+    }
+
+    pub fn with_packing(
+        examples: &[Example],
+        seq: usize,
+        seed: u64,
+        pad: u32,
+        packing: Packing,
+    ) -> Result<Self> {
         let mut windows = Vec::new();
-        let mut start = 0;
-        while start + 1 < tokens.len() {
-            let end = (start + seq + 1).min(tokens.len());
-            let mut w: Vec<u32> = tokens[start..end].to_vec();
-            let mut m: Vec<f32> = trained[start + 1..end]
-                .iter()
-                .map(|&t| if t { 1.0 } else { 0.0 })
-                .collect();
-            // Pad the last window; padded targets carry no loss.
-            while w.len() < seq + 1 {
-                w.push(pad);
-                m.push(0.0);
+        match packing {
+            Packing::Pack => {
+                let mut tokens = Vec::new();
+                let mut trained = Vec::new();
+                for ex in examples {
+                    tokens.extend_from_slice(&ex.tokens);
+                    trained.extend_from_slice(&ex.trained);
+                }
+                let mut start = 0;
+                while start + 1 < tokens.len() {
+                    let end = (start + seq + 1).min(tokens.len());
+                    windows.push(window(&tokens[start..end], &trained[start..end], seq, pad));
+                    start += seq;
+                }
             }
-            if m.iter().any(|&x| x > 0.0) {
-                windows.push((w, m));
+            Packing::Pad => {
+                for ex in examples.iter().filter(|ex| ex.tokens.len() > 1) {
+                    let end = ex.tokens.len().min(seq + 1);
+                    windows.push(window(&ex.tokens[..end], &ex.trained[..end], seq, pad));
+                }
             }
-            start += seq;
         }
+        windows.retain(|(_, m)| m.iter().any(|&x| x > 0.0));
         if windows.is_empty() {
             bail!("the data holds no trainable tokens");
         }
@@ -358,6 +407,26 @@ mod tests {
         let (examples, skipped) =
             load_examples(&path, &ByteTokenizer, BadLinePolicy::Skip).unwrap();
         assert_eq!((examples.len(), skipped), (1, 1));
+    }
+
+    #[test]
+    fn padded_windows_hold_one_example_each() {
+        let ex = |n: u32| Example {
+            tokens: (0..n).collect(),
+            trained: (0..n).map(|i| i >= 2).collect(),
+        };
+        // Lengths 3 and 7 at seq 4: [0,1,2,p,p] (one counted target) and [0..5] cut (3 counted).
+        let w = Windows::with_packing(&[ex(3), ex(7)], 4, 0, 99, Packing::Pad).unwrap();
+        assert_eq!(w.len(), 2);
+        let batch = &w.all_batches(2, &Device::Cpu).unwrap()[0];
+        assert_eq!(
+            batch.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 1, 2, 99], vec![0, 1, 2, 3]]
+        );
+        assert_eq!(
+            batch.mask.to_vec1::<f32>().unwrap(),
+            vec![0., 1., 0., 0., 0., 1., 1., 1.]
+        );
     }
 
     #[test]

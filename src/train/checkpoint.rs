@@ -54,6 +54,8 @@ pub struct RunSettings {
     pub steps: usize,
     pub seed: u64,
     pub eval_fraction: f64,
+    #[serde(default)]
+    pub packing: crate::data::Packing,
     /// Length and FNV-1a hash of the data file's bytes.
     pub data_fingerprint: String,
 }
@@ -102,6 +104,12 @@ impl RunSettings {
             self.eval_fraction == saved.eval_fraction,
             self.eval_fraction.to_string(),
             saved.eval_fraction.to_string(),
+        );
+        check(
+            "--packing",
+            self.packing == saved.packing,
+            format!("{:?}", self.packing),
+            format!("{:?}", saved.packing),
         );
         check(
             "--data (contents)",

@@ -12,6 +12,7 @@
 //! train = "examples/data/pirate.jsonl"
 //! eval_fraction = 0.1
 //! bad_lines = "fail"
+//! packing = "pack"
 //! [output]
 //! dir = "runs/pirate"
 //! save_every = 20
@@ -51,6 +52,8 @@ pub struct DataSection {
     pub eval_fraction: Option<f64>,
     /// `fail` or `skip`.
     pub bad_lines: Option<String>,
+    /// `pack` or `pad`.
+    pub packing: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ pub mod export;
 pub mod generate;
 
 use crate::config::{Hyper, Knobs, Method};
-use crate::data::{self, BadLinePolicy, ByteTokenizer, HfTokenizer, Tokenizer, Windows};
+use crate::data::{self, BadLinePolicy, ByteTokenizer, HfTokenizer, Packing, Tokenizer, Windows};
 use crate::engine::step::{Batch, Engine, NoObserver};
 use crate::engine::weights::WeightFiles;
 use crate::engine::{Model, RandomInit};
@@ -42,9 +42,11 @@ pub struct TrainRequest {
     pub options: RunOptions,
 }
 
-/// What a run writes and when, and how it starts.
+/// How a run lays out its data, what it writes and when, and how it starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunOptions {
+    /// Examples packed back to back into windows, or one per padded sequence.
+    pub packing: Packing,
     /// Save a checkpoint every N optimizer steps (0: never). Needs an output folder.
     pub save_every: usize,
     /// Evaluate every N steps (0: only before the first step and after the last).
@@ -64,6 +66,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
+            packing: Packing::Pack,
             save_every: 0,
             eval_every: 0,
             resume: None,
@@ -176,12 +179,12 @@ pub fn run(req: &TrainRequest, progress: &mut dyn FnMut(&StepReport)) -> Result<
     data::tokenizer::check_fits(tokenizer, req.spec.vocab_size, &req.spec.name)?;
     let (examples, skipped_lines) = data::load_examples(&req.data, tokenizer, req.bad_lines)?;
     let (train_examples, eval_examples) = split(&examples, req.eval_fraction);
-    let mut windows = Windows::new(train_examples, req.knobs.seq, req.seed, tokenizer.pad())
-        .with_context(|| format!("data file `{}`", req.data.display()))?;
-    let eval_windows = match eval_examples {
-        Some(ex) => Windows::new(ex, req.knobs.seq, req.seed, tokenizer.pad())?,
-        None => Windows::new(train_examples, req.knobs.seq, req.seed, tokenizer.pad())?,
+    let windows_of = |ex: &[data::Example]| {
+        Windows::with_packing(ex, req.knobs.seq, req.seed, tokenizer.pad(), opts.packing)
+            .with_context(|| format!("data file `{}`", req.data.display()))
     };
+    let mut windows = windows_of(train_examples)?;
+    let eval_windows = windows_of(eval_examples.unwrap_or(train_examples))?;
     let mut eval_batches = eval_windows.all_batches(req.knobs.batch, &req.device)?;
     eval_batches.truncate(opts.eval_batches.max(1));
 
@@ -207,6 +210,7 @@ pub fn run(req: &TrainRequest, progress: &mut dyn FnMut(&StepReport)) -> Result<
         steps: req.steps,
         seed: req.seed,
         eval_fraction: req.eval_fraction,
+        packing: opts.packing,
         data_fingerprint: checkpoint::fingerprint(&req.data)?,
     };
 
