@@ -76,6 +76,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             req.knobs.seq,
             req.knobs.accum,
         );
+        eprintln!("{}", crate::train::describe_sources(&req));
     }
     let summary = crate::train::run(&req, &mut |r| {
         bar.set_position(r.step as u64);

@@ -415,6 +415,23 @@ pub fn run(req: &TrainRequest, progress: &mut dyn FnMut(&StepReport)) -> Result<
     Ok(summary)
 }
 
+/// Where the run's weights and tokenizer come from, for people.
+pub fn describe_sources(req: &TrainRequest) -> String {
+    let weights = match WeightFiles::locate(&req.model) {
+        Some(files) => format!("weights from {}", files.path().display()),
+        None => format!(
+            "random initialisation (seed {}): `{}` brings no weights",
+            req.seed, req.model
+        ),
+    };
+    let tokenizer = match HfTokenizer::for_model(&req.model) {
+        Ok(Some(_)) => "the model's tokenizer",
+        Ok(None) => "a byte-level tokenizer",
+        Err(_) => "a tokenizer that fails to load",
+    };
+    format!("{weights}; {tokenizer}")
+}
+
 /// The loss log's file name and columns. `eval_loss` is empty on steps without evaluation (row 0
 /// is the evaluation before the first step); `memory_bytes` is the step's peak: the heap on CPU
 /// (exact, from the counting allocator), device memory in use on CUDA.
