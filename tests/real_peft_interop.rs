@@ -1,7 +1,9 @@
 //! Interop with Hugging Face: an adapter written by memtune, loaded by PEFT onto SmolLM2 as
 //! transformers loads it from the same GGUF file, gives the logits memtune computes. Needs the GGUF
 //! file (scripts/fetch-smollm2.sh) and a Python with torch, transformers, peft and gguf
-//! (`MEMTUNE_PYTHON`, default /work/peer-venv/bin/python); skips with a message otherwise.
+//! (`MEMTUNE_PYTHON`, default /work/peer-venv/bin/python); skips with a message otherwise. It takes
+//! a minute or two (Python loads torch and transformers), so it runs only when asked:
+//! `cargo test --test real_peft_interop -- --ignored`.
 
 use candle_core::{DType, Device, Tensor};
 use memtune::config::{Knobs, LoraSettings, Method, Target};
@@ -51,6 +53,7 @@ print(json.dumps({"logit_diff": diff, "adapter_diff": adapter_diff, "tensors": l
 "#;
 
 #[test]
+#[ignore = "slow: starts Python with torch and transformers; run with --ignored"]
 fn peft_applies_our_adapter_to_transformers_smollm2_with_the_same_logits() {
     let (Some(path), Some(python)) = (gguf(), python()) else {
         eprintln!(
