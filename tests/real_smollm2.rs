@@ -45,6 +45,7 @@ fn tokenizer_matches_transformers() {
     );
     let chat = tok.chat_template().expect("SmolLM2 has a ChatML template");
     let ids: Vec<u32> = chat
+        .clone()
         .render(&[Message::new("user", QUESTION)], true)
         .iter()
         .flat_map(|(text, _)| tok.encode(text))

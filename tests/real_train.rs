@@ -117,17 +117,13 @@ fn a_killed_and_resumed_run_ends_with_the_same_losses() {
     assert_eq!(a["initial_loss"], b["initial_loss"]);
     assert!(a["final_loss"].as_f64().unwrap() < a["initial_loss"].as_f64().unwrap());
     let log_a = losses(&whole.join("loss_log.csv"));
-    assert_eq!(
-        log_a.len(),
-        21,
-        "row 0 (evaluation before training) and 20 steps"
-    );
+    assert_eq!(log_a.len(), 20, "one row per step");
     assert_eq!(log_a, losses(&parts.join("loss_log.csv")));
-    // Evaluations at steps 0, 5, 10, 15, 20 only.
-    let evaluated: Vec<usize> = (0..log_a.len())
-        .filter(|&i| !log_a[i].1.is_empty())
+    // Evaluations at steps 5, 10, 15, 20 only.
+    let evaluated: Vec<usize> = (1..=log_a.len())
+        .filter(|&s| !log_a[s - 1].1.is_empty())
         .collect();
-    assert_eq!(evaluated, vec![0, 5, 10, 15, 20]);
+    assert_eq!(evaluated, vec![5, 10, 15, 20]);
     // Both checkpoints are kept, each with the files a resume needs.
     for step in ["step-000010", "step-000020"] {
         let ckpt = whole.join("checkpoints").join(step);
@@ -288,7 +284,10 @@ fn config_file_sets_the_run_and_flags_override_it() {
     );
     assert_eq!(o["written"], serde_json::json!([out.join("adapter")]));
     // Padded: one window per example; 40 lines, the last 4 held out for evaluation.
-    assert_eq!((o["train_windows"].as_u64(), o["eval_windows"].as_u64()), (Some(36), Some(4)));
+    assert_eq!(
+        (o["train_windows"].as_u64(), o["eval_windows"].as_u64()),
+        (Some(36), Some(4))
+    );
 
     std::fs::write(&config, "[output]\nevery = 3\n").unwrap();
     let o = memtune(&["train", "--config", config.to_str().unwrap()]);

@@ -253,7 +253,6 @@ pub fn run(req: &TrainRequest, progress: &mut dyn FnMut(&StepReport)) -> Result<
         }
         None => {
             let initial_loss = eval_loss(&engine.model, &eval_batches)?;
-            log.push_str(&format!("0,,{initial_loss:.6},,,,,\n"));
             checkpoint::CheckpointState {
                 step: 0,
                 data_epoch: 0,
@@ -432,8 +431,8 @@ pub fn describe_sources(req: &TrainRequest) -> String {
     format!("{weights}; {tokenizer}")
 }
 
-/// The loss log's file name and columns. `eval_loss` is empty on steps without evaluation (row 0
-/// is the evaluation before the first step); `memory_bytes` is the step's peak: the heap on CPU
+/// The loss log's file name and columns, one row per step. `eval_loss` is empty on steps without
+/// evaluation (the loss before the first step is `initial_loss` in `summary.json`); `memory_bytes` is the step's peak: the heap on CPU
 /// (exact, from the counting allocator), device memory in use on CUDA.
 pub const LOSS_LOG: &str = "loss_log.csv";
 pub const LOSS_LOG_HEADER: &str =
