@@ -78,8 +78,9 @@ fn unknown_model_message(name: &str, suggestions: &[String]) -> String {
 }
 
 /// Reads the model a user names: a folder holding `config.json` (or, without one, a single
-/// `.gguf` file), a path to a config file or a `.gguf` file, or a built-in catalog name (`Qwen/Qwen2.5-0.5B` or `qwen2.5-0.5b`). A path on
-/// disk wins over a catalog name, as in transformers' `from_pretrained`. The spec is validated.
+/// `.gguf` file), a path to a config file or a `.gguf` file, or a built-in catalog name
+/// (`Qwen/Qwen2.5-0.5B` or `qwen2.5-0.5b`). A path on disk wins over a catalog name, as in
+/// transformers' `from_pretrained`. The spec is validated.
 pub fn resolve_model(arg: &str) -> Result<ModelSpec, SpecError> {
     let path = Path::new(arg);
     if path.is_dir() {
