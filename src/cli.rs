@@ -27,6 +27,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process; boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// List the built-in model catalog (configs only: no weights are needed to tune).
@@ -45,6 +47,8 @@ pub enum Command {
     Tune(TuneArgs),
     /// Render SVG charts and an index.html from profile / tune CSV outputs.
     Report(ReportArgs),
+    /// Generate text with a model and optionally a LoRA adapter (greedy by default).
+    Generate(GenerateArgs),
 }
 
 /// Where calibrations are cached, and the device probes run on.
@@ -563,39 +567,120 @@ impl HyperArgs {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// A catalog name (see `memtune models`; case-insensitive, `org/name` or short name), a folder
-    /// holding config.json, or a config.json path. Without weights the model starts from random init.
-    #[arg(long)]
-    pub model: String,
-    /// Training data: .jsonl (one object a line: `text`; `instruction`/`input`/`output`; or chat
-    /// `messages`) or plain text (one example per paragraph).
+    /// A TOML file with the run's settings: the `tuned.toml` that `memtune tune` writes (`model`,
+    /// `[knobs]`, `[hyper]`), plus optional `[data]` (train, eval_fraction, bad_lines), `[output]`
+    /// (dir, save_every, eval_every, merged, keep_checkpoints) and `[train]` (steps, seed, device)
+    /// tables. Flags override the file.
     #[arg(long, value_name = "FILE")]
-    pub data: PathBuf,
-    /// Optimizer steps to run.
-    #[arg(long, default_value_t = 100)]
-    pub steps: usize,
+    pub config: Option<PathBuf>,
+    /// A GGUF file (weights, architecture and tokenizer), a Hugging Face folder (config.json,
+    /// model.safetensors or shards, tokenizer.json), a config.json path, or a catalog name (see
+    /// `memtune models`). Without weights the model starts from random init and a byte tokenizer.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data: .jsonl (one object a line: `text`; `instruction`/`input`/`output`; or chat
+    /// `messages`, rendered with the model's ChatML template) or plain text (one example per paragraph).
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Optimizer steps to run. Default 100.
+    #[arg(long)]
+    pub steps: Option<usize>,
     #[command(flatten)]
     pub knobs: KnobArgs,
     #[command(flatten)]
     pub hyper: HyperArgs,
-    /// Random seed (initialisation, data order, dropout).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Device: cpu, or cuda / cuda:N (needs the cuda build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Share of the examples held out for evaluation loss (0: evaluate on training windows).
-    #[arg(long, default_value_t = 0.1)]
-    pub eval_fraction: f64,
-    /// Malformed JSONL lines: fail (stop with the line number) or skip (count and go on).
-    #[arg(long, value_name = "fail|skip", default_value = "fail")]
-    pub bad_lines: String,
-    /// Folder for results (loss_log.csv), created if missing.
+    /// Random seed (initialisation, data order, dropout). Default 0.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Device: cpu, or cuda / cuda:N (needs the cuda build). Default cpu.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Share of the examples held out for evaluation loss (0: evaluate on training windows). Default 0.1.
+    #[arg(long)]
+    pub eval_fraction: Option<f64>,
+    /// Malformed JSONL lines: fail (stop with the line number; the default) or skip (count and go on).
+    #[arg(long, value_name = "fail|skip")]
+    pub bad_lines: Option<String>,
+    /// pack: examples back to back in windows of --seq tokens (the default; no compute on padding);
+    /// pad: one example per sequence, right-padded or cut to --seq (examples never see each other).
+    #[arg(long, value_name = "pack|pad")]
+    pub packing: Option<String>,
+    /// Folder for results, created if missing: loss_log.csv, summary.json, adapter/ (PEFT),
+    /// merged/ (Hugging Face folder), checkpoints/step-N/.
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// Save a checkpoint every N steps under DIR/checkpoints (needs --output). Default: never.
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<usize>,
+    /// Evaluate the held-out loss every N steps (always before the first and after the last).
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<usize>,
+    /// Continue from a checkpoint folder, or from the newest checkpoint of an output folder. The
+    /// run's settings must match the checkpoint's; the loss curve continues exactly.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Do not write merged full weights at the end (they are as large as the model in fp32).
+    #[arg(long)]
+    pub no_merged: bool,
+    /// Checkpoints to keep (the newest). Default 3.
+    #[arg(long, value_name = "N")]
+    pub keep_checkpoints: Option<usize>,
+    /// Stop after step N as if killed (for testing --resume).
+    #[arg(long, value_name = "N", hide = true)]
+    pub stop_after: Option<usize>,
     /// Print one JSON object at the end instead of a summary.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A GGUF file or a folder with weights (e.g. the `merged` folder `memtune train` writes).
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Most new tokens. Default 64.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Wrap the prompt in the model's chat template (a user turn, then the assistant's opening).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system prompt for --chat (instead of the template's default one).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Seed for sampling (with --temperature above 0).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object (prompt, completion, token ids).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl GenerateArgs {
+    pub fn validate(&self) -> Result<Device> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!(
+                "--temperature must be ≥ 0 (0 is greedy), got {}",
+                self.temperature
+            );
+        }
+        if self.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1");
+        }
+        if self.system.is_some() && !self.chat {
+            bail!("--system needs --chat");
+        }
+        parse_device(&self.device)
+    }
 }
 
 /// Resolves `--model`, turning the spec error into one that names the flag.
@@ -635,36 +720,99 @@ pub fn parse_bad_lines(arg: &str) -> Result<BadLinePolicy> {
 
 impl TrainArgs {
     pub fn to_request(&self) -> Result<crate::train::TrainRequest> {
-        let spec = resolve_model(&self.model)?;
-        let knobs = self.knobs.apply(Knobs::default(), &spec)?;
-        let hyper = self.hyper.apply(Hyper::default())?;
-        if self.steps == 0 {
+        use crate::train::config::TrainFile;
+        let file = match &self.config {
+            Some(path) => TrainFile::read(path)?,
+            None => TrainFile::default(),
+        };
+        let data_file = file.data.clone().unwrap_or_default();
+        let out_file = file.output.clone().unwrap_or_default();
+        let run_file = file.train.clone().unwrap_or_default();
+        let from_file = |what: &str| {
+            self.config
+                .as_ref()
+                .map(|c| format!(" (or `{what}` in {})", c.display()))
+                .unwrap_or_default()
+        };
+        let model = self
+            .model
+            .clone()
+            .or(file.model.clone())
+            .with_context(|| format!("--model is required{}", from_file("model")))?;
+        let data = self
+            .data
+            .clone()
+            .or(data_file.train)
+            .with_context(|| format!("--data is required{}", from_file("[data] train")))?;
+        let spec = resolve_model(&model)?;
+        let knobs = self.knobs.apply(file.knobs(Knobs::default())?, &spec)?;
+        let hyper = self.hyper.apply(file.hyper(Hyper::default())?)?;
+        let steps = self.steps.or(run_file.steps).unwrap_or(100);
+        if steps == 0 {
             bail!("--steps must be at least 1");
         }
-        if !(0.0..1.0).contains(&self.eval_fraction) {
-            bail!(
-                "--eval-fraction must be in [0, 1), got {}",
-                self.eval_fraction
-            );
+        let eval_fraction = self
+            .eval_fraction
+            .or(data_file.eval_fraction)
+            .unwrap_or(0.1);
+        if !(0.0..1.0).contains(&eval_fraction) {
+            bail!("--eval-fraction must be in [0, 1), got {eval_fraction}");
         }
-        if !self.data.is_file() {
-            bail!("--data {}: no such file", self.data.display());
+        if !data.is_file() {
+            bail!("--data {}: no such file", data.display());
         }
-        if let Some(dir) = &self.output {
+        let output = self.output.clone().or(out_file.dir);
+        if let Some(dir) = &output {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("--output {}: cannot create the folder", dir.display()))?;
         }
+        let save_every = self.save_every.or(out_file.save_every).unwrap_or(0);
+        if save_every > 0 && output.is_none() && self.resume.is_none() {
+            bail!("--save-every needs --output (the folder checkpoints go under)");
+        }
+        let defaults = crate::train::RunOptions::default();
+        let packing = match self.packing.clone().or(data_file.packing.clone()) {
+            Some(p) => p
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--packing: {e}"))?,
+            None => crate::data::Packing::default(),
+        };
+        let options = crate::train::RunOptions {
+            packing,
+            save_every,
+            eval_every: self.eval_every.or(out_file.eval_every).unwrap_or(0),
+            resume: self.resume.clone(),
+            merged: !self.no_merged && out_file.merged.unwrap_or(defaults.merged),
+            keep_checkpoints: self
+                .keep_checkpoints
+                .or(out_file.keep_checkpoints)
+                .unwrap_or(defaults.keep_checkpoints),
+            stop_after: self.stop_after,
+            ..defaults
+        };
+        let bad_lines = self
+            .bad_lines
+            .clone()
+            .or(data_file.bad_lines.clone())
+            .unwrap_or_else(|| "fail".to_string());
+        let device = self
+            .device
+            .clone()
+            .or(run_file.device)
+            .unwrap_or_else(|| "cpu".to_string());
         Ok(crate::train::TrainRequest {
+            model,
             spec,
             knobs,
             hyper,
-            data: self.data.clone(),
-            steps: self.steps,
-            seed: self.seed,
-            device: parse_device(&self.device)?,
-            output: self.output.clone(),
-            eval_fraction: self.eval_fraction,
-            bad_lines: parse_bad_lines(&self.bad_lines)?,
+            data,
+            steps,
+            seed: self.seed.or(run_file.seed).unwrap_or(0),
+            device: parse_device(&device)?,
+            output,
+            eval_fraction,
+            bad_lines: parse_bad_lines(&bad_lines)?,
+            options,
         })
     }
 }

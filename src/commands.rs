@@ -1,6 +1,7 @@
 //! What each subcommand does with its validated request: run the stage, print for people (tables,
 //! progress on stderr) or for programs (`--json` on stdout).
 
+use crate::cli::GenerateArgs;
 use crate::cli::{ProfileArgs, ReportArgs, TrainArgs};
 use crate::probe::{COMPONENT_NAMES, ProbeResult};
 use crate::spec::catalog_rows;
@@ -76,6 +77,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             req.knobs.seq,
             req.knobs.accum,
         );
+        eprintln!("{}", crate::train::describe_sources(&req));
     }
     let summary = crate::train::run(&req, &mut |r| {
         bar.set_position(r.step as u64);
@@ -101,6 +103,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         );
         if let Some(dir) = &req.output {
             println!("loss log: {}", dir.join("loss_log.csv").display());
+        }
+        for dir in &summary.written {
+            println!("wrote {}", dir.display());
         }
     }
     Ok(())
@@ -566,6 +571,8 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
     }
     if let Some(data) = &args.train {
         let req = crate::train::TrainRequest {
+            model: args.model.clone(),
+            options: crate::train::RunOptions::default(),
             spec: spec.clone(),
             knobs: best.knobs.clone(),
             hyper,
@@ -611,6 +618,43 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     }
     for path in crate::report::write_rendered(&rendered, &args.out)? {
         println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// `memtune generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    use crate::train::generate::{Generator, PromptFormat, Sampling};
+    let device = args.validate()?;
+    let generator = Generator::load(&args.model, args.adapter.as_deref(), &device)?;
+    let format = PromptFormat {
+        chat: args.chat,
+        system: args.system.clone(),
+    };
+    let prompt = generator.prompt_ids(&args.prompt, &format);
+    let started = std::time::Instant::now();
+    let ids = generator.generate(
+        &prompt,
+        Sampling {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            seed: args.seed,
+        },
+    )?;
+    let completion = generator.tokenizer.decode(&ids);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt": args.prompt,
+                "prompt_tokens": prompt.len(),
+                "completion": completion,
+                "completion_ids": ids,
+                "generate_s": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!("{completion}");
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ fn fp16_stays_finite_for_50_steps_with_every_optimizer() {
         OptimizerKind::Sgd,
     ] {
         let req = TrainRequest {
+            model: "tiny".into(),
+            options: memtune::train::RunOptions::default(),
             spec: ModelSpec::tiny(),
             knobs: Knobs {
                 method: Method::Full,

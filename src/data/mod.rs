@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use std::path::Path;
-pub use tokenizer::{ByteTokenizer, Tokenizer};
+pub use tokenizer::{ByteTokenizer, ChatTemplate, HfTokenizer, Message, Tokenizer};
 
 /// One tokenized example: tokens and, per token, whether it is trained on as a target.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,11 @@ pub fn load_examples(
         }
     } else {
         for paragraph in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
-            let mut tokens = vec![tokenizer.bos()];
+            let mut tokens = if tokenizer.add_bos() {
+                vec![tokenizer.bos()]
+            } else {
+                Vec::new()
+            };
             tokens.extend(tokenizer.encode(paragraph));
             let trained = vec![true; tokens.len()];
             examples.push(Example { tokens, trained });
@@ -85,15 +89,22 @@ fn parse_line(line: &str, tokenizer: &dyn Tokenizer) -> std::result::Result<Exam
             Some(_) => Err(format!("field `{name}` must be a string")),
         }
     };
+    let chat = tokenizer.chat_template();
     let mut ex = Example {
-        tokens: vec![tokenizer.bos()],
-        trained: vec![false],
+        tokens: Vec::new(),
+        trained: Vec::new(),
     };
+    if tokenizer.add_bos() {
+        ex.tokens.push(tokenizer.bos());
+        ex.trained.push(false);
+    }
     let mut push = |text: &str, trained: bool| {
         let ids = tokenizer.encode(text);
         ex.trained.extend(std::iter::repeat_n(trained, ids.len()));
         ex.tokens.extend(ids);
     };
+    // A chat turn ends with the template's end marker; other examples end with EOS.
+    let mut ends_with_eos = true;
     if let Some(messages) = obj.get("messages") {
         let messages = messages
             .as_array()
@@ -101,6 +112,7 @@ fn parse_line(line: &str, tokenizer: &dyn Tokenizer) -> std::result::Result<Exam
         if messages.is_empty() {
             return Err("field `messages` is empty".into());
         }
+        let mut turns = Vec::with_capacity(messages.len());
         for m in messages {
             let role = m
                 .get("role")
@@ -110,28 +122,51 @@ fn parse_line(line: &str, tokenizer: &dyn Tokenizer) -> std::result::Result<Exam
                 .get("content")
                 .and_then(|c| c.as_str())
                 .ok_or("each message needs a string `content`")?;
-            // ChatML, as SmolLM2 and Qwen use; only assistant turns are trained on.
-            push(&format!("<|im_start|>{role}\n"), false);
-            let trained = role == "assistant";
-            push(&format!("{content}<|im_end|>"), trained);
-            push("\n", false);
+            turns.push(Message::new(role, content));
+        }
+        if !turns.iter().any(|m| m.role == "assistant") {
+            return Err("`messages` has no `assistant` turn to train on".into());
+        }
+        // ChatML (the model's template when it has one); only assistant turns are trained on.
+        ends_with_eos = chat.is_none();
+        for (text, trained) in chat.unwrap_or_default().render(&turns, false) {
+            push(&text, trained);
         }
     } else if let Some(output) = field("output")? {
         let instruction =
             field("instruction")?.ok_or("instruction data needs `instruction` with `output`")?;
-        let prompt = match field("input")? {
-            Some(input) if !input.is_empty() => format!("{instruction}\n\n{input}\n\n"),
-            _ => format!("{instruction}\n\n"),
-        };
-        push(&prompt, false);
-        push(output, true);
+        let input = field("input")?.filter(|i| !i.is_empty());
+        if let Some(chat) = &chat {
+            // A chat model learns instructions as one user turn and one assistant reply.
+            let prompt = match input {
+                Some(input) => format!("{instruction}\n\n{input}"),
+                None => instruction.to_string(),
+            };
+            let turns = [
+                Message::new("user", &prompt),
+                Message::new("assistant", output),
+            ];
+            for (text, trained) in chat.render(&turns, false) {
+                push(&text, trained);
+            }
+            ends_with_eos = false;
+        } else {
+            let prompt = match input {
+                Some(input) => format!("{instruction}\n\n{input}\n\n"),
+                None => format!("{instruction}\n\n"),
+            };
+            push(&prompt, false);
+            push(output, true);
+        }
     } else if let Some(text) = field("text")? {
         push(text, true);
     } else {
         return Err("expected a `text`, `instruction`/`output` or `messages` field".into());
     }
-    ex.tokens.push(tokenizer.eos());
-    ex.trained.push(true);
+    if ends_with_eos {
+        ex.tokens.push(tokenizer.eos());
+        ex.trained.push(true);
+    }
     Ok(ex)
 }
 
@@ -147,33 +182,82 @@ pub struct Windows {
     seq: usize,
 }
 
+/// How examples become fixed-length sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Packing {
+    /// Back to back, cut into windows of `seq` tokens: no compute is spent on padding, but an
+    /// example can attend to the one before it and can be cut in two.
+    #[default]
+    Pack,
+    /// One example per sequence, right-padded (or cut) to `seq`. Padding comes after every real
+    /// token, so the causal mask already keeps real tokens from attending to it, and padded
+    /// targets carry no loss: examples never see each other.
+    Pad,
+}
+
+impl std::str::FromStr for Packing {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "pack" => Ok(Packing::Pack),
+            "pad" => Ok(Packing::Pad),
+            other => Err(format!("unknown packing `{other}`; expected pack or pad")),
+        }
+    }
+}
+
+/// A window of `seq + 1` tokens and the loss weight of each of its `seq` targets, padded.
+fn window(tokens: &[u32], trained: &[bool], seq: usize, pad: u32) -> (Vec<u32>, Vec<f32>) {
+    let mut w = tokens.to_vec();
+    let mut m: Vec<f32> = trained[1..]
+        .iter()
+        .map(|&t| if t { 1.0 } else { 0.0 })
+        .collect();
+    while w.len() < seq + 1 {
+        w.push(pad);
+        m.push(0.0);
+    }
+    (w, m)
+}
+
 impl Windows {
+    /// Packed windows (see [`Packing::Pack`]).
     pub fn new(examples: &[Example], seq: usize, seed: u64, pad: u32) -> Result<Self> {
-        let mut tokens = Vec::new();
-        let mut trained = Vec::new();
-        for ex in examples {
-            tokens.extend_from_slice(&ex.tokens);
-            trained.extend_from_slice(&ex.trained);
-        }
+        Self::with_packing(examples, seq, seed, pad, Packing::Pack)
+    }
+
+    pub fn with_packing(
+        examples: &[Example],
+        seq: usize,
+        seed: u64,
+        pad: u32,
+        packing: Packing,
+    ) -> Result<Self> {
         let mut windows = Vec::new();
-        let mut start = 0;
-        while start + 1 < tokens.len() {
-            let end = (start + seq + 1).min(tokens.len());
-            let mut w: Vec<u32> = tokens[start..end].to_vec();
-            let mut m: Vec<f32> = trained[start + 1..end]
-                .iter()
-                .map(|&t| if t { 1.0 } else { 0.0 })
-                .collect();
-            // Pad the last window; padded targets carry no loss.
-            while w.len() < seq + 1 {
-                w.push(pad);
-                m.push(0.0);
+        match packing {
+            Packing::Pack => {
+                let mut tokens = Vec::new();
+                let mut trained = Vec::new();
+                for ex in examples {
+                    tokens.extend_from_slice(&ex.tokens);
+                    trained.extend_from_slice(&ex.trained);
+                }
+                let mut start = 0;
+                while start + 1 < tokens.len() {
+                    let end = (start + seq + 1).min(tokens.len());
+                    windows.push(window(&tokens[start..end], &trained[start..end], seq, pad));
+                    start += seq;
+                }
             }
-            if m.iter().any(|&x| x > 0.0) {
-                windows.push((w, m));
+            Packing::Pad => {
+                for ex in examples.iter().filter(|ex| ex.tokens.len() > 1) {
+                    let end = ex.tokens.len().min(seq + 1);
+                    windows.push(window(&ex.tokens[..end], &ex.trained[..end], seq, pad));
+                }
             }
-            start += seq;
         }
+        windows.retain(|(_, m)| m.iter().any(|&x| x > 0.0));
         if windows.is_empty() {
             bail!("the data holds no trainable tokens");
         }
@@ -323,6 +407,26 @@ mod tests {
         let (examples, skipped) =
             load_examples(&path, &ByteTokenizer, BadLinePolicy::Skip).unwrap();
         assert_eq!((examples.len(), skipped), (1, 1));
+    }
+
+    #[test]
+    fn padded_windows_hold_one_example_each() {
+        let ex = |n: u32| Example {
+            tokens: (0..n).collect(),
+            trained: (0..n).map(|i| i >= 2).collect(),
+        };
+        // Lengths 3 and 7 at seq 4: [0,1,2,p,p] (one counted target) and [0..5] cut (3 counted).
+        let w = Windows::with_packing(&[ex(3), ex(7)], 4, 0, 99, Packing::Pad).unwrap();
+        assert_eq!(w.len(), 2);
+        let batch = &w.all_batches(2, &Device::Cpu).unwrap()[0];
+        assert_eq!(
+            batch.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 1, 2, 99], vec![0, 1, 2, 3]]
+        );
+        assert_eq!(
+            batch.mask.to_vec1::<f32>().unwrap(),
+            vec![0., 1., 0., 0., 0., 1., 1., 1.]
+        );
     }
 
     #[test]

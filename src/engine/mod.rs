@@ -5,6 +5,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod step;
+pub mod weights;
 
 pub use model::{Model, RandomInit, WeightSource};
 pub use step::{Batch, Engine, NoObserver, StepObserver, StepStats};

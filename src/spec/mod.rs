@@ -3,6 +3,7 @@
 //! so a spec is all the tuner needs; the trainer also loads weights when a folder provides them.
 
 pub mod catalog;
+pub mod gguf;
 pub mod hf;
 
 pub use catalog::{ModelRow, catalog_rows};
@@ -59,6 +60,8 @@ pub enum SpecError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{}: not a readable GGUF file: {message}", .path.display())]
+    Gguf { path: PathBuf, message: String },
 }
 
 fn unknown_model_message(name: &str, suggestions: &[String]) -> String {
@@ -74,19 +77,28 @@ fn unknown_model_message(name: &str, suggestions: &[String]) -> String {
     )
 }
 
-/// Reads the model a user names: a folder holding `config.json` (named after the folder), a path
-/// to a config file, or a built-in catalog name (`Qwen/Qwen2.5-0.5B` or `qwen2.5-0.5b`). A path on
-/// disk wins over a catalog name, as in transformers' `from_pretrained`. The spec is validated.
+/// Reads the model a user names: a folder holding `config.json` (or, without one, a single
+/// `.gguf` file), a path to a config file or a `.gguf` file, or a built-in catalog name
+/// (`Qwen/Qwen2.5-0.5B` or `qwen2.5-0.5b`). A path on disk wins over a catalog name, as in
+/// transformers' `from_pretrained`. The spec is validated.
 pub fn resolve_model(arg: &str) -> Result<ModelSpec, SpecError> {
     let path = Path::new(arg);
     if path.is_dir() {
         let config = path.join("config.json");
+        if !config.is_file()
+            && let Some(file) = single_gguf_in(path)
+        {
+            return gguf::read_spec(&file, display_name(arg));
+        }
         if !config.is_file() {
             return Err(SpecError::NoConfigInFolder {
                 path: path.to_path_buf(),
             });
         }
         return hf::read_config(&config, display_name(arg));
+    }
+    if path.is_file() && is_gguf(path) {
+        return gguf::read_spec(path, display_name(arg));
     }
     if path.is_file() {
         return hf::read_config(path, display_name(arg));
@@ -105,6 +117,22 @@ pub fn resolve_model(arg: &str) -> Result<ModelSpec, SpecError> {
     })
 }
 
+/// Whether `path` names a GGUF file (by its extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The one `.gguf` file in `folder`, if it holds exactly one.
+pub fn single_gguf_in(folder: &Path) -> Option<PathBuf> {
+    let mut found = std::fs::read_dir(folder)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_gguf(p));
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
 /// The argument as the user wrote it, less trailing separators.
 fn display_name(arg: &str) -> &str {
     let trimmed = arg.trim_end_matches(['/', '\\']);
@@ -117,6 +145,7 @@ fn looks_like_path(arg: &str) -> bool {
     arg.starts_with(['.', '/', '~', '\\'])
         || arg.contains('\\')
         || arg.ends_with(".json")
+        || arg.ends_with(".gguf")
         || arg.matches('/').count() > 1
 }
 
