@@ -23,5 +23,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => memtune::commands::predict(&args),
         Command::Tune(args) => memtune::commands::tune(&args),
         Command::Report(args) => memtune::commands::report(&args),
+        Command::Gpus { json } => memtune::commands::gpus(json),
     }
 }
