@@ -14,9 +14,9 @@
 #                                     (git-ignored), checking it is under the 64 MiB a device call
 #                                     carries.
 #   scripts/gpu-check.sh run       THERE, on the GPU machine, from the repo root, with .gpu-carry
-#                                  carried. Budgeted at ~6-8 min; every step has its own timeout
-#                                  and a failed step is logged, not fatal. It writes under $OUT (at
-#                                  most 8 files, which is what a device call brings back):
+#                                  carried. At most 9 min (see below); every step has its own
+#                                  timeout and a failed step is logged, not fatal. It writes under
+#                                  $OUT (8 files at most, which is what a device call brings back):
 #                                    card.json             the card as the driver and PyTorch see it
 #                                                          (catalog check: memory, usable memory)
 #                                    profiles.jsonl        memtune profile --device cuda, full depth,
@@ -37,8 +37,11 @@
 # Settings (environment, both halves): GPU_CHECK_MODEL (catalog name, default
 # HuggingFaceTB/SmolLM2-135M) with GPU_CHECK_MODEL_CONFIG (its config.json, for the PyTorch side),
 # GPU_CHECK_SEQ (512), GPU_CHECK_TUNE_MODEL (HuggingFaceTB/SmolLM2-360M), GPU_CHECK_TUNE_SEQ
-# (2048), GPU_CHECK_TUNE_BATCH (effective batch, 64), GPU_CHECK_QUICK=1 (run: first 3
-# configurations only).
+# (2048), GPU_CHECK_TUNE_BATCH (effective batch, 64), GPU_CHECK_CONFIGS (run: how many of the
+# configurations below, in order, default all 8). The run keeps under 9 minutes whatever happens:
+# 90 s at most per profile and per prediction, no new configuration after 150 s, 150 s for the
+# tuner, 60 s per PyTorch run and none started after 460 s. A fresh machine also pays the driver's
+# JIT of candle's PTX once (it caches it for the later processes).
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,10 +60,10 @@ combos=(
     "lora-bf16|--method lora --precision bf16 --batch 8|--method lora --lora-targets all-linear --dtype amp-bf16 --batch 8"
     "full-bf16|--method full --precision bf16 --batch 8|--method full --dtype amp-bf16 --batch 8"
     "lora-fp32|--method lora --precision fp32 --batch 8|--method lora --lora-targets all-linear --dtype fp32 --batch 8"
-    "lora-fp16|--method lora --precision fp16 --batch 8|-"
+    "qlora-q4-bf16|--method qlora --quant q4 --precision bf16 --batch 8|-"
     "lora-bf16-ckpt|--method lora --precision bf16 --batch 8 --checkpointing full|--method lora --lora-targets all-linear --dtype amp-bf16 --batch 8 --checkpointing on"
     "full-bf16pure|--method full --precision bf16-pure --batch 8|--method full --dtype bf16 --batch 8"
-    "qlora-q4-bf16|--method qlora --quant q4 --precision bf16 --batch 8|-"
+    "lora-fp16|--method lora --precision fp16 --batch 8|-"
     "lora-bf16-adamw8bit|--method lora --precision bf16 --batch 8 --optimizer adamw8bit|-"
 )
 
@@ -86,9 +89,13 @@ prepare() {
         IFS='|' read -r label knobs _ <<< "$entry"
         for card in h100 h200; do
             echo "   $label on $card" >&2
+            # One cache per configuration, shared by the two cards only: a cache that accumulates
+            # the probes of several configurations has been seen to extrapolate wildly (SmolLM2-135M,
+            # LoRA bf16 with checkpointing at seq 512: 1.2 GiB fitted on its own probes, 53 GiB
+            # fitted on the 44 probes of all eight configurations).
             # shellcheck disable=SC2086
             if line="$("$cpu_bin" predict --model "$model" --seq "$seq" $knobs --target-gpu "$card" \
-                --cache "$carry_dir/cpu-cache" --json)"; then
+                --cache "$carry_dir/cpu-cache/$label" --json)"; then
                 printf '{"label":"%s","card":"%s","plan":%s}\n' "$label" "$card" "$line" \
                     >> "$carry_dir/plans.jsonl"
             else
@@ -128,8 +135,8 @@ run_there() {
     mkdir -p "$out"
     local bin=/tmp/memtune-cuda
     local log="$out/log.txt"
-    local cache=/tmp/memtune-gpu-cache
-    local quick="${GPU_CHECK_QUICK:-0}"
+    local configs="${GPU_CHECK_CONFIGS:-${#combos[@]}}"
+    SECONDS=0
     say() { echo "[$(date +%T)] $*" | tee -a "$log" >&2; }
     # Runs one step under a timeout; stdout to $1, stderr's tail to the log.
     step() {
@@ -160,9 +167,11 @@ run_there() {
     local dirs
     dirs="$(python3 - <<'EOF'
 import glob, os, site, sys
-want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13"]
+want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13",
+        "libcuda.so.1"]
 roots = site.getsitepackages() + [site.getusersitepackages(), "/usr/local/cuda/lib64",
-         "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
+         "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/local/nvidia/lib64", "/usr/local/nvidia/lib",
+         "/usr/lib/x86_64-linux-gnu", "/usr/lib64"]
 found = []
 for name in want:
     for root in roots:
@@ -208,18 +217,21 @@ EOF
     local n=0 entry label knobs peer_flags
     for entry in "${combos[@]}"; do
         n=$((n + 1))
-        if [[ "$quick" == 1 ]] && (( n > 3 )); then break; fi
+        if (( n > configs )); then break; fi
+        if (( SECONDS > 150 )); then say "time: no more configurations after $((n - 1))"; break; fi
         IFS='|' read -r label knobs peer_flags <<< "$entry"
         local tmp
         tmp="$(mktemp)"
         # shellcheck disable=SC2086
-        if step "$tmp" 150 "$bin" profile --device cuda --model "$model" --seq "$seq" $knobs \
+        if step "$tmp" 90 "$bin" profile --device cuda --model "$model" --seq "$seq" $knobs \
             --steps 3 --warmup 1 --json; then
             printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/profiles.jsonl"
         fi
         : > "$tmp"
         # shellcheck disable=SC2086
-        if step "$tmp" 180 "$bin" predict --device cuda --cache "$cache" --model "$model" \
+        # A fresh calibration per configuration (see prepare: a cache shared across configurations
+        # extrapolates badly).
+        if step "$tmp" 90 "$bin" predict --device cuda --no-cache --model "$model" \
             --seq "$seq" $knobs --json; then
             printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/predictions.jsonl"
         fi
@@ -229,7 +241,7 @@ EOF
     # 4. The tuner at a budget just under what the card gives this process, verified for real.
     local budget_mib
     budget_mib="$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); b=c.get("cuda_free_bytes_at_start") or c["nvidia_smi_total_bytes"]; print(int(b*0.97)>>20)' "$out/card.json")"
-    step "$out/tune.json" 300 "$bin" tune --device cuda --cache "$cache" --model "$tune_model" \
+    step "$out/tune.json" 150 "$bin" tune --device cuda --no-cache --model "$tune_model" \
         --gpu-mem "${budget_mib}M" --seq "$tune_seq" --effective-batch "$tune_batch" \
         --method full,lora --precision bf16,fp32 --verify --json
 
@@ -252,13 +264,14 @@ EOF
         n=0
         for entry in "${combos[@]}"; do
             n=$((n + 1))
-            if [[ "$quick" == 1 ]] && (( n > 3 )); then break; fi
+            if (( n > configs )); then break; fi
+            if (( SECONDS > 460 )); then say "time: no more PyTorch runs"; break; fi
             IFS='|' read -r label knobs peer_flags <<< "$entry"
             [[ "$peer_flags" == "-" ]] && continue
             local tmp
             tmp="$(mktemp)"
             # shellcheck disable=SC2086
-            if step "$tmp" 150 python3 "$wrapper" "$peer" $arch --seq "$seq" $peer_flags \
+            if step "$tmp" 60 python3 "$wrapper" "$peer" $arch --seq "$seq" $peer_flags \
                 --optim adamw --steps 3 --warmup 1 --profile-mem off; then
                 printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/peer.jsonl"
             fi
@@ -324,7 +337,7 @@ EOF
 # stores it; full fine-tuning keeps fp32 weights under autocast.
 write_peer_wrapper() {
     cat > "$1" <<'EOF'
-import importlib.util, json, sys, time
+import importlib.util, json, os, sys, time
 spec = importlib.util.spec_from_file_location("train_step", sys.argv[1])
 harness = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(harness)
@@ -332,7 +345,10 @@ args = harness.parse_args(sys.argv[2:])
 import contextlib, torch, transformers, peft
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(args.seed)
-dev = torch.device("cuda")
+# PEER_DEVICE=cpu runs the same code without a GPU (to check the wrapper itself).
+dev = torch.device(os.environ.get("PEER_DEVICE", "cuda"))
+cuda = dev.type == "cuda"
+sync = torch.cuda.synchronize if cuda else (lambda: None)
 cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
                   num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 128),
@@ -357,9 +373,11 @@ trainable = [p for p in model.parameters() if p.requires_grad]
 opt = (torch.optim.AdamW(trainable, lr=args.lr) if args.optim == "adamw"
        else torch.optim.SGD(trainable, lr=args.lr))
 ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
-auto = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.dtype == "amp-bf16" \
+auto = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if args.dtype == "amp-bf16" \
     else contextlib.nullcontext
-torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+sync()
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
 times, losses = [], []
 for i in range(args.warmup + args.steps):
     t0 = time.perf_counter()
@@ -367,19 +385,19 @@ for i in range(args.warmup + args.steps):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     losses.append(float(loss.detach()))
-    torch.cuda.synchronize()
+    sync()
     if i >= args.warmup:
         times.append(time.perf_counter() - t0)
 times.sort()
 step = times[len(times) // 2]
-free, total = torch.cuda.mem_get_info()
-print(json.dumps({"tool": "pytorch-peft-cuda", "torch": torch.__version__,
+free, total = torch.cuda.mem_get_info() if cuda else (0, 0)
+print(json.dumps({"tool": f"pytorch-peft-{dev.type}", "torch": torch.__version__,
                   "transformers": transformers.__version__, "peft": peft.__version__,
                   "method": args.method, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
                   "params_trainable": sum(p.numel() for p in trainable),
                   "tokens_per_s": args.batch * args.seq / step, "step_s_median": step,
-                  "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(),
-                  "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(),
+                  "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                  "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
                   "device_used_bytes_end": total - free,
                   "loss_first": losses[0], "loss_last": losses[-1]}))
 EOF
