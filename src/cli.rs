@@ -49,6 +49,12 @@ pub enum Command {
     Report(ReportArgs),
     /// Generate text with a model and optionally a LoRA adapter (greedy by default).
     Generate(GenerateArgs),
+    /// List the built-in GPU catalog (the cards `--target-gpu` plans for).
+    Gpus {
+        /// Print one JSON object per card.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where calibrations are cached, and the device probes run on.
@@ -90,6 +96,11 @@ pub struct PredictArgs {
     pub knobs: KnobArgs,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
+    /// Plan for this GPU (see `memtune gpus`) from probes on this machine: tensor bytes as
+    /// measured, plus the card's runtime overhead and an allocator allowance; speed as a roofline
+    /// estimate at the card's rates.
+    #[arg(long, value_name = "NAME")]
+    pub target_gpu: Option<String>,
     /// Print one JSON object (the same shape as `profile --json`).
     #[arg(long)]
     pub json: bool,
@@ -101,9 +112,15 @@ pub struct TuneArgs {
     #[arg(long)]
     pub model: String,
     /// The memory budget: 24G, 24GB, 24GiB (all GiB: memtune's units are binary), 24000M,
-    /// 25769803776 (bytes), or `auto` (the detected GPU's total memory).
-    #[arg(long, value_name = "SIZE")]
-    pub gpu_mem: String,
+    /// 25769803776 (bytes), or `auto` (the detected GPU's total memory). Optional with
+    /// --target-gpu (default: the memory that card gives a process).
+    #[arg(long, value_name = "SIZE", required_unless_present = "target_gpu")]
+    pub gpu_mem: Option<String>,
+    /// Plan for this GPU (see `memtune gpus`) from probes on this machine: tensor bytes as
+    /// measured, plus the card's runtime overhead and an allocator allowance; speed as a roofline
+    /// estimate at the card's rates.
+    #[arg(long, value_name = "NAME")]
+    pub target_gpu: Option<String>,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
@@ -259,9 +276,12 @@ impl TuneArgs {
         })
     }
 
-    /// The budget in bytes.
+    /// The budget in bytes (`--gpu-mem`, which is required without `--target-gpu`).
     pub fn budget_bytes(&self) -> Result<u64> {
-        if self.gpu_mem.trim().eq_ignore_ascii_case("auto") {
+        let Some(gpu_mem) = &self.gpu_mem else {
+            bail!("--gpu-mem is required (or --target-gpu NAME, to plan for that card's memory)");
+        };
+        if gpu_mem.trim().eq_ignore_ascii_case("auto") {
             let gpus = crate::device::detect_gpus().map_err(|e| {
                 anyhow::anyhow!(
                     "--gpu-mem auto: {e}; give the budget explicitly, e.g. --gpu-mem 24G"
@@ -269,8 +289,8 @@ impl TuneArgs {
             })?;
             return Ok(gpus[0].total_bytes);
         }
-        let bytes = crate::search::parse_bytes(&self.gpu_mem)
-            .map_err(|e| anyhow::anyhow!("--gpu-mem {}: {e}", self.gpu_mem))?;
+        let bytes = crate::search::parse_bytes(gpu_mem)
+            .map_err(|e| anyhow::anyhow!("--gpu-mem {gpu_mem}: {e}"))?;
         if bytes == 0 {
             bail!("--gpu-mem must be more than 0 bytes");
         }
@@ -681,6 +701,15 @@ impl GenerateArgs {
         }
         parse_device(&self.device)
     }
+}
+
+/// Resolves `--target-gpu`: the catalog card, or an error naming the flag and the closest cards.
+pub fn resolve_target_gpu(arg: &Option<String>) -> Result<Option<crate::gpu_plan::GpuProfile>> {
+    arg.as_deref()
+        .map(|name| {
+            crate::gpu_plan::find_gpu(name).map_err(|e| anyhow::anyhow!("--target-gpu: {e}"))
+        })
+        .transpose()
 }
 
 /// Resolves `--model`, turning the spec error into one that names the flag.

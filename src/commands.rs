@@ -35,6 +35,47 @@ pub fn models(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `memtune gpus`.
+pub fn gpus(json: bool) -> Result<()> {
+    let cards = crate::gpu_plan::catalog();
+    if json {
+        for card in cards {
+            println!("{}", serde_json::to_string(card)?);
+        }
+        return Ok(());
+    }
+    let rate = |r: Option<f64>| r.map_or_else(|| "-".to_string(), |r| format!("{r:.1}"));
+    println!(
+        "{:<10} {:<30} {:>10} {:>11} {:>7} {:>7} {:>6} {:>6} {:>6} {:>9}",
+        "name", "card", "memory", "usable", "bf16", "fp16", "fp32", "tf32", "GB/s", "runtime"
+    );
+    for c in cards {
+        println!(
+            "{:<10} {:<30} {:>10} {:>11} {:>7} {:>7} {:>6} {:>6} {:>6.0} {:>9}",
+            c.name,
+            c.display_name,
+            human_bytes(c.memory_bytes),
+            format!(
+                "{}{}",
+                human_bytes(c.usable_bytes),
+                if c.usable_is_estimate { "*" } else { "" }
+            ),
+            rate(c.bf16_tflop_per_s),
+            rate(Some(c.fp16_tflop_per_s)),
+            rate(Some(c.fp32_tflop_per_s)),
+            rate(c.tf32_tflop_per_s),
+            c.memory_bandwidth_gb_per_s,
+            human_bytes(c.runtime_overhead_bytes)
+        );
+    }
+    println!(
+        "memory: nvidia-smi's total; usable: what the CUDA runtime gives a process (* estimated). \
+TFLOP/s dense, no sparsity; fp32 is the CUDA-core rate candle uses (it leaves TF32 off). \
+runtime: assumed CUDA context and library workspaces. Sources: profiles/gpus/*.json, or --json."
+    );
+    Ok(())
+}
+
 /// 1234567 → "1,234,567".
 pub fn group_digits(n: u64) -> String {
     let s = n.to_string();
@@ -357,7 +398,22 @@ pub fn predict(args: &crate::cli::PredictArgs) -> Result<()> {
         lora: knobs.lora.clone(),
     };
     let space = crate::search::SearchSpace::from_request(&request)?;
+    let card = crate::cli::resolve_target_gpu(&args.target_gpu)?;
+    if let Some(card) = &card {
+        if !card.supports(knobs.precision) {
+            anyhow::bail!(
+                "--target-gpu {}: the card has no {} (compute capability {}); use --precision fp32 or fp16",
+                card.name,
+                knobs.precision,
+                card.compute_capability
+            );
+        }
+        require_cpu_probes(&args.calibration)?;
+    }
     let (model, device, _) = calibrate_for(&spec, &space, &args.calibration, false)?;
+    if let Some(card) = &card {
+        return predict_for_gpu(args, &spec, &knobs, &model, card);
+    }
     let p = model.predict(&spec, &knobs);
     if args.json {
         println!(
@@ -384,6 +440,57 @@ pub fn predict(args: &crate::cli::PredictArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--target-gpu` plans from CPU probes: probes on a GPU would count that GPU's runtime in the
+/// tensor bytes, and the card's overhead would then be added twice.
+fn require_cpu_probes(calibration: &crate::cli::CalibrationArgs) -> Result<()> {
+    if !calibration.device.trim().eq_ignore_ascii_case("cpu") {
+        anyhow::bail!(
+            "--target-gpu plans from CPU probes; leave --device at cpu (on a machine with the GPU, tune on it with --device cuda and without --target-gpu)"
+        );
+    }
+    Ok(())
+}
+
+/// `memtune predict --target-gpu`: the CPU-calibrated tensor bytes, then the plan for the card.
+fn predict_for_gpu(
+    args: &crate::cli::PredictArgs,
+    spec: &crate::spec::ModelSpec,
+    knobs: &crate::config::Knobs,
+    model: &crate::cost::CostModel,
+    card: &crate::gpu_plan::GpuProfile,
+) -> Result<()> {
+    let projected = crate::gpu_plan::project(model, spec, card);
+    let p = projected.predict(spec, knobs);
+    let estimate = crate::gpu_plan::estimate(model, spec, knobs, card)
+        .ok_or_else(|| anyhow::anyhow!("{} has no {}", card.name, knobs.precision))?;
+    if args.json {
+        let mut j = prediction_json(spec, knobs, &projected.device, &p);
+        j["gpu_plan"] = estimate.to_json(Some(card.usable_bytes));
+        println!("{}", serde_json::to_string(&j)?);
+        return Ok(());
+    }
+    println!(
+        "{} · {} layers · planned for {} from {} probes on {}",
+        spec.name,
+        spec.num_hidden_layers,
+        card.display_name,
+        model.fitted_on.len(),
+        model.device
+    );
+    println!(
+        "{:<13} {:>12}  (tensor bytes, measured: CPU probes and the fitted cost model)",
+        "component", "memory"
+    );
+    for (name, bytes) in COMPONENT_NAMES
+        .iter()
+        .zip(estimate.tensor_components.as_array())
+    {
+        println!("{name:<13} {:>12}", human_bytes(bytes));
+    }
+    print!("{}", estimate.describe(Some(card.usable_bytes)));
+    Ok(())
+}
+
 /// `memtune tune`.
 pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
     use crate::search::{
@@ -392,8 +499,24 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let spec = crate::cli::resolve_model(&args.model)?;
     let request = args.policy(&spec)?;
-    let space = SearchSpace::from_request(&request)?;
-    let budget = args.budget_bytes()?;
+    let mut space = SearchSpace::from_request(&request)?;
+    let card = crate::cli::resolve_target_gpu(&args.target_gpu)?;
+    let mut budget_note = None;
+    let budget = match &card {
+        Some(card) => {
+            require_cpu_probes(&args.calibration)?;
+            crate::gpu_plan::restrict_space(&mut space, card)
+                .map_err(|e| anyhow::anyhow!("--target-gpu: {e}"))?;
+            let given = match &args.gpu_mem {
+                Some(_) => Some(args.budget_bytes()?),
+                None => None,
+            };
+            let (budget, note) = crate::gpu_plan::budget_for(card, given);
+            budget_note = note;
+            budget
+        }
+        None => args.budget_bytes()?,
+    };
     let hyper = args.hyper.apply(crate::config::Hyper::default())?;
     if let Some(data) = &args.train
         && !data.is_file()
@@ -407,17 +530,34 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
         })?;
     }
     if !args.json {
+        if let Some(note) = &budget_note {
+            eprintln!("note: {note}");
+        }
         eprintln!(
-            "tuning {} ({} params) for {} at seq {} × effective batch {}",
+            "tuning {} ({} params) for {}{} at seq {} × effective batch {}",
             spec.name,
             group_digits(spec.param_count()),
             format_bytes(budget),
+            card.as_ref()
+                .map(|c| format!(" on {} (planned from CPU probes)", c.display_name))
+                .unwrap_or_default(),
             args.seq,
             args.effective_batch
         );
     }
     let (model, device_name, device) = calibrate_for(&spec, &space, &args.calibration, args.json)?;
-    let outcome = search(&model, &spec, &space, budget, args.margin);
+    // With --target-gpu the search ranks the card's figures: the CPU-calibrated tensor bytes plus
+    // the card's estimates, and the roofline's speed.
+    let planned = card
+        .as_ref()
+        .map(|card| crate::gpu_plan::project(&model, &spec, card));
+    let outcome = search(
+        planned.as_ref().unwrap_or(&model),
+        &spec,
+        &space,
+        budget,
+        args.margin,
+    );
     let tune_s = started.elapsed().as_secs_f64();
 
     if let Some(dir) = &args.out {
@@ -467,8 +607,20 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
             format_bytes(budget)
         );
     };
+    let gpu_estimate = card
+        .as_ref()
+        .and_then(|card| crate::gpu_plan::estimate(&model, &spec, &best.knobs, card));
     if !args.json {
+        if let Some(card) = &card {
+            println!(
+                "Planned for {} without a GPU: memory = tensor bytes measured by CPU probes + the card's estimated CUDA runtime and allocator allowance; speed = an estimated roofline at the card's rates. Every figure below is for the card.",
+                card.display_name
+            );
+        }
         print!("{}", outcome.explain());
+        if let Some(estimate) = &gpu_estimate {
+            print!("{}", estimate.describe(Some(budget)));
+        }
         println!(
             "Tuned in {tune_s:.1} s ({} calibration probes on {device_name}).",
             model.fitted_on.len()
@@ -499,10 +651,39 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
             seed: 0,
         };
         let measured = crate::probe::runner::run_probe(&req, meter.as_ref())?;
-        let error = (best.prediction.peak_bytes as f64 - measured.peak_bytes as f64)
+        // With --target-gpu the run is on the CPU: it checks the measured part of the plan (tensor
+        // bytes) against the CPU prediction, and the budget with the card's estimates added.
+        let (expected, gpu_extra) = match &planned {
+            Some(_) => {
+                let tensors = model.predict(&spec, &best.knobs);
+                let extra = best
+                    .prediction
+                    .peak_bytes
+                    .saturating_sub(tensors.peak_bytes);
+                (tensors, extra)
+            }
+            None => (best.prediction, 0),
+        };
+        let error = (expected.peak_bytes as f64 - measured.peak_bytes as f64)
             / measured.peak_bytes.max(1) as f64;
-        let within = measured.peak_bytes <= budget;
-        if !args.json {
+        let within = measured.peak_bytes + gpu_extra <= budget;
+        if !args.json && planned.is_some() {
+            println!(
+                "Verified on {}: measured tensor peak {} vs predicted {} ({:+.2}%); plus the card's estimated runtime and allowance ({}): {} of {} — {}. The GPU figures stay estimates.",
+                measured.device,
+                format_bytes(measured.peak_bytes),
+                format_bytes(expected.peak_bytes),
+                100.0 * error,
+                format_bytes(gpu_extra),
+                format_bytes(measured.peak_bytes + gpu_extra),
+                format_bytes(budget),
+                if within {
+                    "within budget"
+                } else {
+                    "OVER BUDGET"
+                }
+            );
+        } else if !args.json {
             println!(
                 "Verified: measured peak {} vs predicted {} ({:+.2}%), budget {} — {}; measured {:.0} tokens/s vs predicted {:.0}",
                 format_bytes(measured.peak_bytes),
@@ -555,6 +736,8 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
                 "tune_s": tune_s,
                 "device": device_name,
                 "verified": verified,
+                "target_gpu": gpu_estimate.as_ref().map(|e| e.to_json(Some(budget))),
+                "budget_note": budget_note,
             })
         );
     }

@@ -4,7 +4,8 @@
 //! The pipeline, one module per stage: [`spec`] (the model's shape) → [`engine`] (the candle model,
 //! its training step, optimizers) → [`probe`] (instrumented steps and memory meters) → [`train`]
 //! (the trainer loop) → [`report`] (exports). [`config`] holds the knobs every stage shares;
-//! [`data`] the datasets; [`device`] GPU detection; [`cli`] and [`commands`] the command line.
+//! [`data`] the datasets; [`device`] GPU detection; [`gpu_plan`] the GPU catalog and planning for a
+//! GPU from CPU probes; [`cli`] and [`commands`] the command line.
 
 pub mod cli;
 pub mod commands;
@@ -13,6 +14,7 @@ pub mod cost;
 pub mod data;
 pub mod device;
 pub mod engine;
+pub mod gpu_plan;
 pub mod probe;
 pub mod report;
 pub mod search;

@@ -24,5 +24,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tune(args) => memtune::commands::tune(&args),
         Command::Report(args) => memtune::commands::report(&args),
         Command::Generate(args) => memtune::commands::generate(&args),
+        Command::Gpus { json } => memtune::commands::gpus(json),
     }
 }

@@ -374,7 +374,11 @@ impl CustomOp2 for ChunkedCrossEntropy {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendDevice;
-        let storage = s1.device().storage_from_slice(&[self.value as f32])?;
+        // The same dtype as the CPU path: f64 for an f64 model, else f32.
+        let storage = match self.dtype {
+            DType::F64 => s1.device().storage_from_slice(&[self.value])?,
+            _ => s1.device().storage_from_slice(&[self.value as f32])?,
+        };
         Ok((storage, Shape::from(())))
     }
 
