@@ -477,6 +477,24 @@ pub fn calibrate(
         .filter(|(s, k)| !known(&probe_label(s, k), &probes, &failed))
         .collect();
     let total = plan.len();
+    // The cache keeps every probe ever run for this shape and device, across search spaces; a model
+    // is fitted to the probes of this space's plan only. Fitting everything at once lets probes of
+    // unrelated knob values pull the shared coefficients (seen: 1.2 GiB became 53 GiB).
+    let plan_labels: std::collections::HashSet<String> =
+        plan.iter().map(|(s, k)| probe_label(s, k)).collect();
+    let fit_plan = |probes: &[ProbeResult], failed: &[FailedProbe]| {
+        let chosen: Vec<ProbeResult> = probes
+            .iter()
+            .filter(|p| plan_labels.contains(&probe_label(&p.spec, &p.knobs)))
+            .cloned()
+            .collect();
+        let failed: Vec<FailedProbe> = failed
+            .iter()
+            .filter(|f| plan_labels.contains(&f.label))
+            .cloned()
+            .collect();
+        CostModel::fit(chosen, &device, failed)
+    };
     if pending.is_empty()
         && let Some(model) = cached
     {
@@ -486,7 +504,7 @@ pub fn calibrate(
             label: "calibration cached".to_string(),
             cached: true,
         });
-        return Ok(model);
+        return Ok(fit_plan(&model.fitted_on, &model.failed)?);
     }
     let mut model = None;
     for (index, (probe_spec, knobs)) in pending.iter().enumerate() {
@@ -514,8 +532,8 @@ pub fn calibrate(
         model = Some(fitted);
     }
     let model = match model {
-        Some(m) => m,
-        None if !probes.is_empty() => CostModel::fit(probes, &device, failed)?,
+        Some(_) => fit_plan(&probes, &failed)?,
+        None if !probes.is_empty() => fit_plan(&probes, &failed)?,
         None => {
             let reasons: Vec<String> = failed
                 .iter()
