@@ -261,23 +261,49 @@ pub fn probe_id(p: &ProbeResult) -> String {
     )
 }
 
-/// The JSON shape `profile --json` and `predict --json` share.
-pub fn profile_json(p: &ProbeResult) -> serde_json::Value {
-    let components: serde_json::Map<String, serde_json::Value> = COMPONENT_NAMES
+/// The six components as a JSON object, by name.
+fn components_json(c: &crate::probe::Components) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = COMPONENT_NAMES
         .iter()
-        .zip(p.components.as_array())
+        .zip(c.as_array())
         .map(|(n, b)| (n.to_string(), serde_json::Value::from(b)))
         .collect();
+    serde_json::Value::Object(map)
+}
+
+/// The JSON shape `profile --json` and `predict --json` share, so that the two can be diffed.
+fn memory_json(
+    spec: &crate::spec::ModelSpec,
+    knobs: &crate::config::Knobs,
+    device: &str,
+    peak_bytes: u64,
+    components: &crate::probe::Components,
+    step_s: f64,
+    tokens_per_s: f64,
+) -> serde_json::Value {
     serde_json::json!({
-        "model": p.spec.name,
-        "layers": p.spec.num_hidden_layers,
-        "device": p.device,
-        "peak_bytes": p.peak_bytes,
-        "components": components,
-        "step_s": p.step_s,
-        "tokens_per_s": p.tokens_per_s,
-        "config": p.knobs,
+        "model": spec.name,
+        "layers": spec.num_hidden_layers,
+        "device": device,
+        "peak_bytes": peak_bytes,
+        "components": components_json(components),
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "config": knobs,
     })
+}
+
+/// A measured probe in the shared JSON shape.
+pub fn profile_json(p: &ProbeResult) -> serde_json::Value {
+    memory_json(
+        &p.spec,
+        &p.knobs,
+        &p.device,
+        p.peak_bytes,
+        &p.components,
+        p.step_s,
+        p.tokens_per_s,
+    )
 }
 
 fn print_profile(p: &ProbeResult) {
@@ -355,29 +381,24 @@ fn calibrate_for(
     Ok((model, meter.device_name(), device))
 }
 
-/// The JSON shape of a prediction, matching `profile --json`.
+/// A prediction in the shared JSON shape, marked as predicted.
 fn prediction_json(
     spec: &crate::spec::ModelSpec,
     knobs: &crate::config::Knobs,
     device: &str,
     p: &crate::cost::Prediction,
 ) -> serde_json::Value {
-    let components: serde_json::Map<String, serde_json::Value> = COMPONENT_NAMES
-        .iter()
-        .zip(p.components.as_array())
-        .map(|(n, b)| (n.to_string(), serde_json::Value::from(b)))
-        .collect();
-    serde_json::json!({
-        "model": spec.name,
-        "layers": spec.num_hidden_layers,
-        "device": device,
-        "peak_bytes": p.peak_bytes,
-        "components": components,
-        "step_s": p.step_s,
-        "tokens_per_s": p.tokens_per_s,
-        "config": knobs,
-        "predicted": true,
-    })
+    let mut j = memory_json(
+        spec,
+        knobs,
+        device,
+        p.peak_bytes,
+        &p.components,
+        p.step_s,
+        p.tokens_per_s,
+    );
+    j["predicted"] = true.into();
+    j
 }
 
 /// `memtune predict`.
@@ -712,7 +733,7 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
         }
         verified = serde_json::json!({
             "peak_bytes": measured.peak_bytes,
-            "components": profile_json(&measured)["components"].clone(),
+            "components": components_json(&measured.components),
             "tokens_per_s": measured.tokens_per_s,
             "peak_error": error,
             "within_budget": within,
@@ -720,7 +741,7 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
     }
     if args.json {
         let p = &best.prediction;
-        let components = prediction_json(&spec, &best.knobs, &device_name, p)["components"].clone();
+        let components = components_json(&p.components);
         println!(
             "{}",
             serde_json::json!({
