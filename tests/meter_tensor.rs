@@ -5,6 +5,9 @@
 use candle_core::{DType, Device, Tensor};
 use memtune::probe::meter::{CpuMeter, MemoryMeter};
 
+mod common;
+use common::wait_for_the_harness;
+
 const MIB: u64 = 1 << 20;
 
 /// Bytes `current_bytes` rises by while a zero tensor of `shape` is alive.
@@ -19,21 +22,6 @@ fn bytes_while_alive(meter: &CpuMeter, shape: (usize, usize)) -> candle_core::Re
         "dropping the tensor frees all it took"
     );
     Ok(alive - before)
-}
-
-/// libtest's main thread records the test it has just started (150 to 900 bytes here, kept until
-/// the test ends) while the test's first lines run; waits until the count stops moving so that
-/// bookkeeping lands before the baseline. (With `harness = false` this would not be needed.)
-fn wait_for_the_harness(meter: &CpuMeter) {
-    let mut last = meter.current_bytes();
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let now = meter.current_bytes();
-        if now == last {
-            return;
-        }
-        last = now;
-    }
 }
 
 #[test]

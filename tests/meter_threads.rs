@@ -6,6 +6,9 @@ use memtune::probe::meter::{CpuMeter, MemoryMeter};
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 
+mod common;
+use common::wait_for_the_harness;
+
 const MIB: u64 = 1 << 20;
 const THREADS: usize = 4;
 
@@ -35,21 +38,6 @@ fn allocate_on_workers_free_on_main(meter: &CpuMeter) -> (i64, u64) {
     drop(barrier);
     let left_over = meter.current_bytes() as i64 - before as i64;
     (left_over, meter.peak_bytes() - before)
-}
-
-/// libtest's main thread records the test it has just started (150 to 900 bytes here, kept until
-/// the test ends) while the test's first lines run; waits until the count stops moving so that
-/// bookkeeping lands before the baseline. (With `harness = false` this would not be needed.)
-fn wait_for_the_harness(meter: &CpuMeter) {
-    let mut last = meter.current_bytes();
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let now = meter.current_bytes();
-        if now == last {
-            return;
-        }
-        last = now;
-    }
 }
 
 #[test]

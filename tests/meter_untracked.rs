@@ -5,22 +5,10 @@
 use memtune::probe::meter::{CpuMeter, MemoryMeter, untracked};
 use std::hint::black_box;
 
-const MIB: usize = 1 << 20;
+mod common;
+use common::wait_for_the_harness;
 
-/// libtest's main thread records the test it has just started (150 to 900 bytes here, kept until
-/// the test ends) while the test's first lines run; waits until the count stops moving so that
-/// bookkeeping lands before the baseline. (With `harness = false` this would not be needed.)
-fn wait_for_the_harness(meter: &CpuMeter) {
-    let mut last = meter.current_bytes();
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let now = meter.current_bytes();
-        if now == last {
-            return;
-        }
-        last = now;
-    }
-}
+const MIB: usize = 1 << 20;
 
 #[test]
 fn untracked_blocks_stay_out_of_the_count_wherever_they_are_freed() {
