@@ -148,12 +148,48 @@ fn estimators(
         .collect()
 }
 
+/// Per segment kind: the mean measured delta and excess of the full-depth run against the replay's.
+fn print_segments(model: &memtune::cost::CostModel, measured: &memtune::probe::ProbeResult) {
+    use memtune::cost::segments::observations;
+    let mib = |v: f64| v / 1048576.0;
+    let Some(obs) = observations(measured) else {
+        return;
+    };
+    let replay = model
+        .segments
+        .replay(&measured.spec, &measured.knobs)
+        .unwrap_or_default();
+    let mut kinds: Vec<_> = obs.iter().map(|o| o.kind).collect();
+    kinds.dedup();
+    kinds.sort();
+    kinds.dedup();
+    eprintln!("  segment: measured delta/excess MiB | replayed delta/excess MiB");
+    for kind in kinds {
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let m: Vec<_> = obs.iter().filter(|o| o.kind == kind).collect();
+        let r: Vec<_> = replay.iter().filter(|o| o.kind == kind).collect();
+        eprintln!(
+            "  {:>22} ×{:<3}: {:>9.2} {:>9.2} | {:>9.2} {:>9.2}",
+            kind.name(),
+            m.len(),
+            mib(mean(m.iter().map(|o| o.delta).collect())),
+            mib(mean(m.iter().map(|o| o.excess.unwrap_or(0.0)).collect())),
+            mib(mean(r.iter().map(|o| o.delta).collect())),
+            mib(mean(r.iter().map(|o| o.excess).collect())),
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
     let peer = PathBuf::from(arg("--peer").unwrap_or_else(|| "../shared/peer".into()));
     let cache = arg("--cache").map(PathBuf::from);
+    // `--only MODEL` runs one model's cases; `--segments` prints each segment kind's measured and
+    // predicted figures (what the replay got wrong, when a prediction misses).
+    let only = arg("--only");
+    let show_segments = args.iter().any(|a| a == "--segments");
     use Checkpointing::{Every, Full as Ckpt, None as NoCkpt};
     use LossMode::{Chunked, Full as FullLoss};
     use Method::{Full, Lora, Qlora};
@@ -202,6 +238,9 @@ fn main() -> anyhow::Result<()> {
         plan.truncate(1);
         plan[0].1.truncate(2);
     }
+    if let Some(only) = &only {
+        plan.retain(|(name, _)| name == only);
+    }
     let meter = CpuMeter::new();
     let mut ours = Vec::new();
     let mut theirs: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
@@ -248,6 +287,9 @@ fn main() -> anyhow::Result<()> {
                 seed: 0,
             };
             let measured = run_probe(&req, &meter)?;
+            if show_segments {
+                print_segments(&model, &measured);
+            }
             let err = (predicted.peak_bytes as f64 - measured.peak_bytes as f64)
                 / measured.peak_bytes as f64;
             ours.push(err.abs());

@@ -515,7 +515,7 @@ pub fn roofline(card: &GpuProfile, spec: &ModelSpec, knobs: &Knobs) -> Option<Ro
 
 /// `model` (fitted to CPU probes of `spec`'s shape) as a model of `card`: the tensors that churn
 /// every step grow by [`FRAGMENTATION_ALLOWANCE`], the runtime component gains the card's
-/// overhead, and the time coefficients become the card's roofline. Weights and optimizer state
+/// overhead (in the phase coefficients and in the segment model alike), and the time coefficients become the card's roofline. Weights and optimizer state
 /// stay exact.
 pub fn project(model: &CostModel, spec: &ModelSpec, card: &GpuProfile) -> CostModel {
     let mut projected = model.clone();
@@ -535,6 +535,8 @@ pub fn project(model: &CostModel, spec: &ModelSpec, card: &GpuProfile) -> CostMo
         *phase.runtime.entry("const".to_string()).or_insert(0.0) +=
             card.runtime_overhead_bytes as f64;
     }
+    projected.segments.churn_allowance = FRAGMENTATION_ALLOWANCE;
+    projected.segments.runtime_extra_bytes += card.runtime_overhead_bytes as f64;
     projected.coefficients.time = time_coefficients(card, spec);
     projected.device = format!("{} (planned from probes on {})", card.name, model.device);
     projected

@@ -307,6 +307,8 @@ fn hand_model(spec: &ModelSpec, knobs: &Knobs) -> (CostModel, f64, f64) {
         device: "cpu".to_string(),
         shape_key: shape_key(spec),
         coefficients,
+        // No segment fits: predictions come from the hand-set phase coefficients.
+        segments: Default::default(),
         fitted_on: Vec::new(),
         failed: Vec::new(),
     };

@@ -8,7 +8,7 @@
 //! (≥ 50M parameters, e.g. 7B) the sequences are halved.
 
 use super::{CostError, CostModel, FailedProbe, Prober, shape_key, version};
-use crate::config::{Checkpointing, Knobs, LossMode, Method, OptimizerKind, Precision};
+use crate::config::{Checkpointing, Knobs, LossMode, Method, OptimizerKind};
 use crate::probe::ProbeResult;
 use crate::search::SearchSpace;
 use crate::spec::ModelSpec;
@@ -50,7 +50,7 @@ pub fn probe_label(spec: &ModelSpec, knobs: &Knobs) -> String {
     )
 }
 
-fn targets(knobs: &Knobs) -> String {
+pub(crate) fn targets(knobs: &Knobs) -> String {
     if knobs.lora.targets.len() == crate::config::Target::ALL.len() {
         "all".to_string()
     } else {
@@ -72,8 +72,25 @@ fn prefer<T: Copy + PartialEq>(values: &[T], preferred: T) -> T {
     }
 }
 
-/// The probes that calibrate `spec` for searching `space`, base configuration first, without
-/// duplicates.
+/// The probes that calibrate `spec` for searching `space`, without duplicates.
+///
+/// The segment model ([`super::segments`]) fits each segment kind per class of discrete knobs
+/// (method, quantization, precision; the loss mode for the loss, the optimizer for the update), over
+/// shape features. So every class of the space gets its own small design:
+/// - four shapes at two layers — (1, s0), (1, s1), (2, s0) and a chunk-saturating (2, c) — which
+///   separate per-layer constants, tokens and seq² attention terms, and the chunked loss's rows;
+/// - one more at one layer, so what scales with the parameter count (gradients, the update) is told
+///   from what does not;
+/// - with checkpointing allowed, the probes recompute one layer in two (`every:2`), which shows
+///   kept and recomputed layers in every two-layer probe;
+/// - with accumulation allowed, three of them accumulate two micro-batches (the second one's
+///   gradient merge is a segment of its own);
+/// - each other loss mode adds three probes, each other optimizer and LoRA rank two (the
+///   optimizer's for full fine-tuning and for one adapter class: the update sees only trainable
+///   tensors).
+///
+/// Large layers (≥ 50M parameters, e.g. 7B) get halved sequences and run the chunk probe at one
+/// layer.
 pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec, Knobs)> {
     let large = spec.layer_params() >= LARGE_LAYER_PARAMS;
     let cap = |s: usize| s.min(spec.max_position_embeddings).max(1);
@@ -83,36 +100,47 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
         (cap(64), cap(128))
     };
     let deep = spec.num_hidden_layers.min(2);
-    let chunk = (
-        chunk_probe(spec.vocab_size).0,
-        cap(chunk_probe(spec.vocab_size).1),
-    );
+    let (chunk_batch, chunk_seq) = chunk_probe(spec.vocab_size);
+    let chunk_seq = cap(chunk_seq);
 
-    let base_method = space.methods[0];
-    let frozen_method = space.methods.iter().copied().find(|&m| m != Method::Full);
-    let base_precision = prefer(&space.precisions, Precision::Fp32);
-    let base = Knobs {
-        method: base_method,
-        lora: crate::config::LoraSettings {
-            rank: space.ranks[0],
-            ..space.lora.clone()
-        },
-        quant: space.quants[0],
-        precision: base_precision,
-        checkpointing: prefer(&space.checkpointing, Checkpointing::None),
-        batch: 1,
-        accum: 1,
-        seq: s0,
-        optimizer: prefer(&space.optimizers, OptimizerKind::Adamw),
-        loss: prefer(&space.losses, LossMode::Chunked),
+    let checkpointing = if space
+        .checkpointing
+        .iter()
+        .any(|&c| c != Checkpointing::None)
+    {
+        Checkpointing::Every(2)
+    } else {
+        Checkpointing::None
     };
+    let accum = if space.effective_batch > 1
+        && space
+            .micro_batches
+            .iter()
+            .any(|&m| m < space.effective_batch)
+    {
+        2
+    } else {
+        1
+    };
+    let base_loss = prefer(&space.losses, LossMode::Chunked);
+    let base_optimizer = prefer(&space.optimizers, OptimizerKind::Adamw);
+    let base_rank = space.ranks[0];
+    let other_rank = space
+        .ranks
+        .iter()
+        .copied()
+        .filter(|&r| r != base_rank)
+        .max();
+
+    let frozen_method = space.methods.iter().copied().find(|&m| m != Method::Full);
     let mut plan: Vec<(ModelSpec, Knobs)> = Vec::new();
-    let mut add = |layers: usize, batch: usize, seq: usize, knobs: &Knobs| {
+    let mut add = |layers: usize, batch: usize, seq: usize, accum: usize, knobs: &Knobs| {
         let entry = (
             spec.with_layers(layers.max(1)),
             Knobs {
                 batch,
                 seq,
+                accum,
                 ..knobs.clone()
             },
         );
@@ -121,169 +149,78 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
             plan.push(entry);
         }
     };
-    // The shape sweep, at the base configuration: tokens vs seq² (s0, s1), per layer vs once (1, 2
-    // layers), and batch and the chunked loss's saturation (2 × 160 tokens > one chunk).
-    add(1, 1, s0, &base);
-    add(1, 1, s1, &base);
-    add(deep, 1, s1, &base);
-    add(deep, 1, s0, &base);
-    add(1, chunk.0, chunk.1, &base);
-    // Each other precision: seq² vs tokens (s0, s1) and per layer vs once (2 layers) fix its rates;
-    // the first half precision also saturates the chunked loss, which splits every memory term
-    // between compute-dtype and fp32 tensors (too slow a probe for large layers).
-    let mut first_half = true;
-    for &precision in space.precisions.iter().filter(|&&p| p != base_precision) {
-        let knobs = Knobs {
-            precision,
-            ..base.clone()
-        };
-        add(1, 1, s0, &knobs);
-        add(1, 1, s1, &knobs);
-        add(deep, 1, s1, &knobs);
-        if first_half && !large && base_precision == Precision::Fp32 {
-            add(1, chunk.0, chunk.1, &knobs);
-        }
-        first_half = false;
-    }
-    let half = space
-        .precisions
-        .iter()
-        .copied()
-        .find(|&p| p != Precision::Fp32);
-    for &checkpointing in space
-        .checkpointing
-        .iter()
-        .filter(|&&c| c != base.checkpointing)
-    {
-        let knobs = Knobs {
-            checkpointing,
-            ..base.clone()
-        };
-        match checkpointing {
-            Checkpointing::Every(_) => add(deep, 1, s1, &knobs),
-            _ => {
-                add(1, 1, s0, &knobs);
-                add(deep, 1, s0, &knobs);
-                add(deep, 1, s1, &knobs);
-            }
-        }
-    }
-    for &loss in space.losses.iter().filter(|&&l| l != base.loss) {
-        let knobs = Knobs {
-            loss,
-            ..base.clone()
-        };
-        add(1, 1, s0, &knobs);
-        add(deep, 1, s1, &knobs);
-        if let Some(precision) = half.filter(|&p| p != base_precision) {
-            add(1, 1, s0, &Knobs { precision, ..knobs });
-        }
-    }
-    let full_allowed = space.methods.contains(&Method::Full);
-    for &optimizer in space.optimizers.iter().filter(|&&o| o != base.optimizer) {
-        let knobs = Knobs {
-            optimizer,
-            ..base.clone()
-        };
-        add(1, 1, s0, &knobs);
-        if full_allowed {
-            // Full fine-tunes peak in the optimizer step at probe sizes: its temporaries need depth.
-            add(
-                deep,
-                1,
-                s0,
-                &Knobs {
-                    method: Method::Full,
-                    ..knobs
-                },
-            );
-        }
-    }
-    for &method in space.methods.iter().filter(|&&m| m != base_method) {
+    for &method in &space.methods {
         let quants: &[crate::config::Quant] = if method == Method::Qlora {
             &space.quants
         } else {
             &space.quants[..1]
         };
         for &quant in quants {
-            let knobs = Knobs {
-                method,
-                quant,
-                ..base.clone()
-            };
-            add(1, 1, s0, &knobs);
-            add(deep, 1, s1, &knobs);
-        }
-    }
-    if full_allowed {
-        // At probe sizes a full fine-tune usually peaks in the optimizer step (the embedding's update
-        // temporaries dwarf a short sequence's activations), so its probes tell forward/backward
-        // only as one total each (the backward mark): it takes more shapes to split that total into
-        // per-layer tokens, scores, mask, chunked logits, gradients and weight casts — at the base
-        // precision and at one half precision (where casts and the fp32 share appear).
-        let full = Knobs {
-            method: Method::Full,
-            ..base.clone()
-        };
-        let mut precisions = vec![base_precision];
-        precisions.extend(half.filter(|&p| p != base_precision));
-        for precision in precisions {
-            let knobs = Knobs {
-                precision,
-                ..full.clone()
-            };
-            add(1, 1, s0, &knobs);
-            add(1, 1, s1, &knobs);
-            add(deep, 1, s0, &knobs);
-            add(deep, 1, s1, &knobs);
-            add(1, 2, s0, &knobs);
-            add(1, chunk.0, chunk.1, &knobs);
-            if !large {
-                add(deep, chunk.0, chunk.1, &knobs);
+            for &precision in &space.precisions {
+                let class = Knobs {
+                    method,
+                    lora: crate::config::LoraSettings {
+                        rank: base_rank,
+                        ..space.lora.clone()
+                    },
+                    quant,
+                    precision,
+                    checkpointing,
+                    batch: 1,
+                    accum: 1,
+                    seq: s0,
+                    optimizer: base_optimizer,
+                    loss: base_loss,
+                };
+                add(1, 1, s0, accum, &class);
+                add(deep, 1, s0, accum, &class);
+                add(deep, 1, s1, accum, &class);
+                add(deep, 2, s0, 1, &class);
+                add(
+                    if large { 1 } else { deep },
+                    chunk_batch,
+                    chunk_seq,
+                    1,
+                    &class,
+                );
+                for &loss in space.losses.iter().filter(|&&l| l != base_loss) {
+                    let knobs = Knobs {
+                        loss,
+                        ..class.clone()
+                    };
+                    add(deep, 1, s0, 1, &knobs);
+                    add(deep, 1, s1, 1, &knobs);
+                    add(deep, 2, s0, 1, &knobs);
+                }
+                // The update sees only trainable tensors: LoRA and QLoRA share its probes.
+                let first_frozen = method != Method::Full
+                    && Some(method) == frozen_method
+                    && quant == space.quants[0];
+                let optimizers = if method == Method::Full || first_frozen {
+                    &space.optimizers[..]
+                } else {
+                    &[]
+                };
+                for &optimizer in optimizers.iter().filter(|&&o| o != base_optimizer) {
+                    let knobs = Knobs {
+                        optimizer,
+                        ..class.clone()
+                    };
+                    add(1, 1, s0, 1, &knobs);
+                    add(deep, 1, s0, 1, &knobs);
+                }
+                if let Some(rank) = other_rank.filter(|_| method != Method::Full) {
+                    let knobs = Knobs {
+                        lora: crate::config::LoraSettings {
+                            rank,
+                            ..class.lora.clone()
+                        },
+                        ..class.clone()
+                    };
+                    add(deep, 1, s0, 1, &knobs);
+                    add(deep, 1, s1, 1, &knobs);
+                }
             }
-        }
-    }
-    if let (Some(method), Some(&largest)) = (frozen_method, space.ranks.iter().max())
-        && space.ranks.len() > 1
-    {
-        let rank = if largest == base.lora.rank {
-            space.ranks.iter().copied().min().unwrap_or(largest)
-        } else {
-            largest
-        };
-        let knobs = Knobs {
-            method,
-            lora: crate::config::LoraSettings {
-                rank,
-                ..base.lora.clone()
-            },
-            ..base.clone()
-        };
-        add(1, 1, s0, &knobs);
-        add(deep, 1, s1, &knobs);
-    }
-    if space.effective_batch > 1
-        && space
-            .micro_batches
-            .iter()
-            .any(|&m| m < space.effective_batch)
-    {
-        let knobs = Knobs {
-            accum: 2,
-            ..base.clone()
-        };
-        add(1, 1, s0, &knobs);
-        if full_allowed {
-            // Accumulated gradients of the layers and of the embeddings and head scale differently.
-            add(
-                deep,
-                1,
-                s0,
-                &Knobs {
-                    method: Method::Full,
-                    ..knobs
-                },
-            );
         }
     }
     plan
@@ -659,6 +596,7 @@ pub fn leave_one_out(model: &CostModel) -> Result<Evaluation, CostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Precision;
     use crate::cost::Phase;
     use crate::cost::synthetic::SyntheticProber;
     use crate::search::PolicyRequest;
@@ -709,9 +647,11 @@ mod tests {
         for p in &space.precisions {
             assert!(plan.iter().any(|(_, k)| k.precision == *p), "{p}");
         }
-        for c in &space.checkpointing {
-            assert!(plan.iter().any(|(_, k)| k.checkpointing == *c), "{c}");
-        }
+        // Recomputing one layer in two shows kept and recomputed layers in every two-layer probe.
+        assert!(
+            plan.iter()
+                .all(|(_, k)| k.checkpointing == Checkpointing::Every(2))
+        );
         for o in &space.optimizers {
             assert!(plan.iter().any(|(_, k)| k.optimizer == *o), "{o}");
         }
@@ -724,7 +664,27 @@ mod tests {
         }
         assert!(plan.iter().any(|(_, k)| k.lora.rank == 32));
         assert!(plan.iter().any(|(_, k)| k.accum > 1));
-        assert!(plan.len() <= 50, "{}", plan.len());
+        // Five probes per class of (method, quantization, precision), three per other loss mode,
+        // two per other rank, and two per other optimizer for each kind of trainable tensors and precision.
+        let classes = space
+            .methods
+            .iter()
+            .map(|&m| {
+                if m == Method::Qlora {
+                    space.quants.len()
+                } else {
+                    1
+                }
+            })
+            .sum::<usize>()
+            * space.precisions.len();
+        let per_class = 5 + 3 * (space.losses.len() - 1) + 2 * usize::from(space.ranks.len() > 1);
+        let optimizers = 2 * 2 * (space.optimizers.len() - 1) * space.precisions.len();
+        assert!(
+            plan.len() <= classes * per_class + optimizers,
+            "{} probes",
+            plan.len()
+        );
         // The default policy (lora only) stays near two dozen probes.
         let default = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
         let n = calibration_plan(&spec(), &default).len();
@@ -745,10 +705,13 @@ mod tests {
         };
         let default = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
         let plan = calibration_plan(&seven_b, &default);
-        // Only the chunked-loss saturation probe exceeds 64 tokens.
+        // Only the chunked-loss saturation probes exceed 64 tokens, and they run one layer.
         let long: Vec<_> = plan.iter().filter(|(_, k)| k.seq > 64).collect();
-        assert_eq!(long.len(), 1);
-        assert_eq!((long[0].1.batch, long[0].1.seq), chunk_probe(32000));
+        assert!(!long.is_empty());
+        for (s, k) in long {
+            assert_eq!((k.batch, k.seq), chunk_probe(32000));
+            assert_eq!(s.num_hidden_layers, 1);
+        }
     }
 
     #[test]
@@ -820,7 +783,7 @@ mod tests {
                 .filter(|p| Phase::of_probe(p) == Phase::Compute)
                 .map(|p| probe_label(&p.spec, &p.knobs))
                 .collect();
-            assert!(compute.is_empty(), "{compute:?}");
+            assert!(compute.len() * 2 < model.fitted_on.len(), "{compute:?}");
             let holdout: Vec<ProbeResult> = holdout_plan(&spec, &space, 12, 1024, 4)
                 .iter()
                 .map(|(s, k)| SyntheticProber::truth(s, k))

@@ -13,6 +13,7 @@ pub mod calibrate;
 pub mod exact;
 pub mod features;
 pub mod nnls;
+pub mod segments;
 pub mod synthetic;
 
 use crate::config::Knobs;
@@ -37,7 +38,7 @@ pub trait Prober {
 }
 
 /// Bumped whenever the features or the fit change, so cached calibrations are not reused across them.
-pub const COST_MODEL_VERSION: u32 = 2;
+pub const COST_MODEL_VERSION: u32 = 3;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
@@ -139,6 +140,10 @@ pub struct CostModel {
     /// [`shape_key`] of the model the probes ran.
     pub shape_key: String,
     pub coefficients: Coefficients,
+    /// Per-segment fits replayed over a step (see [`segments`]); preferred where they cover a
+    /// configuration, the phase coefficients otherwise.
+    #[serde(default)]
+    pub segments: segments::SegmentModel,
     pub fitted_on: Vec<ProbeResult>,
     pub failed: Vec<FailedProbe>,
 }
@@ -347,11 +352,13 @@ impl CostModel {
             update: fit_phase(&probes, Phase::Update)?,
             time: fit_time(&probes)?,
         };
+        let segments = segments::SegmentModel::fit(&probes)?;
         Ok(Self {
             version: version(),
             device: device.to_string(),
             shape_key: key,
             coefficients,
+            segments,
             fitted_on: probes,
             failed,
         })
@@ -378,12 +385,24 @@ impl CostModel {
                 runtime: bytes(&c.runtime),
             }
         };
-        let compute = phase_components(&self.coefficients.compute);
-        let update = phase_components(&self.coefficients.update);
-        let (phase, components) = if update.total() > compute.total() {
-            (Phase::Update, update)
-        } else {
-            (Phase::Compute, compute)
+        let (phase, components) = match self.segments.simulate(spec, knobs) {
+            Some((components, kind)) => (
+                if matches!(kind, segments::Kind::Clip | segments::Kind::Opt) {
+                    Phase::Update
+                } else {
+                    Phase::Compute
+                },
+                components,
+            ),
+            None => {
+                let compute = phase_components(&self.coefficients.compute);
+                let update = phase_components(&self.coefficients.update);
+                if update.total() > compute.total() {
+                    (Phase::Update, update)
+                } else {
+                    (Phase::Compute, compute)
+                }
+            }
         };
         let step_s = dot(
             &self.coefficients.time,

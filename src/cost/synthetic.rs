@@ -41,7 +41,6 @@ impl SyntheticProber {
         let recomputed = (0..spec.num_hidden_layers)
             .filter(|&x| knobs.checkpointing.recomputes(x))
             .count() as f64;
-        let kept = l - recomputed;
 
         // Per kept layer: norms' inputs and outputs (fp32 statistics), q/k/v, attention output, the
         // MLP's gate/up/act products, and scores plus probabilities.
@@ -70,9 +69,6 @@ impl SyntheticProber {
         } else {
             0.0
         };
-        let activations = kept * (layer_tokens + layer_scores + lora + casts)
-            + recomputed * n * h * cb
-            + n * h * (2.0 * cb + 4.0);
         let rows = match knobs.loss {
             LossMode::Full => n,
             LossMode::Chunked => n.min(loss_chunk_rows(spec.vocab_size) as f64),
@@ -81,28 +77,18 @@ impl SyntheticProber {
             LossMode::Full => rows * v * (cb + 3.0 * 4.0),
             LossMode::Chunked => rows * v * (cb + 2.0 * 4.0),
         };
-        let recompute = if recomputed > 0.0 {
-            n * (6.0 * h + 3.0 * i) * cb + b * heads * s * s * 2.0 * cb
-        } else {
-            0.0
-        };
         let dequant = if knobs.method == Method::Qlora {
-            exact::projection_params(spec) as f64 * cb
+            exact::projection_params(spec) as f64 / l * cb
         } else {
             0.0
         };
         let runtime = 65_536.0;
-        let grads = exact::gradient_bytes(spec, knobs) as f64;
+        let grad_bytes = exact::trainable_dtype_bytes(knobs.precision) as f64;
+        let all_grads = exact::gradient_bytes(spec, knobs) as f64;
+        let layer_grads = exact::trainable_params_per_layer(spec, knobs) as f64 * grad_bytes;
+        let other_grads = all_grads - l * layer_grads;
         let weights = exact::weight_bytes(spec, knobs);
         let optimizer = exact::optimizer_bytes(spec, knobs);
-        let compute = Components {
-            weights,
-            gradients: (grads * if knobs.accum > 1 { 2.0 } else { 1.0 }) as u64,
-            optimizer,
-            activations: activations as u64,
-            transient: (logits + recompute + dequant) as u64,
-            runtime: runtime as u64,
-        };
         let largest = exact::largest_trainable_tensor(spec, knobs) as f64 * 4.0;
         let temporaries = match knobs.optimizer {
             OptimizerKind::Adamw => 3.0 * largest,
@@ -110,18 +96,84 @@ impl SyntheticProber {
             OptimizerKind::Adafactor => 2.0 * largest,
             OptimizerKind::Sgd => largest,
         };
-        let update = Components {
+        let kept_layer = layer_tokens + layer_scores + lora + casts;
+        let input = n * h * cb;
+        let embedded = n * h * (2.0 * cb + 4.0);
+        let full_loss = if knobs.loss == LossMode::Full {
+            1.0
+        } else {
+            0.0
+        };
+        let recompute_extra = n * (6.0 * h + 3.0 * i) * cb + b * heads * s * s * 2.0 * cb;
+
+        // One step, segment by segment, as the engine walks it: (mark, layer, change in
+        // activations, change in gradients, transient above the segment's start and change).
+        let mut walk = Walk::new(weights as f64 + optimizer as f64 + runtime);
+        for m in 0..knobs.accum {
+            walk.micro_batch = m;
+            walk.segment("embed", None, embedded, 0.0, 0.0);
+            for layer in 0..spec.num_hidden_layers {
+                if knobs.checkpointing.recomputes(layer) {
+                    walk.segment("forward", Some(layer), input, 0.0, kept_layer + dequant);
+                } else {
+                    walk.segment(
+                        "forward",
+                        Some(layer),
+                        kept_layer,
+                        0.0,
+                        n * i * cb + dequant,
+                    );
+                }
+            }
+            walk.segment(
+                "loss",
+                None,
+                n * 4.0 + full_loss * rows * v * 4.0,
+                0.0,
+                logits,
+            );
+            walk.segment(
+                "backward",
+                Some(spec.num_hidden_layers),
+                -full_loss * rows * v * 4.0,
+                other_grads,
+                logits,
+            );
+            for layer in (0..spec.num_hidden_layers).rev() {
+                if knobs.checkpointing.recomputes(layer) {
+                    walk.segment(
+                        "recompute",
+                        Some(layer),
+                        kept_layer - input,
+                        0.0,
+                        recompute_extra + dequant,
+                    );
+                }
+                walk.segment(
+                    "backward",
+                    Some(layer),
+                    -kept_layer,
+                    layer_grads,
+                    0.5 * kept_layer + dequant,
+                );
+            }
+            let merged = if m > 0 { all_grads } else { 0.0 };
+            walk.segment("micro_batch_done", None, -embedded, -merged, merged);
+        }
+        walk.segment("clip", None, 0.0, 0.0, largest);
+        walk.segment("optimizer_step", None, 0.0, -all_grads, temporaries);
+        let (peak, acts, grads) = walk.best;
+        let components = Components {
             weights,
-            gradients: grads as u64,
+            gradients: grads.max(0.0) as u64,
             optimizer,
-            activations: 0,
-            transient: temporaries as u64,
+            activations: acts.max(0.0) as u64,
+            transient: 0,
             runtime: runtime as u64,
         };
-        let components = if update.total() > compute.total() {
-            update
-        } else {
-            compute
+        let components = Components {
+            transient: (peak as u64).saturating_sub(components.total()),
+            ..components
         };
 
         // Time: matmuls at a rate per precision, attention likewise, an optimizer pass, overheads.
@@ -160,24 +212,59 @@ impl SyntheticProber {
             components,
             step_s,
             tokens_per_s: tokens / step_s,
-            // One step's marks, each with the peak reached within its phase.
-            timeline: [
-                ("weights", weights),
-                ("optimizer_init", weights + optimizer),
-                ("backward", compute.total()),
-                ("optimizer_step", update.total()),
-            ]
-            .iter()
-            .map(|&(phase, bytes)| TimelineRow {
-                t_s: step_s,
-                phase: phase.to_string(),
-                layer: None,
-                micro_batch: knobs.accum - 1,
-                current_bytes: bytes,
-                peak_bytes: bytes,
-            })
-            .collect(),
+            // One step's marks, each with the peak reached since the previous one.
+            timeline: walk.rows,
         }
+    }
+}
+
+/// Builds a synthetic step's timeline: memory now, and the highest point with the activations and
+/// gradients live there.
+struct Walk {
+    current: f64,
+    acts: f64,
+    grads: f64,
+    micro_batch: usize,
+    best: (f64, f64, f64),
+    rows: Vec<TimelineRow>,
+}
+
+impl Walk {
+    fn new(start: f64) -> Self {
+        let mut walk = Self {
+            current: start,
+            acts: 0.0,
+            grads: 0.0,
+            micro_batch: 0,
+            best: (start, 0.0, 0.0),
+            rows: Vec::new(),
+        };
+        walk.mark("step_start", None, start);
+        walk
+    }
+
+    fn mark(&mut self, phase: &str, layer: Option<usize>, segment_peak: f64) {
+        self.rows.push(TimelineRow {
+            t_s: 0.0,
+            phase: phase.to_string(),
+            layer,
+            micro_batch: self.micro_batch,
+            current_bytes: self.current as u64,
+            peak_bytes: segment_peak as u64,
+            segment_peak_bytes: segment_peak as u64,
+        });
+    }
+
+    fn segment(&mut self, phase: &str, layer: Option<usize>, acts: f64, grads: f64, extra: f64) {
+        // What a segment allocates is live at its top; what it frees goes at its end.
+        let top = self.current + acts.max(0.0) + grads.max(0.0) + extra;
+        if top > self.best.0 {
+            self.best = (top, self.acts + acts.max(0.0), self.grads + grads.max(0.0));
+        }
+        self.current += acts + grads;
+        self.acts += acts;
+        self.grads += grads;
+        self.mark(phase, layer, top);
     }
 }
 

@@ -109,6 +109,7 @@ pub fn forward_backward(
         Kept(Var, Tensor),
     }
     let embedded = model.embed(&batch.ids)?;
+    observer.mark("embed", None, micro_batch);
     let mut x = embedded.detach();
     let mut saved = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
@@ -145,23 +146,29 @@ pub fn forward_backward(
     observer.mark("backward", Some(n_layers), micro_batch);
 
     for l in (0..n_layers).rev() {
-        let (input, y) = match saved.pop() {
-            Some(Saved::Kept(input, y)) => (input, y),
-            Some(Saved::Recompute(x)) => {
-                let input = Var::from_tensor(&x)?;
-                drop(x);
-                let y = model.layer_forward(l, input.as_tensor(), true)?;
-                observer.mark("recompute", Some(l), micro_batch);
-                (input, y)
-            }
-            None => candle_core::bail!("checkpoint stack underflow at layer {l}"),
-        };
-        let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
-        upstream = layer_grads
-            .get(input.as_tensor())
-            .map(Tensor::detach)
-            .ok_or_else(|| candle_core::Error::Msg(format!("layer {l} input got no gradient")))?;
-        merge_grads(&mut grads, &layer_grads, &keep)?;
+        // Everything of this layer (its saved graph, its gradient store) is dropped before the
+        // mark, so that each mark sees what the layer's backward leaves behind.
+        {
+            let (input, y) = match saved.pop() {
+                Some(Saved::Kept(input, y)) => (input, y),
+                Some(Saved::Recompute(x)) => {
+                    let input = Var::from_tensor(&x)?;
+                    drop(x);
+                    let y = model.layer_forward(l, input.as_tensor(), true)?;
+                    observer.mark("recompute", Some(l), micro_batch);
+                    (input, y)
+                }
+                None => candle_core::bail!("checkpoint stack underflow at layer {l}"),
+            };
+            let layer_grads = (y * &upstream)?.sum_all()?.backward()?;
+            upstream = layer_grads
+                .get(input.as_tensor())
+                .map(Tensor::detach)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("layer {l} input got no gradient"))
+                })?;
+            merge_grads(&mut grads, &layer_grads, &keep)?;
+        }
         observer.mark("backward", Some(l), micro_batch);
     }
     // The embedding's gradient (when it is trained) flows through the graph kept from `embed`.
@@ -269,7 +276,12 @@ impl Engine {
             loss += value;
             match total.as_mut() {
                 None => total = Some(grads),
-                Some(t) => merge_grads(t, &grads, &keep)?,
+                // The micro-batch's store is freed before the mark, which then sees what the
+                // micro-batch leaves behind.
+                Some(t) => {
+                    merge_grads(t, &grads, &keep)?;
+                    drop(grads);
+                }
             }
             observer.mark("micro_batch_done", None, i);
         }

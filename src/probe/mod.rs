@@ -75,7 +75,11 @@ pub struct TimelineRow {
     /// Micro-batch index within the optimizer step.
     pub micro_batch: usize,
     pub current_bytes: u64,
+    /// The running peak: the highest memory since the step started.
     pub peak_bytes: u64,
+    /// The highest memory since the previous mark (what the work between the two marks needed).
+    #[serde(default)]
+    pub segment_peak_bytes: u64,
 }
 
 /// What one probe measured.

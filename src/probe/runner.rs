@@ -48,7 +48,10 @@ struct Mark {
     layer: Option<usize>,
     micro_batch: usize,
     current: u64,
+    /// Running peak since the step started.
     peak: u64,
+    /// Peak since the previous mark.
+    segment_peak: u64,
 }
 
 /// Records a mark per phase boundary. Its buffer is allocated before the step so that recording
@@ -57,18 +60,29 @@ struct Recorder<'a> {
     meter: &'a dyn MemoryMeter,
     started: Instant,
     marks: Vec<Mark>,
+    /// Highest memory since the step started (kept even if `marks` were to run out of room).
+    running_peak: u64,
 }
 
 impl StepObserver for Recorder<'_> {
+    /// Reads the meter and starts a new peak window, so that each mark carries the peak of the work
+    /// since the previous one (the cost model fits those per-segment peaks) as well as the running
+    /// peak.
     fn mark(&mut self, phase: &'static str, layer: Option<usize>, micro_batch: usize) {
+        let current = self.meter.current_bytes();
+        let segment_peak = self.meter.peak_bytes().max(current);
+        self.meter.reset_peak();
+        self.running_peak = self.running_peak.max(segment_peak);
+        let peak = self.running_peak;
         if self.marks.len() < self.marks.capacity() {
             self.marks.push(Mark {
                 t_s: self.started.elapsed().as_secs_f64(),
                 phase,
                 layer,
                 micro_batch,
-                current: self.meter.current_bytes(),
-                peak: self.meter.peak_bytes(),
+                current,
+                peak,
+                segment_peak,
             });
         }
     }
@@ -122,18 +136,20 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
         meter,
         started: Instant::now(),
         marks: Vec::with_capacity(per_step_marks),
+        running_peak: 0,
     };
     let mut step_times = Vec::with_capacity(steps);
     let mut peak = 0u64;
     let mut last_marks = Vec::new();
     for micro in &batches[req.warmup_steps..] {
         recorder.marks.clear();
+        recorder.running_peak = 0;
         meter.reset_peak();
         let t = Instant::now();
         recorder.mark("step_start", None, 0);
         engine.train_step(micro, 1e-5, &mut recorder)?;
         step_times.push(t.elapsed().as_secs_f64());
-        peak = peak.max(meter.peak_bytes());
+        peak = peak.max(recorder.running_peak).max(meter.peak_bytes());
         last_marks = std::mem::take(&mut recorder.marks);
         recorder.marks = Vec::with_capacity(per_step_marks);
     }
@@ -162,6 +178,7 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
             micro_batch: m.micro_batch,
             current_bytes: above(m.current),
             peak_bytes: above(m.peak),
+            segment_peak_bytes: above(m.segment_peak),
         })
         .collect();
     let tokens = knobs.batch * knobs.seq * knobs.accum;

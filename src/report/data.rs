@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Header of the timeline CSV (`profile --timeline-csv`).
-pub const TIMELINE_HEADER: &str = "probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes";
+pub const TIMELINE_HEADER: &str =
+    "probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes,segment_peak_bytes";
+/// The timeline header of memtune versions before `segment_peak_bytes`; still read.
+const TIMELINE_HEADER_V1: &str = "probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes";
 /// Header of `candidates.csv` (`tune`); a test checks it against what the search writes.
 pub const CANDIDATES_HEADER: &str = "rank,method,lora_rank,quant,precision,checkpointing,micro_batch,accum,seq,optimizer,loss,weights_bytes,gradients_bytes,optimizer_bytes,activations_bytes,transient_bytes,runtime_bytes,peak_bytes,required_bytes,step_s,tokens_per_s,fits,reason";
 /// Header of `accuracy.csv`: predicted against measured peaks of configurations the cost model was
@@ -32,6 +35,9 @@ pub struct TimelineCsvRow {
     pub current_bytes: u64,
     /// The running peak up to this mark.
     pub peak_bytes: u64,
+    /// The peak since the previous mark (0 in files written before this column existed).
+    #[serde(default)]
+    pub segment_peak_bytes: u64,
 }
 
 /// One row of `accuracy.csv`.
@@ -131,6 +137,7 @@ impl InputKind {
         [
             (PROFILE_HEADER, InputKind::Profile),
             (TIMELINE_HEADER, InputKind::Timeline),
+            (TIMELINE_HEADER_V1, InputKind::Timeline),
             (CANDIDATES_HEADER, InputKind::Candidates),
             (ACCURACY_HEADER, InputKind::Accuracy),
         ]
@@ -255,6 +262,7 @@ impl ReportData {
                 micro_batch: t.micro_batch,
                 current_bytes: t.current_bytes,
                 peak_bytes: t.peak_bytes,
+                segment_peak_bytes: t.segment_peak_bytes,
             })
             .collect();
         ReportData {

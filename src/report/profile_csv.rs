@@ -129,19 +129,23 @@ pub fn read_profile(path: &Path) -> Result<Vec<ProfileRow>> {
     Ok(rows)
 }
 
-/// The timeline CSV: `probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes`.
+/// The timeline CSV:
+/// `probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes,segment_peak_bytes`.
 pub fn render_timeline(probe_id: &str, p: &ProbeResult) -> String {
-    let mut out = String::from("probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes\n");
+    let mut out = String::from(
+        "probe_id,t_s,phase,layer,micro_batch,current_bytes,peak_bytes,segment_peak_bytes\n",
+    );
     for row in &p.timeline {
         out.push_str(&format!(
-            "{},{:.6},{},{},{},{},{}\n",
+            "{},{:.6},{},{},{},{},{},{}\n",
             probe_id,
             row.t_s,
             row.phase,
             row.layer.map(|l| l.to_string()).unwrap_or_default(),
             row.micro_batch,
             row.current_bytes,
-            row.peak_bytes
+            row.peak_bytes,
+            row.segment_peak_bytes
         ));
     }
     out

@@ -1,0 +1,445 @@
+//! The segment model: a step's memory as the timeline the engine actually walks, so that a peak at
+//! full depth is the maximum over the same sequence of segments a probe measured at one or two
+//! layers.
+//!
+//! A training step is a fixed sequence of segments between the engine's marks: the embedding, each
+//! layer's forward (kept, or recomputed later), the loss, the head's backward, each layer's
+//! backward (with its recomputation first when checkpointed), the embedding's backward and the
+//! gradient merge, the clip and the optimizer update. Every segment has two figures a probe measures
+//! exactly: `delta`, what it leaves allocated (a layer's saved activations, a layer's gradients less
+//! the activations it frees), and `excess`, how far above its starting point it goes while it runs
+//! (the transient buffers of that work). Both depend on the shapes (batch, sequence, rank) and on
+//! the discrete knobs, but **not on depth**: a layer's forward saves as much in a 2-layer probe as in
+//! a 32-layer model. Depth only changes how many segments there are and what is already live when
+//! each starts, which [`SegmentModel::simulate`] replays. So the peak's structure (which segment
+//! peaks, and the maximum over them) comes out of the simulation, and only per-segment figures are
+//! fitted.
+//!
+//! Each segment kind is fitted per class: the discrete knobs that change its tensors (method,
+//! quantization, precision, adapter targets; the loss mode for the loss segments; the optimizer for
+//! the update), over a few shape features each (tokens, attention scores, logits rows, adapter sizes,
+//! trainable parameters). A class never probed has no fit, and the caller falls back to the
+//! phase model.
+
+use super::exact;
+use super::nnls;
+use crate::config::{Knobs, LossMode, Method, loss_chunk_rows};
+use crate::probe::{Components, ProbeResult, TimelineRow};
+use crate::spec::ModelSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The segments of a step, in the engine's order (see `engine::step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// Before the step: what stays allocated between steps besides weights and optimizer state.
+    Rest,
+    Embed,
+    FwdKept,
+    FwdRecomp,
+    Loss,
+    HeadBwd,
+    Recompute,
+    BwdKept,
+    BwdRecomp,
+    /// The embedding's backward and handing the micro-batch's gradients over (first micro-batch).
+    EmbedBwd,
+    /// The same for later micro-batches, which add into the accumulated gradients.
+    EmbedBwdAccum,
+    Clip,
+    Opt,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Rest => "rest",
+            Kind::Embed => "embed",
+            Kind::FwdKept => "forward_kept",
+            Kind::FwdRecomp => "forward_recomputed",
+            Kind::Loss => "loss",
+            Kind::HeadBwd => "head_backward",
+            Kind::Recompute => "recompute",
+            Kind::BwdKept => "backward_kept",
+            Kind::BwdRecomp => "backward_recomputed",
+            Kind::EmbedBwd => "embed_backward",
+            Kind::EmbedBwdAccum => "embed_backward_accum",
+            Kind::Clip => "clip",
+            Kind::Opt => "optimizer",
+        }
+    }
+
+    /// The shape features this segment's figures may depend on. Per-layer segments never see depth;
+    /// segments over all parameters see the trainable count (which grows with depth).
+    fn features(self) -> &'static [Feat] {
+        use Feat::*;
+        match self {
+            Kind::Rest => &[Const, Trainable],
+            Kind::Embed => &[Const, Tokens],
+            Kind::FwdKept | Kind::FwdRecomp | Kind::Recompute | Kind::BwdKept | Kind::BwdRecomp => {
+                &[Const, Tokens, Scores, LoraTokens, AdapterParams]
+            }
+            Kind::Loss | Kind::HeadBwd => &[Const, Tokens, Logits],
+            Kind::EmbedBwd | Kind::EmbedBwdAccum => &[Const, Tokens, Trainable],
+            Kind::Clip | Kind::Opt => &[Const, Trainable, Largest],
+        }
+    }
+
+    /// The class of a configuration for this segment: the discrete knobs that change its tensors.
+    /// The clip and the update see only the trainable tensors, so LoRA and QLoRA share theirs.
+    fn class(self, knobs: &Knobs) -> String {
+        let targets = super::calibrate::targets(knobs);
+        let method = match (self, knobs.method) {
+            (_, Method::Full) => "full".to_string(),
+            (Kind::Clip | Kind::Opt, _) => format!("adapters {targets}"),
+            (_, Method::Lora) => format!("lora {targets}"),
+            (_, Method::Qlora) => format!("qlora {} {targets}", knobs.quant),
+        };
+        let mut class = format!("{} {method} {}", self.name(), knobs.precision);
+        match self {
+            Kind::Loss | Kind::HeadBwd => class.push_str(&format!(" loss={}", knobs.loss)),
+            Kind::Clip | Kind::Opt => class.push_str(&format!(" {}", knobs.optimizer)),
+            _ => {}
+        }
+        class
+    }
+}
+
+/// Shape features, in elements (or parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feat {
+    Const,
+    /// batch × seq × hidden.
+    Tokens,
+    /// batch × heads × seq².
+    Scores,
+    /// Logit rows alive at once (every token, or one chunk) × vocabulary.
+    Logits,
+    /// batch × seq × Σ rank over adapter targets.
+    LoraTokens,
+    /// Adapter parameters per layer (rank × (in + out) summed over targets).
+    AdapterParams,
+    /// Trainable parameters of the whole model (at its depth).
+    Trainable,
+    /// The largest trainable tensor.
+    Largest,
+}
+
+impl Feat {
+    fn value(self, spec: &ModelSpec, knobs: &Knobs) -> f64 {
+        let tokens = (knobs.batch * knobs.seq) as f64;
+        let seq = knobs.seq as f64;
+        let frozen = knobs.method != Method::Full;
+        match self {
+            Feat::Const => 1.0,
+            Feat::Tokens => tokens * spec.hidden_size as f64,
+            Feat::Scores => knobs.batch as f64 * spec.num_attention_heads as f64 * seq * seq,
+            Feat::Logits => {
+                let rows = match knobs.loss {
+                    LossMode::Full => tokens,
+                    LossMode::Chunked => tokens.min(loss_chunk_rows(spec.vocab_size) as f64),
+                };
+                rows * spec.vocab_size as f64
+            }
+            Feat::LoraTokens if frozen => {
+                tokens * (knobs.lora.rank * knobs.lora.targets.len()) as f64
+            }
+            Feat::AdapterParams if frozen => {
+                exact::adapter_params_per_layer(spec, &knobs.lora) as f64
+            }
+            Feat::LoraTokens | Feat::AdapterParams => 0.0,
+            Feat::Trainable => exact::trainable_params(spec, knobs) as f64,
+            Feat::Largest => exact::largest_trainable_tensor(spec, knobs) as f64,
+        }
+    }
+}
+
+/// One measured segment of a probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub kind: Kind,
+    /// Bytes left allocated at the segment's end, relative to its start.
+    pub delta: f64,
+    /// Highest memory during the segment above its start (`None` for [`Kind::Rest`]).
+    pub excess: Option<f64>,
+}
+
+/// The kind of the segment that ends at `row`, given the row before it, or `None` for a mark this
+/// model does not know.
+fn kind_of(prev: &TimelineRow, row: &TimelineRow, spec: &ModelSpec, knobs: &Knobs) -> Option<Kind> {
+    let layers = spec.num_hidden_layers;
+    Some(match (row.phase.as_str(), row.layer) {
+        ("embed", _) => Kind::Embed,
+        ("forward", Some(l)) if knobs.checkpointing.recomputes(l) => Kind::FwdRecomp,
+        ("forward", Some(_)) => Kind::FwdKept,
+        ("loss", _) => Kind::Loss,
+        ("backward", Some(l)) if l == layers => Kind::HeadBwd,
+        ("recompute", _) => Kind::Recompute,
+        ("backward", Some(_)) if prev.phase == "recompute" => Kind::BwdRecomp,
+        ("backward", Some(_)) => Kind::BwdKept,
+        ("micro_batch_done", _) if row.micro_batch == 0 => Kind::EmbedBwd,
+        ("micro_batch_done", _) => Kind::EmbedBwdAccum,
+        ("clip", _) => Kind::Clip,
+        ("optimizer_step", _) => Kind::Opt,
+        _ => return None,
+    })
+}
+
+/// Splits a probe's timeline into segments. `None` when the timeline lacks the marks (a probe of an
+/// older memtune, or a prober that reports phases only).
+pub fn observations(probe: &ProbeResult) -> Option<Vec<Observation>> {
+    let rows = &probe.timeline;
+    let start = rows.iter().position(|r| r.phase == "step_start")?;
+    if !rows.iter().any(|r| r.phase == "embed") || rows.iter().all(|r| r.segment_peak_bytes == 0) {
+        return None;
+    }
+    let fixed = exact::weight_bytes(&probe.spec, &probe.knobs)
+        + exact::optimizer_bytes(&probe.spec, &probe.knobs);
+    let mut out = vec![Observation {
+        kind: Kind::Rest,
+        delta: rows[start].current_bytes as f64 - fixed as f64,
+        excess: None,
+    }];
+    for pair in rows[start..].windows(2) {
+        let (prev, row) = (&pair[0], &pair[1]);
+        let kind = kind_of(prev, row, &probe.spec, &probe.knobs)?;
+        out.push(Observation {
+            kind,
+            delta: row.current_bytes as f64 - prev.current_bytes as f64,
+            excess: Some(row.segment_peak_bytes.saturating_sub(prev.current_bytes) as f64),
+        });
+    }
+    Some(out)
+}
+
+/// Fitted figures of one segment class: `delta` and `excess` coefficients over `features`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentFit {
+    pub features: Vec<String>,
+    pub delta: Vec<f64>,
+    pub excess: Vec<f64>,
+    /// How many probes the class was fitted on.
+    pub probes: usize,
+}
+
+/// Per-segment fits, by class (see [`Kind`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentModel {
+    pub classes: BTreeMap<String, SegmentFit>,
+    /// Bytes a step pays besides its tensors on the device planned for (a GPU's context and
+    /// workspaces; 0 for the device probed).
+    #[serde(default)]
+    pub runtime_extra_bytes: f64,
+    /// Relative growth of the tensors that come and go every step on the device planned for (a
+    /// caching allocator's slack; 0 for the device probed).
+    #[serde(default)]
+    pub churn_allowance: f64,
+}
+
+/// Relative ridge: identified directions follow the (exact) data, unidentified ones stay at zero.
+const RIDGE: f64 = 1e-10;
+
+fn feature_values(kind: Kind, spec: &ModelSpec, knobs: &Knobs) -> Vec<f64> {
+    kind.features()
+        .iter()
+        .map(|f| f.value(spec, knobs))
+        .collect()
+}
+
+/// Fits signed coefficients (each column and its negation, non-negative) to rows weighted by the
+/// probe's peak, so every probe counts alike whatever its size.
+fn fit_signed(rows: &[(Vec<f64>, f64, f64)]) -> Result<Vec<f64>, nnls::FitError> {
+    let width = rows.first().map_or(0, |r| r.0.len());
+    let a: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|(x, _, w)| {
+            x.iter()
+                .chain(x.iter())
+                .enumerate()
+                .map(|(i, v)| if i < width { v * w } else { -v * w })
+                .collect()
+        })
+        .collect();
+    let b: Vec<f64> = rows.iter().map(|(_, t, w)| t * w).collect();
+    let solution = nnls::fit_nonnegative(&a, &b, &vec![0.0; 2 * width], RIDGE)?;
+    Ok((0..width)
+        .map(|i| solution[i] - solution[width + i])
+        .collect())
+}
+
+impl SegmentModel {
+    /// Fits every segment class the probes show. Probes without segment marks are skipped.
+    pub fn fit(probes: &[ProbeResult]) -> Result<Self, nnls::FitError> {
+        type Rows = Vec<(Vec<f64>, f64, f64)>;
+        let mut data: BTreeMap<String, (Kind, Rows, Rows, std::collections::BTreeSet<usize>)> =
+            BTreeMap::new();
+        for (i, probe) in probes.iter().enumerate() {
+            let Some(obs) = observations(probe) else {
+                continue;
+            };
+            let weight = 1.0 / probe.peak_bytes.max(1) as f64;
+            for o in obs {
+                let class = o.kind.class(&probe.knobs);
+                let x = feature_values(o.kind, &probe.spec, &probe.knobs);
+                let entry = data
+                    .entry(class)
+                    .or_insert_with(|| (o.kind, Vec::new(), Vec::new(), Default::default()));
+                entry.1.push((x.clone(), o.delta, weight));
+                if let Some(excess) = o.excess {
+                    entry.2.push((x, excess, weight));
+                }
+                entry.3.insert(i);
+            }
+        }
+        let mut classes = BTreeMap::new();
+        for (class, (kind, deltas, excesses, seen)) in data {
+            let width = kind.features().len();
+            let excess = if excesses.is_empty() {
+                vec![0.0; width]
+            } else {
+                fit_signed(&excesses)?
+            };
+            classes.insert(
+                class,
+                SegmentFit {
+                    features: kind
+                        .features()
+                        .iter()
+                        .map(|f| format!("{f:?}").to_lowercase())
+                        .collect(),
+                    delta: fit_signed(&deltas)?,
+                    excess,
+                    probes: seen.len(),
+                },
+            );
+        }
+        Ok(Self {
+            classes,
+            ..Self::default()
+        })
+    }
+
+    /// `(delta, excess)` of one segment, or `None` when its class was never probed.
+    fn figures(&self, kind: Kind, spec: &ModelSpec, knobs: &Knobs) -> Option<(f64, f64)> {
+        let fit = self.classes.get(&kind.class(knobs))?;
+        let x = feature_values(kind, spec, knobs);
+        let dot = |c: &[f64]| c.iter().zip(&x).map(|(c, x)| c * x).sum::<f64>();
+        let (delta, excess) = (dot(&fit.delta), dot(&fit.excess).max(0.0));
+        Some(if kind == Kind::Rest {
+            (delta.max(0.0) + self.runtime_extra_bytes, excess)
+        } else {
+            let grow = 1.0 + self.churn_allowance;
+            (delta * grow, excess * grow)
+        })
+    }
+
+    /// Replays one optimizer step of `spec` (at its full depth) segment by segment, or `None` when
+    /// some segment's class was never probed. The first entry is [`Kind::Rest`]: it starts at the
+    /// weights and optimizer state, and its delta is what else is allocated when the step starts.
+    pub fn replay(&self, spec: &ModelSpec, knobs: &Knobs) -> Option<Vec<Replayed>> {
+        let layers = spec.num_hidden_layers;
+        let grad_bytes = exact::trainable_dtype_bytes(knobs.precision) as f64;
+        let per_layer_grads = exact::trainable_params_per_layer(spec, knobs) as f64 * grad_bytes;
+        let all_grads = exact::trainable_params(spec, knobs) as f64 * grad_bytes;
+        let head_grads = if knobs.method == Method::Full {
+            all_grads - layers as f64 * per_layer_grads
+        } else {
+            0.0
+        };
+        let fixed = (exact::weight_bytes(spec, knobs) + exact::optimizer_bytes(spec, knobs)) as f64;
+        let (rest, _) = self.figures(Kind::Rest, spec, knobs)?;
+        let mut steps = vec![Replayed {
+            kind: Kind::Rest,
+            start: fixed,
+            delta: rest.max(0.0),
+            excess: 0.0,
+            grads: 0.0,
+        }];
+        let mut current = fixed + rest.max(0.0);
+        let mut grads_live = 0.0;
+        let mut run = |kind: Kind, grads_after: f64| -> Option<()> {
+            let (delta, excess) = self.figures(kind, spec, knobs)?;
+            steps.push(Replayed {
+                kind,
+                start: current,
+                delta,
+                excess,
+                grads: grads_live,
+            });
+            current += delta;
+            grads_live = grads_after;
+            Some(())
+        };
+        for m in 0..knobs.accum.max(1) {
+            let carried = if m == 0 { 0.0 } else { all_grads };
+            run(Kind::Embed, carried)?;
+            for l in 0..layers {
+                let kind = if knobs.checkpointing.recomputes(l) {
+                    Kind::FwdRecomp
+                } else {
+                    Kind::FwdKept
+                };
+                run(kind, carried)?;
+            }
+            run(Kind::Loss, carried)?;
+            let mut grads = carried + head_grads;
+            run(Kind::HeadBwd, grads)?;
+            for l in (0..layers).rev() {
+                grads += per_layer_grads;
+                if knobs.checkpointing.recomputes(l) {
+                    run(Kind::Recompute, grads - per_layer_grads)?;
+                    run(Kind::BwdRecomp, grads)?;
+                } else {
+                    run(Kind::BwdKept, grads)?;
+                }
+            }
+            let kind = if m == 0 {
+                Kind::EmbedBwd
+            } else {
+                Kind::EmbedBwdAccum
+            };
+            run(kind, all_grads)?;
+        }
+        run(Kind::Clip, all_grads)?;
+        run(Kind::Opt, 0.0)?;
+        Some(steps)
+    }
+
+    /// The peak of [`replay`](Self::replay) with its components, and the segment it peaked in.
+    /// Gradients are the exact bytes of those computed by then; the transient is the peaking
+    /// segment's excess; activations the rest of what is live.
+    pub fn simulate(&self, spec: &ModelSpec, knobs: &Knobs) -> Option<(Components, Kind)> {
+        let steps = self.replay(spec, knobs)?;
+        let rest = steps[0].start + steps[0].delta;
+        let peak = steps
+            .iter()
+            .skip(1)
+            .max_by(|a, b| (a.start + a.excess).total_cmp(&(b.start + b.excess)))?;
+        let weights = exact::weight_bytes(spec, knobs);
+        let optimizer = exact::optimizer_bytes(spec, knobs);
+        let top = (peak.start + peak.excess).max(rest);
+        let gradients = peak.grads.min((top - rest - peak.excess).max(0.0));
+        let activations = (top - rest - peak.excess - gradients).max(0.0);
+        let round = |v: f64| v.max(0.0).round() as u64;
+        let components = Components {
+            weights,
+            gradients: round(gradients),
+            optimizer,
+            activations: round(activations),
+            transient: round(peak.excess),
+            runtime: round(steps[0].delta),
+        };
+        Some((components, peak.kind))
+    }
+}
+
+/// One segment of a replayed step: where memory stood when it began, what it left, how far above
+/// its start it went, and the gradient bytes live during it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Replayed {
+    pub kind: Kind,
+    pub start: f64,
+    pub delta: f64,
+    pub excess: f64,
+    pub grads: f64,
+}
