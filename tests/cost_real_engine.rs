@@ -122,7 +122,8 @@ fn segment_model_predicts_unseen_full_depth_runs() {
     // packing buffers, per-tensor bookkeeping) weigh more than at real sizes, where the same model
     // is within 1% (reports/BENCHMARKS.md, examples/accuracy.rs). The phase model this replaced
     // missed such configurations by 25–400%.
-    assert!(worst < 0.06, "{}", report.join("\n"));
+    eprintln!("{}", report.join("\n"));
+    assert!(worst < 0.03, "{}", report.join("\n"));
 }
 
 /// Per segment kind, the measured and replayed (delta, excess) in KiB: where a miss comes from.

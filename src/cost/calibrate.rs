@@ -100,8 +100,9 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
         (cap(64), cap(128))
     };
     let deep = spec.num_hidden_layers.min(2);
+    // The chunk probe also doubles the longest other probe's tokens (2 × s1 at least).
     let (chunk_batch, chunk_seq) = chunk_probe(spec.vocab_size);
-    let chunk_seq = cap(chunk_seq);
+    let chunk_seq = cap(chunk_seq.max(s1));
 
     let checkpointing = if space
         .checkpointing
@@ -190,7 +191,9 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                     };
                     add(deep, 1, s0, 1, &knobs);
                     add(deep, 1, s1, 1, &knobs);
-                    add(deep, 2, s0, 1, &knobs);
+                    // Twice the tokens at one layer: the full loss's head peaks at its logits
+                    // beyond some length, at a widened weight below it.
+                    add(1, 2, s1, 1, &knobs);
                 }
                 // The update sees only trainable tensors: LoRA and QLoRA share its probes.
                 let first_frozen = method != Method::Full

@@ -218,6 +218,12 @@ pub struct SegmentFit {
     pub features: Vec<String>,
     pub delta: Vec<f64>,
     pub excess: Vec<f64>,
+    /// A second excess that grows with the shapes from zero (no constant), when one line cannot
+    /// explain the probes: the excess is then the larger of the two. A segment can peak at two
+    /// moments — e.g. the head's backward, at a widened copy of the vocabulary matrix (a constant)
+    /// for short inputs and at its logits-sized gradients for long ones.
+    #[serde(default)]
+    pub excess_growing: Vec<f64>,
     /// How many probes the class was fitted on.
     pub probes: usize,
 }
@@ -244,6 +250,65 @@ fn feature_values(kind: Kind, spec: &ModelSpec, knobs: &Knobs) -> Vec<f64> {
         .iter()
         .map(|f| f.value(spec, knobs))
         .collect()
+}
+
+/// A fit explains a row when it is within this share of the row's probe peak.
+const EXPLAINED: f64 = 2e-3;
+
+fn dot(c: &[f64], x: &[f64]) -> f64 {
+    c.iter().zip(x).map(|(c, x)| c * x).sum()
+}
+
+/// Fits the excess as one line, or — when one line leaves rows unexplained — as the larger of a line
+/// fitted to the smaller rows and a second line through zero (its constant held at 0) fitted to the
+/// larger ones, trying every split by size (the first shape feature) and keeping the one that
+/// explains the rows best. Returns (line, growing piece; empty when one line suffices).
+fn fit_two_pieces(rows: &[(Vec<f64>, f64, f64)]) -> Result<(Vec<f64>, Vec<f64>), nnls::FitError> {
+    let one = fit_signed(rows)?;
+    let worst = |a: &[f64], b: &[f64]| {
+        rows.iter()
+            .map(|(x, t, w)| {
+                let p = if b.is_empty() {
+                    dot(a, x)
+                } else {
+                    dot(a, x).max(dot(b, x))
+                };
+                ((p - t) * w).abs()
+            })
+            .fold(0.0f64, f64::max)
+    };
+    let single = worst(&one, &[]);
+    if single <= EXPLAINED || rows.first().is_none_or(|r| r.0.len() < 2) {
+        return Ok((one, Vec::new()));
+    }
+    let size = |x: &[f64]| x[1];
+    let mut sizes: Vec<f64> = rows.iter().map(|(x, _, _)| size(x)).collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    let mut best = (single, one.clone(), Vec::new());
+    for &split in sizes.iter().skip(1) {
+        let line: Vec<_> = rows
+            .iter()
+            .filter(|(x, _, _)| size(x) < split)
+            .cloned()
+            .collect();
+        let rising: Vec<_> = rows
+            .iter()
+            .filter(|(x, _, _)| size(x) >= split)
+            .map(|(x, t, w)| {
+                let mut x = x.clone();
+                x[0] = 0.0;
+                (x, *t, *w)
+            })
+            .collect();
+        let (a, b) = (fit_signed(&line)?, fit_signed(&rising)?);
+        let err = worst(&a, &b);
+        // A second piece must explain the rows much better than one line, not just a little.
+        if err < best.0 && err < 0.5 * single {
+            best = (err, a, b);
+        }
+    }
+    Ok((best.1, best.2))
 }
 
 /// Fits signed coefficients (each column and its negation, non-negative) to rows weighted by the
@@ -294,10 +359,15 @@ impl SegmentModel {
         let mut classes = BTreeMap::new();
         for (class, (kind, deltas, excesses, seen)) in data {
             let width = kind.features().len();
-            let excess = if excesses.is_empty() {
-                vec![0.0; width]
+            // Only the head's segments peak at two different moments (a widened copy of the
+            // vocabulary matrix for short inputs, logits-sized tensors for long ones); elsewhere a
+            // second piece would only chase small-size noise.
+            let (excess, excess_growing) = if excesses.is_empty() {
+                (vec![0.0; width], Vec::new())
+            } else if matches!(kind, Kind::Loss | Kind::HeadBwd) {
+                fit_two_pieces(&excesses)?
             } else {
-                fit_signed(&excesses)?
+                (fit_signed(&excesses)?, Vec::new())
             };
             classes.insert(
                 class,
@@ -309,6 +379,7 @@ impl SegmentModel {
                         .collect(),
                     delta: fit_signed(&deltas)?,
                     excess,
+                    excess_growing,
                     probes: seen.len(),
                 },
             );
@@ -324,7 +395,12 @@ impl SegmentModel {
         let fit = self.classes.get(&kind.class(knobs))?;
         let x = feature_values(kind, spec, knobs);
         let dot = |c: &[f64]| c.iter().zip(&x).map(|(c, x)| c * x).sum::<f64>();
-        let (delta, excess) = (dot(&fit.delta), dot(&fit.excess).max(0.0));
+        let delta = dot(&fit.delta);
+        // A segment's end is one of its moments: it goes at least as high as it ends.
+        let excess = dot(&fit.excess)
+            .max(dot(&fit.excess_growing))
+            .max(delta)
+            .max(0.0);
         Some(if kind == Kind::Rest {
             (delta.max(0.0) + self.runtime_extra_bytes, excess)
         } else {
