@@ -515,8 +515,8 @@ pub fn roofline(card: &GpuProfile, spec: &ModelSpec, knobs: &Knobs) -> Option<Ro
 
 /// `model` (fitted to CPU probes of `spec`'s shape) as a model of `card`: the tensors that churn
 /// every step grow by [`FRAGMENTATION_ALLOWANCE`], the runtime component gains the card's
-/// overhead (in the phase coefficients and in the segment model alike), and the time coefficients become the card's roofline. Weights and optimizer state
-/// stay exact.
+/// overhead (in the phase coefficients and in the segment model alike), and the time coefficients
+/// become the card's roofline. Weights and optimizer state stay exact.
 pub fn project(model: &CostModel, spec: &ModelSpec, card: &GpuProfile) -> CostModel {
     let mut projected = model.clone();
     for phase in [

@@ -15,6 +15,10 @@
 //! peaks, and the maximum over them) comes out of the simulation, and only per-segment figures are
 //! fitted.
 //!
+//! The loss and the head's backward can peak at two different moments — at a widened copy of the
+//! vocabulary matrix for short inputs, at logits-sized tensors for long ones — so their excess is
+//! the larger of two fitted lines where one does not explain the probes.
+//!
 //! Each segment kind is fitted per class: the discrete knobs that change its tensors (method,
 //! quantization, precision, adapter targets; the loss mode for the loss segments; the optimizer for
 //! the update), over a few shape features each (tokens, attention scores, logits rows, adapter sizes,
