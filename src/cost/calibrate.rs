@@ -1,9 +1,10 @@
 //! Calibration: the probes memtune chooses for itself, running them (or reusing a cached run), fitting,
 //! and judging the fit on probes it was not fitted to.
 //!
-//! The plan probes every allowed value of every discrete knob, but at reduced depth (1–2 layers),
-//! short sequences and micro-batches of 1–2, changing one thing at a time from a base configuration:
-//! the features carry the structure (what scales with layers, tokens, seq², vocab), the probes only fix
+//! The plan probes every class of discrete knobs the search may pick (method, quantization,
+//! precision), each at a few shapes, at reduced depth (1–2 layers), short sequences and micro-batches
+//! of 1–2 (see [`calibration_plan`]): the segment model carries the structure (what a segment leaves
+//! and how high it goes, per layer or once; the replay carries depth), the probes only fix
 //! coefficients. A probe still carries the full vocabulary and hidden size, so for large layers
 //! (≥ 50M parameters, e.g. 7B) the sequences are halved.
 
