@@ -90,6 +90,28 @@ pub fn forward_backward(
     observer: &mut dyn StepObserver,
     micro_batch: usize,
 ) -> Result<(f64, GradStore)> {
+    let keep = trainable_ids(model);
+    forward_backward_keeping(
+        model,
+        &keep,
+        batch,
+        normalizer,
+        loss_scale,
+        observer,
+        micro_batch,
+    )
+}
+
+/// [`forward_backward`] with the trainable ids computed once by the caller.
+fn forward_backward_keeping(
+    model: &Model,
+    keep: &HashSet<TensorId>,
+    batch: &Batch,
+    normalizer: f64,
+    loss_scale: f64,
+    observer: &mut dyn StepObserver,
+    micro_batch: usize,
+) -> Result<(f64, GradStore)> {
     let targets = LossTargets {
         ids: batch.targets.clone(),
         mask: batch.mask.clone(),
@@ -97,7 +119,6 @@ pub fn forward_backward(
     };
     let n_layers = model.layers.len();
     let policy = model.knobs.checkpointing;
-    let keep = trainable_ids(model);
 
     // Forward: a recomputed layer keeps only its input; a kept layer keeps its graph, rooted at a
     // `Var` copy of its input so that backward can stop there and hand the gradient down. Even
@@ -141,7 +162,7 @@ pub fn forward_backward(
             candle_core::Error::Msg("loss has no gradient for the last hidden state".into())
         })?;
     let mut grads = empty_grad_store(&model.device)?;
-    merge_grads(&mut grads, &head_grads, &keep)?;
+    merge_grads(&mut grads, &head_grads, keep)?;
     drop(head_grads);
     observer.mark("backward", Some(n_layers), micro_batch);
 
@@ -167,14 +188,14 @@ pub fn forward_backward(
                 .ok_or_else(|| {
                     candle_core::Error::Msg(format!("layer {l} input got no gradient"))
                 })?;
-            merge_grads(&mut grads, &layer_grads, &keep)?;
+            merge_grads(&mut grads, &layer_grads, keep)?;
         }
         observer.mark("backward", Some(l), micro_batch);
     }
     // The embedding's gradient (when it is trained) flows through the graph kept from `embed`.
     if model.embed_is_trainable() {
         let embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
-        merge_grads(&mut grads, &embed_grads, &keep)?;
+        merge_grads(&mut grads, &embed_grads, keep)?;
     }
     Ok((value, grads))
 }
@@ -234,6 +255,8 @@ pub struct Engine {
     pub optimizer: Box<dyn Optimizer>,
     pub hyper: Hyper,
     pub scaler: LossScaler,
+    /// Ids of `params`' tensors: which gradients a step keeps (computed once, not per micro-batch).
+    trainable_ids: HashSet<TensorId>,
 }
 
 impl Engine {
@@ -241,7 +264,9 @@ impl Engine {
         let params = model.trainable();
         let optimizer = optim::build(model.knobs.optimizer, params.clone(), &hyper)?;
         let scaler = LossScaler::new(model.knobs.precision);
+        let trainable_ids = params.iter().map(|p| p.var.as_tensor().id()).collect();
         Ok(Self {
+            trainable_ids,
             model,
             params,
             optimizer,
@@ -261,12 +286,13 @@ impl Engine {
             .map(|b| b.counted_tokens)
             .sum::<usize>()
             .max(1) as f64;
-        let keep = trainable_ids(&self.model);
+        let keep = &self.trainable_ids;
         let mut total: Option<GradStore> = None;
         let mut loss = 0.0;
         for (i, batch) in micro_batches.iter().enumerate() {
-            let (value, grads) = forward_backward(
+            let (value, grads) = forward_backward_keeping(
                 &self.model,
+                keep,
                 batch,
                 normalizer,
                 self.scaler.scale,
@@ -279,7 +305,7 @@ impl Engine {
                 // The micro-batch's store is freed before the mark, which then sees what the
                 // micro-batch leaves behind.
                 Some(t) => {
-                    merge_grads(t, &grads, &keep)?;
+                    merge_grads(t, &grads, keep)?;
                     drop(grads);
                 }
             }
