@@ -398,11 +398,10 @@ impl SegmentModel {
     fn figures(&self, kind: Kind, spec: &ModelSpec, knobs: &Knobs) -> Option<(f64, f64)> {
         let fit = self.classes.get(&kind.class(knobs))?;
         let x = feature_values(kind, spec, knobs);
-        let dot = |c: &[f64]| c.iter().zip(&x).map(|(c, x)| c * x).sum::<f64>();
-        let delta = dot(&fit.delta);
+        let delta = dot(&fit.delta, &x);
         // A segment's end is one of its moments: it goes at least as high as it ends.
-        let excess = dot(&fit.excess)
-            .max(dot(&fit.excess_growing))
+        let excess = dot(&fit.excess, &x)
+            .max(dot(&fit.excess_growing, &x))
             .max(delta)
             .max(0.0);
         Some(if kind == Kind::Rest {
