@@ -180,6 +180,39 @@ fn print_segments(model: &memtune::cost::CostModel, measured: &memtune::probe::P
     }
 }
 
+/// A held-out full-depth run, reused from `cache` when it holds one for the same configuration
+/// (the engine's bytes are deterministic; calibration changes do not change them).
+fn measured_run(
+    req: &ProbeRequest,
+    meter: &CpuMeter,
+    cache: Option<&std::path::Path>,
+) -> anyhow::Result<memtune::probe::ProbeResult> {
+    let label = format!(
+        "{} {}",
+        req.spec.name,
+        memtune::cost::calibrate::probe_label(&req.spec, &req.knobs)
+    );
+    let path = cache.map(|dir| {
+        let hash = label.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        dir.join(format!("heldout-{hash:016x}.json"))
+    });
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok())
+        && let Ok(result) = serde_json::from_str::<memtune::probe::ProbeResult>(&text)
+        && result.spec == req.spec
+        && result.knobs == req.knobs
+    {
+        eprintln!("{label}: measured run reused from the cache");
+        return Ok(result);
+    }
+    let result = run_probe(req, meter)?;
+    if let Some(p) = &path {
+        memtune::cost::calibrate::write_atomic(p, &serde_json::to_vec(&result)?)?;
+    }
+    Ok(result)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -246,11 +279,12 @@ fn main() -> anyhow::Result<()> {
     }
     let meter = CpuMeter::new();
     let mut ours = Vec::new();
+    let mut steps = Vec::new();
     let mut theirs: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     println!(
-        "| model | layers | config | measured peak MiB | predicted MiB | error | best closed-form (error) |"
+        "| model | layers | config | measured peak MiB | predicted MiB | error | best closed-form (error) | step s measured / predicted |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, cases) in &plan {
         let spec = catalog::get(name)?;
         let request = PolicyRequest {
@@ -266,7 +300,7 @@ fn main() -> anyhow::Result<()> {
         let mut prober = EngineProber {
             device: candle_core::Device::Cpu,
             meter: &meter,
-            warmup_steps: 1,
+            warmup_steps: 0,
             steps: 1,
             seed: 0,
         };
@@ -289,20 +323,22 @@ fn main() -> anyhow::Result<()> {
                 device: candle_core::Device::Cpu,
                 seed: 0,
             };
-            let measured = run_probe(&req, &meter)?;
+            let measured = measured_run(&req, &meter, cache.as_deref())?;
             if show_segments {
                 print_segments(&model, &measured);
             }
             let err = (predicted.peak_bytes as f64 - measured.peak_bytes as f64)
                 / measured.peak_bytes as f64;
             ours.push(err.abs());
+            let step_err = predicted.step_s / measured.step_s - 1.0;
+            steps.push(step_err.abs());
             let est = estimators(&peer, &spec, &k, measured.peak_bytes);
             for (n, e) in &est {
                 theirs.entry(n.clone()).or_default().push(e.abs());
             }
             let best = est.iter().min_by(|a, b| a.1.abs().total_cmp(&b.1.abs()));
             println!(
-                "| {} | {} | {} {} ckpt {} {} loss {} b{}×{} accum {} | {:.1} | {:.1} | {:+.2}% | {} |",
+                "| {} | {} | {} {} ckpt {} {} loss {} b{}×{} accum {} | {:.1} | {:.1} | {:+.2}% | {} | {:.2} / {:.2} ({:+.0}%) |",
                 name,
                 spec.num_hidden_layers,
                 k.method,
@@ -318,6 +354,9 @@ fn main() -> anyhow::Result<()> {
                 100.0 * err,
                 best.map(|(n, e)| format!("{n} {:+.1}%", 100.0 * e))
                     .unwrap_or_else(|| "—".into()),
+                measured.step_s,
+                predicted.step_s,
+                100.0 * step_err,
             );
         }
     }
@@ -329,6 +368,11 @@ fn main() -> anyhow::Result<()> {
         "| memtune (fitted to its own probes) | {:.2}% | {:.2}% |",
         100.0 * median(ours.clone()),
         100.0 * worst(&ours)
+    );
+    println!(
+        "| memtune step time (same runs; the CPU is shared and noisy) | {:.1}% | {:.1}% |",
+        100.0 * median(steps.clone()),
+        100.0 * worst(&steps)
     );
     for (n, v) in &theirs {
         println!(

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     let mut prober = EngineProber {
         device: candle_core::Device::Cpu,
         meter: &meter,
-        warmup_steps: 1,
+        warmup_steps: 0,
         steps: 1,
         seed: 0,
     };

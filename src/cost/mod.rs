@@ -33,12 +33,16 @@ pub use calibrate::{
 /// known-formula stand-in for tests.
 pub trait Prober {
     fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> anyhow::Result<ProbeResult>;
+    /// Called once before the probes of `plan` run (those not cached), e.g. to warm up the runtime.
+    fn prepare(&mut self, _plan: &[(ModelSpec, Knobs)]) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// The device the probes run on, e.g. `cpu` or `cuda:0 (NVIDIA H100 80GB HBM3)`.
     fn device(&self) -> String;
 }
 
 /// Bumped whenever the features or the fit change, so cached calibrations are not reused across them.
-pub const COST_MODEL_VERSION: u32 = 3;
+pub const COST_MODEL_VERSION: u32 = 4;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
@@ -176,7 +180,7 @@ pub fn shape_key(spec: &ModelSpec) -> String {
     let canonical = format!(
         "{:?}|v{}|h{}|i{}|a{}|kv{}|d{}|tie{}|bias{}",
         spec.architecture,
-        spec.vocab_size,
+        spec.full_vocab(),
         spec.hidden_size,
         spec.intermediate_size,
         spec.num_attention_heads,

@@ -126,6 +126,19 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
     let mut engine = Engine::new(model, hyper).context("building the optimizer for the probe")?;
     let after_optimizer = meter.current_bytes();
 
+    if req.warmup_steps == 0 {
+        // Without a warm-up step, one short forward makes what the weights build lazily on their
+        // first use (a quantized weight's kernels keep some per weight).
+        let ids = random_batch(1, 8, req.spec.vocab_size, req.seed, &req.device)?;
+        engine
+            .model
+            .logits(&ids.ids)
+            .context("priming the model for the probe")?;
+    }
+    engine
+        .model
+        .prepare(knobs.seq)
+        .context("building the RoPE tables for the probe")?;
     for micro in &batches[..req.warmup_steps] {
         engine.train_step(micro, 1e-5, &mut crate::engine::NoObserver)?;
     }
@@ -314,6 +327,38 @@ impl crate::cost::Prober for EngineProber<'_> {
             seed: self.seed,
         };
         run_probe(&req, self.meter)
+    }
+
+    /// Without warm-up steps of its own, a probe's first step must find the runtime's lasting
+    /// allocations made: the matmul kernels keep per-thread scratch that grows with the largest
+    /// product they have seen (fp16's by some 100 KiB per layer shape). So one step of each class
+    /// of discrete knobs runs first, at one layer and the plan's most tokens, unmeasured.
+    fn prepare(&mut self, plan: &[(ModelSpec, Knobs)]) -> Result<()> {
+        if self.warmup_steps > 0 {
+            return Ok(());
+        }
+        let mut largest: Vec<(ModelSpec, Knobs)> = Vec::new();
+        for (spec, knobs) in plan {
+            let class = |k: &Knobs| (k.method, k.quant, k.precision, k.loss);
+            let tokens = |k: &Knobs| k.batch * k.seq;
+            match largest.iter_mut().find(|(_, k)| class(k) == class(knobs)) {
+                Some(entry) if tokens(&entry.1) >= tokens(knobs) => {}
+                Some(entry) => *entry = (spec.with_layers(1), knobs.clone()),
+                None => largest.push((spec.with_layers(1), knobs.clone())),
+            }
+        }
+        for (spec, knobs) in largest {
+            let req = ProbeRequest {
+                spec,
+                knobs: Knobs { accum: 1, ..knobs },
+                warmup_steps: 0,
+                steps: 1,
+                device: self.device.clone(),
+                seed: self.seed,
+            };
+            run_probe(&req, self.meter)?;
+        }
+        Ok(())
     }
 
     fn device(&self) -> String {
