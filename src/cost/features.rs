@@ -12,7 +12,7 @@
 //! hidden-sized vectors per token".
 
 use super::exact;
-use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, Quant};
+use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, Quant, loss_chunk_rows};
 use crate::spec::ModelSpec;
 
 /// One feature: its name and value for a configuration.
@@ -94,7 +94,7 @@ impl Dims {
             vocab: spec.vocab_size as f64,
             logit_rows: match knobs.loss {
                 LossMode::Full => tokens,
-                LossMode::Chunked => tokens.min(spec.chunk_rows() as f64),
+                LossMode::Chunked => tokens.min(loss_chunk_rows(spec.vocab_size) as f64),
             },
             compute_bytes: cb as f64,
             trainable_bytes: tb as f64,
