@@ -120,7 +120,8 @@ fn prefer<T: Copy + PartialEq>(values: &[T], preferred: T) -> T {
 ///   tensors);
 /// - every probe runs at the reduced vocabulary of [`probe_vocab`], and each loss probe has a twin
 ///   at twice that vocabulary and the same depth, which tells the head's per-row bytes from its
-///   per-logit bytes.
+///   per-logit bytes; one short one-layer probe per loss mode runs the full vocabulary, for the
+///   head's step time (the segments are fitted without it).
 ///
 /// Large layers (≥ 50M parameters, e.g. 7B) get halved sequences and run the chunk probe at one
 /// layer.
@@ -185,6 +186,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
             spec.clone()
         }
     });
+    let base = &probe_spec;
     let mut plan: Vec<(ModelSpec, Knobs)> = Vec::new();
     let push = |plan: &mut Vec<(ModelSpec, Knobs)>, entry: (ModelSpec, Knobs)| {
         let label = probe_label(&entry.0, &entry.1);
@@ -213,7 +215,6 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
         } else {
             &space.quants[..1]
         };
-        let (base, twin_spec) = (&probe_spec, twin_spec.as_ref());
         for &quant in quants {
             for &precision in &space.precisions {
                 let class = Knobs {
@@ -256,7 +257,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                     // beyond some length, at a widened weight below it.
                     add(&mut plan, base, 1, 2, s1, 1, &knobs);
                 }
-                if let Some(twin) = twin_spec {
+                if let Some(twin) = &twin_spec {
                     let shapes: Vec<(usize, Knobs)> = plan[class_start..]
                         .iter()
                         .map(|(s, k)| (s.num_hidden_layers, k.clone()))
@@ -788,7 +789,8 @@ mod tests {
             "{} probes",
             plan.len()
         );
-        // Probes carry a reduced vocabulary (two sizes) but chunk the loss as the model does.
+        // Probes carry a reduced vocabulary (two sizes, and the full one for the head's time) but
+        // chunk the loss as the model does.
         let full = spec();
         let vocab = probe_vocab(&full);
         assert!(vocab < full.vocab_size);
