@@ -389,11 +389,6 @@ pub fn roofline_terms(card: &GpuProfile, spec: &ModelSpec) -> Vec<RooflineTerm> 
             seconds_per_unit: flop_s,
         });
         terms.push(RooflineTerm {
-            feature: format!("time_head_matmul_{suffix}"),
-            bound: Bound::Compute,
-            seconds_per_unit: flop_s,
-        });
-        terms.push(RooflineTerm {
             feature: format!("time_attention_{suffix}"),
             bound: Bound::Compute,
             seconds_per_unit: flop_s,
@@ -415,7 +410,6 @@ pub fn roofline_terms(card: &GpuProfile, spec: &ModelSpec) -> Vec<RooflineTerm> 
         LOSS_ACCESSES_PER_LOGIT * 4.0,
     ));
     terms.push(memory("time_weight_stream".to_string(), 1.0));
-    terms.push(memory("time_head_stream".to_string(), 1.0));
     for (kind, name) in [
         (OptimizerKind::Adamw, "time_optimizer_adamw"),
         (OptimizerKind::Adamw8bit, "time_optimizer_adamw8bit"),
@@ -503,8 +497,7 @@ pub fn roofline(card: &GpuProfile, spec: &ModelSpec, knobs: &Knobs) -> Option<Ro
     let step_s = compute_s + memory_s + overhead_s;
     let tokens = (knobs.batch * knobs.accum * knobs.seq) as f64;
     Some(RooflineEstimate {
-        matmul_flops: value(&format!("time_matmul_{suffix}"))
-            + value(&format!("time_head_matmul_{suffix}")),
+        matmul_flops: value(&format!("time_matmul_{suffix}")),
         attention_flops: value(&format!("time_attention_{suffix}")),
         peak_tflop_per_s,
         compute_s,

@@ -5,13 +5,10 @@
 //! precision), each at a few shapes, at reduced depth (1–2 layers), short sequences and micro-batches
 //! of 1–2 (see [`calibration_plan`]): the segment model carries the structure (what a segment leaves
 //! and how high it goes, per layer or once; the replay carries depth), the probes only fix
-//! coefficients. A probe carries the model's hidden size and layer shapes but a reduced vocabulary
-//! ([`probe_vocab`], and twice that for twins of the loss probes): the head's matmuls over a large
-//! vocabulary would otherwise dominate every probe, and what the embedding and the head hold
-//! scales with the vocabulary (see `segments`). The chunked loss keeps the full model's rows per
-//! chunk. For large layers (≥ 50M parameters, e.g. 7B) the sequences are halved. The probes run
-//! without warm-up steps of their own on the CPU: the prober runs one unmeasured step per class
-//! first (see `EngineProber::prepare`).
+//! coefficients. A probe still carries the full vocabulary and hidden size, so for large layers
+//! (≥ 50M parameters, e.g. 7B) the sequences are halved. On the CPU the probes run without
+//! warm-up steps of their own: the prober runs one unmeasured step per class first (see
+//! `EngineProber::prepare`).
 
 use super::{CostError, CostModel, FailedProbe, Prober, shape_key, version};
 use crate::config::{Checkpointing, Knobs, LossMode, Method, OptimizerKind};
@@ -25,28 +22,8 @@ use std::path::{Path, PathBuf};
 const LARGE_LAYER_PARAMS: u64 = 50_000_000;
 /// Batch and sequence of the probe that makes the chunked loss saturate: more tokens than the
 /// loss computes at once (`loss_chunk_rows`) for this vocabulary.
-fn chunk_probe(spec: &ModelSpec) -> (usize, usize) {
-    (2, spec.chunk_rows() / 2 + 32)
-}
-
-/// The vocabulary a calibration probe carries: enough that its head costs about a quarter of a
-/// layer per token (at least 1024 tokens, a multiple of 256), or the model's own when that is not
-/// at least four times as large (the loss probes' twins at twice the reduced vocabulary would then
-/// cost more than they save: Llama-2-7B's head is already small beside its layers). The head's
-/// matmuls over a large vocabulary (Qwen's 152k tokens) would otherwise dominate every probe; what
-/// a probe measures at the embedding and the head scales with the vocabulary (see `segments`), and
-/// a layer never sees it.
-pub fn probe_vocab(spec: &ModelSpec) -> usize {
-    let per_layer = spec.layer_params() as usize;
-    let reduced = (per_layer / (4 * spec.hidden_size.max(1)))
-        .max(1024)
-        .div_ceil(256)
-        * 256;
-    if 4 * reduced <= spec.vocab_size {
-        reduced
-    } else {
-        spec.vocab_size
-    }
+fn chunk_probe(vocab: usize) -> (usize, usize) {
+    (2, crate::config::loss_chunk_rows(vocab) / 2 + 32)
 }
 
 /// A short, stable description of a probe configuration: everything that changes its cost and nothing
@@ -62,12 +39,8 @@ pub fn probe_label(spec: &ModelSpec, knobs: &Knobs) -> String {
             targets(knobs)
         ),
     };
-    let vocab = match spec.full_vocab_size {
-        Some(_) => format!(" V{}", spec.vocab_size),
-        None => String::new(),
-    };
     format!(
-        "L{}{vocab} b{}x{} s{} {} {} ckpt={} {} loss={}",
+        "L{} b{}x{} s{} {} {} ckpt={} {} loss={}",
         spec.num_hidden_layers,
         knobs.batch,
         knobs.accum,
@@ -117,11 +90,7 @@ fn prefer<T: Copy + PartialEq>(values: &[T], preferred: T) -> T {
 ///   gradient merge is a segment of its own);
 /// - each other loss mode adds three probes, each other optimizer and LoRA rank two (the
 ///   optimizer's for full fine-tuning and for one adapter class: the update sees only trainable
-///   tensors);
-/// - every probe runs at the reduced vocabulary of [`probe_vocab`], and each loss probe has a twin
-///   at twice that vocabulary and the same depth, which tells the head's per-row bytes from its
-///   per-logit bytes; one short one-layer probe per loss mode runs the full vocabulary, for the
-///   head's step time (the segments are fitted without it).
+///   tensors).
 ///
 /// Large layers (≥ 50M parameters, e.g. 7B) get halved sequences and run the chunk probe at one
 /// layer.
@@ -135,7 +104,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
     };
     let deep = spec.num_hidden_layers.min(2);
     // The chunk probe also doubles the longest other probe's tokens (2 × s1 at least).
-    let (chunk_batch, chunk_seq) = chunk_probe(spec);
+    let (chunk_batch, chunk_seq) = chunk_probe(spec.vocab_size);
     let chunk_seq = cap(chunk_seq.max(s1));
 
     let checkpointing = if space
@@ -168,46 +137,21 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
         .max();
 
     let frozen_method = space.methods.iter().copied().find(|&m| m != Method::Full);
-    let vocab = probe_vocab(spec);
-    let probe_spec = if vocab < spec.vocab_size {
-        spec.with_probe_vocab(vocab)
-    } else {
-        spec.clone()
-    };
-    // Twins of the loss probes at twice the vocabulary (and the same depth: what the loss keeps
-    // depends on whether the last layer is recomputed): what the head holds per row (tokens ×
-    // hidden) and per logit (tokens × vocabulary) grow together at one vocabulary, and only a second
-    // one tells them apart.
-    let twin_spec = (vocab < spec.vocab_size).then(|| {
-        let twin = (2 * vocab).min(spec.vocab_size);
-        if twin < spec.vocab_size {
-            spec.with_probe_vocab(twin)
-        } else {
-            spec.clone()
-        }
-    });
-    let base = &probe_spec;
     let mut plan: Vec<(ModelSpec, Knobs)> = Vec::new();
-    let push = |plan: &mut Vec<(ModelSpec, Knobs)>, entry: (ModelSpec, Knobs)| {
+    let mut add = |layers: usize, batch: usize, seq: usize, accum: usize, knobs: &Knobs| {
+        let entry = (
+            spec.with_layers(layers.max(1)),
+            Knobs {
+                batch,
+                seq,
+                accum,
+                ..knobs.clone()
+            },
+        );
         let label = probe_label(&entry.0, &entry.1);
         if !plan.iter().any(|(s, k)| probe_label(s, k) == label) {
             plan.push(entry);
         }
-    };
-    let add = |plan: &mut Vec<(ModelSpec, Knobs)>,
-               base: &ModelSpec,
-               layers: usize,
-               batch: usize,
-               seq: usize,
-               accum: usize,
-               knobs: &Knobs| {
-        let knobs = Knobs {
-            batch,
-            seq,
-            accum,
-            ..knobs.clone()
-        };
-        push(plan, (base.with_layers(layers.max(1)), knobs));
     };
     for &method in &space.methods {
         let quants: &[crate::config::Quant] = if method == Method::Qlora {
@@ -232,14 +176,11 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                     optimizer: base_optimizer,
                     loss: base_loss,
                 };
-                let class_start = plan.len();
-                add(&mut plan, base, 1, 1, s0, accum, &class);
-                add(&mut plan, base, deep, 1, s0, accum, &class);
-                add(&mut plan, base, deep, 1, s1, accum, &class);
-                add(&mut plan, base, deep, 2, s0, 1, &class);
+                add(1, 1, s0, accum, &class);
+                add(deep, 1, s0, accum, &class);
+                add(deep, 1, s1, accum, &class);
+                add(deep, 2, s0, 1, &class);
                 add(
-                    &mut plan,
-                    base,
                     if large { 1 } else { deep },
                     chunk_batch,
                     chunk_seq,
@@ -251,41 +192,11 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                         loss,
                         ..class.clone()
                     };
-                    add(&mut plan, base, deep, 1, s0, 1, &knobs);
-                    add(&mut plan, base, deep, 1, s1, 1, &knobs);
+                    add(deep, 1, s0, 1, &knobs);
+                    add(deep, 1, s1, 1, &knobs);
                     // Twice the tokens at one layer: the full loss's head peaks at its logits
                     // beyond some length, at a widened weight below it.
-                    add(&mut plan, base, 1, 2, s1, 1, &knobs);
-                }
-                if let Some(twin) = &twin_spec {
-                    let shapes: Vec<(usize, Knobs)> = plan[class_start..]
-                        .iter()
-                        .map(|(s, k)| (s.num_hidden_layers, k.clone()))
-                        .collect();
-                    for (layers, knobs) in shapes {
-                        push(&mut plan, (twin.with_layers(layers), knobs));
-                    }
-                }
-                // One probe per loss mode at the full vocabulary, one layer and the fewest tokens:
-                // the head's time at its real size (reading the vocabulary matrix is most of a
-                // short step there). Without them the step-time fit extrapolated the head 32-fold
-                // and ranked the loss modes wrongly (examples/regret.rs).
-                if vocab < spec.vocab_size {
-                    for &loss in &space.losses {
-                        push(
-                            &mut plan,
-                            (
-                                spec.with_layers(1),
-                                Knobs {
-                                    loss,
-                                    batch: 1,
-                                    seq: s0,
-                                    accum: 1,
-                                    ..class.clone()
-                                },
-                            ),
-                        );
-                    }
+                    add(1, 2, s1, 1, &knobs);
                 }
                 // The update sees only trainable tensors: LoRA and QLoRA share its probes.
                 let first_frozen = method != Method::Full
@@ -301,8 +212,8 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                         optimizer,
                         ..class.clone()
                     };
-                    add(&mut plan, base, 1, 1, s0, 1, &knobs);
-                    add(&mut plan, base, deep, 1, s0, 1, &knobs);
+                    add(1, 1, s0, 1, &knobs);
+                    add(deep, 1, s0, 1, &knobs);
                 }
                 if let Some(rank) = other_rank.filter(|_| method != Method::Full) {
                     let knobs = Knobs {
@@ -312,8 +223,8 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                         },
                         ..class.clone()
                     };
-                    add(&mut plan, base, deep, 1, s0, 1, &knobs);
-                    add(&mut plan, base, deep, 1, s1, 1, &knobs);
+                    add(deep, 1, s0, 1, &knobs);
+                    add(deep, 1, s1, 1, &knobs);
                 }
             }
         }
@@ -741,7 +652,7 @@ mod tests {
         let plan = calibration_plan(&spec(), &space);
         assert!(plan.iter().all(|(s, k)| s.num_hidden_layers <= 2
             && k.batch <= 2
-            && k.seq <= chunk_probe(s).1.max(128)));
+            && k.seq <= chunk_probe(s.vocab_size).1.max(128)));
         for method in &space.methods {
             assert!(plan.iter().any(|(_, k)| k.method == *method), "{method}");
         }
@@ -779,35 +690,17 @@ mod tests {
             })
             .sum::<usize>()
             * space.precisions.len();
-        // Each loss probe has a twin at twice the vocabulary; one per loss mode runs the full one.
-        let per_class = 2 * (5 + 3 * (space.losses.len() - 1))
-            + space.losses.len()
-            + 2 * usize::from(space.ranks.len() > 1);
+        let per_class = 5 + 3 * (space.losses.len() - 1) + 2 * usize::from(space.ranks.len() > 1);
         let optimizers = 2 * 2 * (space.optimizers.len() - 1) * space.precisions.len();
         assert!(
             plan.len() <= classes * per_class + optimizers,
             "{} probes",
             plan.len()
         );
-        // Probes carry a reduced vocabulary (two sizes, and the full one for the head's time) but
-        // chunk the loss as the model does.
-        let full = spec();
-        let vocab = probe_vocab(&full);
-        assert!(vocab < full.vocab_size);
-        for (s, _) in &plan {
-            assert!(
-                [vocab, 2 * vocab, full.vocab_size].contains(&s.vocab_size),
-                "{}",
-                s.vocab_size
-            );
-            assert_eq!(s.chunk_rows(), full.chunk_rows());
-            assert_eq!(super::shape_key(s), super::shape_key(&full));
-        }
-        // The default policy (lora only): 18 probes per precision, 8 of them twins, 2 at the full
-        // vocabulary.
+        // The default policy (lora only) stays near two dozen probes.
         let default = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
         let n = calibration_plan(&spec(), &default).len();
-        assert!(n <= 54, "{n}");
+        assert!(n <= 25, "{n}");
     }
 
     #[test]
@@ -828,7 +721,7 @@ mod tests {
         let long: Vec<_> = plan.iter().filter(|(_, k)| k.seq > 64).collect();
         assert!(!long.is_empty());
         for (s, k) in long {
-            assert_eq!((k.batch, k.seq), chunk_probe(&seven_b));
+            assert_eq!((k.batch, k.seq), chunk_probe(32000));
             assert_eq!(s.num_hidden_layers, 1);
         }
     }
@@ -877,11 +770,9 @@ mod tests {
 
     #[test]
     fn full_fine_tunes_that_peak_in_the_optimizer_step_still_predict_backward_at_scale() {
-        // A large vocabulary makes the embedding's optimizer temporaries dwarf a probe's
-        // activations, so the full model's probes would peak in the optimizer step, where the
-        // phase model sees only the backward mark; vocabulary-reduced probes peak in backward
-        // instead. Either way, and with both ways of reporting marks, the prediction at scale
-        // holds.
+        // A large vocabulary makes the embedding's optimizer temporaries dwarf a probe's activations:
+        // every full fine-tune probe peaks in the optimizer step, and only the timeline's backward
+        // mark tells what forward/backward cost. Both ways of reporting marks must work.
         let spec = ModelSpec {
             vocab_size: 64_000,
             hidden_size: 512,
@@ -898,6 +789,13 @@ mod tests {
                 ..SyntheticProber::new()
             };
             let model = calibrate(&spec, &space, &mut prober, None, &mut |_| {}).unwrap();
+            let compute: Vec<String> = model
+                .fitted_on
+                .iter()
+                .filter(|p| Phase::of_probe(p) == Phase::Compute)
+                .map(|p| probe_label(&p.spec, &p.knobs))
+                .collect();
+            assert!(compute.len() * 2 < model.fitted_on.len(), "{compute:?}");
             let holdout: Vec<ProbeResult> = holdout_plan(&spec, &space, 12, 1024, 4)
                 .iter()
                 .map(|(s, k)| SyntheticProber::truth(s, k))

@@ -242,7 +242,6 @@ mod tests {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: true,
             attention_bias: false,
-            full_vocab_size: None,
         }
     }
 

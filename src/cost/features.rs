@@ -12,7 +12,7 @@
 //! hidden-sized vectors per token".
 
 use super::exact;
-use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, Quant};
+use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, Quant, loss_chunk_rows};
 use crate::spec::ModelSpec;
 
 /// One feature: its name and value for a configuration.
@@ -94,7 +94,7 @@ impl Dims {
             vocab: spec.vocab_size as f64,
             logit_rows: match knobs.loss {
                 LossMode::Full => tokens,
-                LossMode::Chunked => tokens.min(spec.chunk_rows() as f64),
+                LossMode::Chunked => tokens.min(loss_chunk_rows(spec.vocab_size) as f64),
             },
             compute_bytes: cb as f64,
             trainable_bytes: tb as f64,
@@ -269,15 +269,6 @@ const MATMUL: [&str; 4] = [
     "time_matmul_fp16",
     "time_matmul_bf16_pure",
 ];
-/// The head's matmuls get rates of their own: one short, wide product per pass, bound by reading the
-/// vocabulary matrix more than the layers' are — and calibration probes carry a reduced vocabulary,
-/// so the layers' rate must not stand in for the head's at the full one.
-const HEAD_MATMUL: [&str; 4] = [
-    "time_head_matmul_fp32",
-    "time_head_matmul_bf16",
-    "time_head_matmul_fp16",
-    "time_head_matmul_bf16_pure",
-];
 const ATTENTION: [&str; 4] = [
     "time_attention_fp32",
     "time_attention_bf16",
@@ -310,8 +301,7 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
         } else {
             0.0
         };
-    let matmul = d.tokens * (2.0 * lin * base_passes + lora * all_passes);
-    let head_matmul = d.tokens * head * head_passes;
+    let matmul = d.tokens * (2.0 * lin * base_passes + lora * all_passes + head * head_passes);
     let attention = d.tokens * 4.0 * d.seq * d.q_dim * all_passes;
     let elementwise = d.tokens * d.hidden * all_passes;
     let p = precision_index(knobs.precision);
@@ -319,7 +309,6 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
     for i in 0..4 {
         let on = if i == p { d.accum } else { 0.0 };
         f.push((MATMUL[i], on * matmul));
-        f.push((HEAD_MATMUL[i], on * head_matmul));
         f.push((ATTENTION[i], on * attention));
         f.push((ELEMENTWISE[i], on * elementwise));
     }
@@ -331,14 +320,10 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
     // streams its matrices once per micro-batch, and the head streams the vocabulary matrix once per
     // loss chunk per pass. Short probes sit in this regime; long sequences in the arithmetic one.
     let head_chunks = (d.tokens / d.logit_rows.max(1.0)).ceil();
-    f.push((
-        "time_weight_stream",
-        d.accum * d.compute_bytes * lin * base_passes,
-    ));
-    f.push((
-        "time_head_stream",
-        d.accum * d.compute_bytes * d.vocab * d.hidden * head_chunks * head_passes,
-    ));
+    let stream = d.accum
+        * d.compute_bytes
+        * (lin * base_passes + d.vocab * d.hidden * head_chunks * head_passes);
+    f.push(("time_weight_stream", stream));
     for kind in OPTIMIZERS {
         let on = if knobs.optimizer == kind { 1.0 } else { 0.0 };
         let name = match kind {

@@ -180,7 +180,7 @@ pub fn shape_key(spec: &ModelSpec) -> String {
     let canonical = format!(
         "{:?}|v{}|h{}|i{}|a{}|kv{}|d{}|tie{}|bias{}",
         spec.architecture,
-        spec.full_vocab(),
+        spec.vocab_size,
         spec.hidden_size,
         spec.intermediate_size,
         spec.num_attention_heads,

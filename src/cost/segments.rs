@@ -27,7 +27,7 @@
 
 use super::exact;
 use super::nnls;
-use crate::config::{Knobs, LossMode, Method};
+use crate::config::{Knobs, LossMode, Method, loss_chunk_rows};
 use crate::probe::{Components, ProbeResult, TimelineRow};
 use crate::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
@@ -74,20 +74,17 @@ impl Kind {
     }
 
     /// The shape features this segment's figures may depend on. Per-layer segments never see depth;
-    /// segments over all parameters see the trainable count (which grows with depth). The segments
-    /// at either end of the model (embedding, loss, head) have no constant: what they hold besides
-    /// tokens and logits is a copy of (or gradient for) the vocabulary matrix, so it scales with the
-    /// vocabulary, and probes with a reduced vocabulary predict the full one.
+    /// segments over all parameters see the trainable count (which grows with depth).
     fn features(self) -> &'static [Feat] {
         use Feat::*;
         match self {
             Kind::Rest => &[Const, Trainable],
-            Kind::Embed => &[Vocab, Tokens],
+            Kind::Embed => &[Const, Tokens],
             Kind::FwdKept | Kind::FwdRecomp | Kind::Recompute | Kind::BwdKept | Kind::BwdRecomp => {
                 &[Const, Tokens, Scores, LoraTokens, AdapterParams]
             }
-            Kind::Loss | Kind::HeadBwd => &[Vocab, Tokens, Logits],
-            Kind::EmbedBwd | Kind::EmbedBwdAccum => &[Vocab, Tokens, Trainable],
+            Kind::Loss | Kind::HeadBwd => &[Const, Tokens, Logits],
+            Kind::EmbedBwd | Kind::EmbedBwdAccum => &[Const, Tokens, Trainable],
             Kind::Clip | Kind::Opt => &[Const, Trainable, Largest],
         }
     }
@@ -116,8 +113,6 @@ impl Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Feat {
     Const,
-    /// vocabulary × hidden: the embedding or head matrix.
-    Vocab,
     /// batch × seq × hidden.
     Tokens,
     /// batch × heads × seq².
@@ -141,13 +136,12 @@ impl Feat {
         let frozen = knobs.method != Method::Full;
         match self {
             Feat::Const => 1.0,
-            Feat::Vocab => (spec.vocab_size * spec.hidden_size) as f64,
             Feat::Tokens => tokens * spec.hidden_size as f64,
             Feat::Scores => knobs.batch as f64 * spec.num_attention_heads as f64 * seq * seq,
             Feat::Logits => {
                 let rows = match knobs.loss {
                     LossMode::Full => tokens,
-                    LossMode::Chunked => tokens.min(spec.chunk_rows() as f64),
+                    LossMode::Chunked => tokens.min(loss_chunk_rows(spec.vocab_size) as f64),
                 };
                 rows * spec.vocab_size as f64
             }
@@ -346,14 +340,6 @@ impl SegmentModel {
     /// Fits every segment class the probes show. Probes without segment marks are skipped.
     pub fn fit(probes: &[ProbeResult]) -> Result<Self, nnls::FitError> {
         type Rows = Vec<(Vec<f64>, f64, f64)>;
-        // With vocabulary-reduced probes in the set, the plan's few full-vocabulary probes are
-        // there for the step time: the segments are fitted to the reduced ones (their twins at two
-        // vocabularies pin what scales with it; a third vocabulary far away only pulls the pieces).
-        let reduced = probes.iter().any(|p| p.spec.full_vocab_size.is_some());
-        let probes: Vec<&ProbeResult> = probes
-            .iter()
-            .filter(|p| !reduced || p.spec.full_vocab_size.is_some())
-            .collect();
         let mut data: BTreeMap<String, (Kind, Rows, Rows, std::collections::BTreeSet<usize>)> =
             BTreeMap::new();
         for (i, probe) in probes.iter().enumerate() {

@@ -4,7 +4,7 @@
 //! end-to-end tests use it where no real engine should run; it is not a model of any device.
 
 use super::{Prober, exact};
-use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision};
+use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, loss_chunk_rows};
 use crate::probe::{Components, ProbeResult, TimelineRow};
 use crate::spec::ModelSpec;
 
@@ -71,7 +71,7 @@ impl SyntheticProber {
         };
         let rows = match knobs.loss {
             LossMode::Full => n,
-            LossMode::Chunked => n.min(spec.chunk_rows() as f64),
+            LossMode::Chunked => n.min(loss_chunk_rows(spec.vocab_size) as f64),
         };
         let logits = match knobs.loss {
             LossMode::Full => rows * v * (cb + 3.0 * 4.0),

@@ -5,7 +5,7 @@
 
 use super::ops::{self, FrozenWeight, LossTargets};
 use super::optim::Param;
-use crate::config::{Knobs, LossMode, Method, Precision, Quant, Target};
+use crate::config::{Knobs, LossMode, Method, Precision, Quant, Target, loss_chunk_rows};
 use crate::spec::ModelSpec;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -574,7 +574,13 @@ impl Model {
             LossMode::Chunked => {
                 let trainable = matches!(head, Weight::Trainable(_));
                 let w = head.as_compute(self.dtypes.compute)?;
-                ops::chunked_cross_entropy(&xn, &w, targets, self.spec.chunk_rows(), trainable)
+                ops::chunked_cross_entropy(
+                    &xn,
+                    &w,
+                    targets,
+                    loss_chunk_rows(self.spec.vocab_size),
+                    trainable,
+                )
             }
             LossMode::Full => {
                 let logits = match head {

@@ -92,7 +92,6 @@ pub fn spec_from_content(
         // llama.cpp writes no `output.weight` when the head shares the embedding matrix.
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        full_vocab_size: None,
     };
     spec.validate().map_err(|reason| SpecError::Invalid {
         file: file.to_string(),

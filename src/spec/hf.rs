@@ -76,7 +76,6 @@ pub fn parse_config(text: &str, file: &str, name: &str) -> Result<ModelSpec, Spe
             .optional_bool("tie_word_embeddings")?
             .unwrap_or(false),
         attention_bias: attention_bias(&fields, architecture)?,
-        full_vocab_size: None,
     };
     spec.validate().map_err(|reason| SpecError::Invalid {
         file: file.to_string(),

@@ -183,11 +183,6 @@ pub struct ModelSpec {
     pub tie_word_embeddings: bool,
     /// Bias on the q, k and v projections (qwen2); o_proj and the MLP never have one.
     pub attention_bias: bool,
-    /// Set on a calibration probe's spec whose vocabulary was reduced (see
-    /// [`with_probe_vocab`](Self::with_probe_vocab)): the vocabulary of the model it stands for,
-    /// which still decides the chunked loss's rows and the model's identity.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub full_vocab_size: Option<usize>,
 }
 
 impl ModelSpec {
@@ -208,7 +203,6 @@ impl ModelSpec {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
             attention_bias: false,
-            full_vocab_size: None,
         }
     }
 
@@ -245,29 +239,6 @@ impl ModelSpec {
             num_hidden_layers: layers,
             ..self.clone()
         }
-    }
-
-    /// This model with a vocabulary of `vocab` tokens, for a calibration probe: the embedding and
-    /// head shrink, everything a layer does stays, and the chunked loss keeps the rows per chunk of
-    /// the full vocabulary ([`chunk_rows`](Self::chunk_rows)). The cost model's vocabulary-dependent
-    /// features scale with `vocab_size`, so such probes predict the full model.
-    pub fn with_probe_vocab(&self, vocab: usize) -> Self {
-        Self {
-            vocab_size: vocab,
-            full_vocab_size: Some(self.full_vocab()),
-            ..self.clone()
-        }
-    }
-
-    /// The vocabulary of the model this spec stands for (see [`full_vocab_size`](Self::full_vocab_size)).
-    pub fn full_vocab(&self) -> usize {
-        self.full_vocab_size.unwrap_or(self.vocab_size)
-    }
-
-    /// Logit rows the chunked loss computes at once: decided by the full model's vocabulary, so that
-    /// a vocabulary-reduced probe chunks its loss as the model it stands for does.
-    pub fn chunk_rows(&self) -> usize {
-        crate::config::loss_chunk_rows(self.full_vocab())
     }
 
     /// Checks the invariants the engine relies on; the error names the offending field.
