@@ -193,9 +193,7 @@ fn measured_run(
         memtune::cost::calibrate::probe_label(&req.spec, &req.knobs)
     );
     let path = cache.map(|dir| {
-        let hash = label.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
+        let hash = memtune::cost::fnv1a(label.as_bytes());
         dir.join(format!("heldout-{hash:016x}.json"))
     });
     if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok())

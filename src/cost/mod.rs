@@ -198,7 +198,7 @@ pub fn shape_key(spec: &ModelSpec) -> String {
 }
 
 /// FNV-1a, 64-bit: a hash that is stable across Rust versions and platforms (file names depend on it).
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         hash ^= b as u64;

@@ -337,10 +337,10 @@ impl crate::cost::Prober for EngineProber<'_> {
         if self.warmup_steps > 0 {
             return Ok(());
         }
+        let class = |k: &Knobs| (k.method, k.quant, k.precision, k.loss);
+        let tokens = |k: &Knobs| k.batch * k.seq;
         let mut largest: Vec<(ModelSpec, Knobs)> = Vec::new();
         for (spec, knobs) in plan {
-            let class = |k: &Knobs| (k.method, k.quant, k.precision, k.loss);
-            let tokens = |k: &Knobs| k.batch * k.seq;
             match largest.iter_mut().find(|(_, k)| class(k) == class(knobs)) {
                 Some(entry) if tokens(&entry.1) >= tokens(knobs) => {}
                 Some(entry) => *entry = (spec.with_layers(1), knobs.clone()),

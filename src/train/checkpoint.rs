@@ -124,11 +124,7 @@ impl RunSettings {
 /// Length and 64-bit FNV-1a hash of `path`'s bytes.
 pub fn fingerprint(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in &bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let hash = crate::cost::fnv1a(&bytes);
     Ok(format!("{} bytes, fnv1a {hash:016x}", bytes.len()))
 }
 
