@@ -42,7 +42,9 @@ pub trait Prober {
 }
 
 /// Bumped whenever the features or the fit change, so cached calibrations are not reused across them.
-pub const COST_MODEL_VERSION: u32 = 4;
+/// (5: caches written by the vocabulary-reduced probes of commits fb28124–71a7855, also version 4,
+/// hold probes of another shape key.)
+pub const COST_MODEL_VERSION: u32 = 5;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
