@@ -1,11 +1,14 @@
 //! Trainer speed and memory against PyTorch + transformers + peft on the same CPU, side by side.
 //!
 //! For each configuration it runs `memtune profile` (a fresh process: warm-up, then measured steps)
-//! and `../shared/peer/train_step.py` (a fresh process, same shapes, same threads), alternating, and
-//! prints tokens/s and memory ratios. Build first, then run from the repo root:
+//! and `../shared/peer/train_step.py` (a fresh process, same shapes, same threads), alternating,
+//! `--repeats` times (default 3), and prints the median tokens/s of each and the memory ratios.
+//! `--before PATH` adds another memtune binary (say, one built from an earlier commit) to the same
+//! alternation and prints this build's speed against it. Build first, then run from the repo root:
 //!
-//!     cargo build --release --examples
+//!     cargo build --release --bins --examples
 //!     target/release/examples/bench_vs_pytorch --python /work/peer-venv/bin/python [--quick]
+//!         [--repeats N] [--before OLD_MEMTUNE]
 //!
 //! memtune's memory is its exact allocator peak above the pre-model baseline (and the OS high-water
 //! mark); PyTorch's is the peer's ΔRSS (peak RSS minus RSS after imports) and its profiler peak.
@@ -95,19 +98,80 @@ fn run_json(cmd: &mut Command) -> Option<serde_json::Value> {
     serde_json::from_str(text.lines().last()?).ok()
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn memtune_args(cfg: &Path, c: &Config) -> Vec<String> {
+    let precision = if c.dtype == "bf16" {
+        "bf16-pure"
+    } else {
+        "fp32"
+    };
+    let ckpt = if c.checkpointing { "full" } else { "none" };
+    let mut args: Vec<String> = vec!["profile".into(), "--model".into()];
+    args.push(cfg.to_str().expect("utf-8 temp path").into());
+    for (flag, value) in [
+        ("--method", c.method),
+        ("--rank", "8"),
+        ("--lora-targets", "q_proj,v_proj"),
+        ("--precision", precision),
+        ("--checkpointing", ckpt),
+        ("--steps", "3"),
+        ("--warmup", "1"),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args.extend(["--batch".into(), c.batch.to_string()]);
+    args.extend(["--seq".into(), c.seq.to_string()]);
+    args.push("--json".into());
+    args
+}
+
+fn peer_args(peer: &Path, c: &Config) -> Vec<String> {
+    let mut args = vec![
+        peer.join("train_step.py")
+            .to_str()
+            .expect("utf-8 path")
+            .to_string(),
+    ];
+    for (flag, value) in [
+        ("--layers", c.layers),
+        ("--hidden", c.hidden),
+        ("--heads", c.heads),
+        ("--kv-heads", c.heads),
+        ("--intermediate", c.intermediate),
+        ("--vocab", c.vocab),
+        ("--seq", c.seq),
+        ("--batch", c.batch),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    let ckpt = if c.checkpointing { "on" } else { "off" };
+    for (flag, value) in [
+        ("--dtype", c.dtype),
+        ("--method", c.method),
+        ("--lora-rank", "8"),
+        ("--checkpointing", ckpt),
+        ("--optim", "adamw"),
+        ("--steps", "3"),
+        ("--threads", "2"),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let python = args
-        .windows(2)
-        .find(|w| w[0] == "--python")
-        .map(|w| w[1].clone())
-        .unwrap_or_else(|| "python3".into());
-    let peer = args
-        .windows(2)
-        .find(|w| w[0] == "--peer")
-        .map(|w| PathBuf::from(&w[1]))
-        .unwrap_or_else(|| PathBuf::from("../shared/peer"));
+    let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
+    let python = arg("--python").unwrap_or_else(|| "python3".into());
+    let peer = PathBuf::from(arg("--peer").unwrap_or_else(|| "../shared/peer".into()));
+    let repeats: usize = arg("--repeats").map_or(3, |r| r.parse().expect("--repeats N"));
+    let before = arg("--before").map(PathBuf::from);
     let exe = std::env::current_exe().expect("current exe");
     let memtune = exe
         .parent()
@@ -121,83 +185,51 @@ fn main() {
     let dir = std::env::temp_dir().join("memtune-bench");
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mib = |b: f64| b / (1024.0 * 1024.0);
+    let before_cols = if before.is_some() {
+        " before tok/s | this/before |"
+    } else {
+        ""
+    };
     println!(
-        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |"
+        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols}"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|---|{}",
+        if before.is_some() { "---|---|" } else { "" }
+    );
     for c in configs(quick) {
         let cfg = write_config(&dir, &c);
-        let precision = if c.dtype == "bf16" {
-            "bf16-pure"
-        } else {
-            "fp32"
-        };
-        let ours = run_json(Command::new(&memtune).args([
-            "profile",
-            "--model",
-            cfg.to_str().unwrap(),
-            "--method",
-            c.method,
-            "--rank",
-            "8",
-            "--lora-targets",
-            "q_proj,v_proj",
-            "--precision",
-            precision,
-            "--checkpointing",
-            if c.checkpointing { "full" } else { "none" },
-            "--batch",
-            &c.batch.to_string(),
-            "--seq",
-            &c.seq.to_string(),
-            "--steps",
-            "3",
-            "--warmup",
-            "1",
-            "--json",
-        ]));
-        let theirs = run_json(Command::new(&python).arg(peer.join("train_step.py")).args([
-            "--layers",
-            &c.layers.to_string(),
-            "--hidden",
-            &c.hidden.to_string(),
-            "--heads",
-            &c.heads.to_string(),
-            "--kv-heads",
-            &c.heads.to_string(),
-            "--intermediate",
-            &c.intermediate.to_string(),
-            "--vocab",
-            &c.vocab.to_string(),
-            "--seq",
-            &c.seq.to_string(),
-            "--batch",
-            &c.batch.to_string(),
-            "--dtype",
-            c.dtype,
-            "--method",
-            c.method,
-            "--lora-rank",
-            "8",
-            "--checkpointing",
-            if c.checkpointing { "on" } else { "off" },
-            "--optim",
-            "adamw",
-            "--steps",
-            "3",
-            "--threads",
-            "2",
-        ]));
-        let (Some(o), Some(t)) = (ours, theirs) else {
+        let ours_args = memtune_args(&cfg, &c);
+        let (mut ours, mut theirs, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            ours.extend(run_json(Command::new(&memtune).args(&ours_args)));
+            theirs.extend(run_json(Command::new(&python).args(peer_args(&peer, &c))));
+            if let Some(b) = &before {
+                old.extend(run_json(Command::new(b).args(&ours_args)));
+            }
+        }
+        let (Some(o), Some(t)) = (ours.first(), theirs.first()) else {
             continue;
         };
-        let our_tps = o["tokens_per_s"].as_f64().unwrap_or(0.0);
-        let their_tps = t["tokens_per_s"].as_f64().unwrap_or(0.0);
+        let tps = |runs: &[serde_json::Value]| {
+            median(
+                runs.iter()
+                    .map(|r| r["tokens_per_s"].as_f64().unwrap_or(0.0))
+                    .collect(),
+            )
+        };
+        let (our_tps, their_tps) = (tps(&ours), tps(&theirs));
         let our_peak = o["peak_bytes"].as_f64().unwrap_or(0.0);
         let our_rss = o["rss_peak_minus_baseline_bytes"].as_f64().unwrap_or(0.0);
         let their_rss = t["peak_rss_minus_baseline_bytes"].as_f64().unwrap_or(0.0);
+        let before_text = if old.is_empty() {
+            String::new()
+        } else {
+            let old_tps = tps(&old);
+            format!(" {old_tps:.0} | {:.2}× |", our_tps / old_tps.max(1e-9))
+        };
         println!(
-            "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |",
+            "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |{before_text}",
             c.name,
             c.batch,
             c.seq,

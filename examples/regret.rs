@@ -11,6 +11,8 @@ use memtune::probe::runner::{EngineProber, ProbeRequest, run_probe};
 use memtune::search::{PolicyRequest, SearchSpace, format_bytes, parse_bytes, search};
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { memtune::engine::configure_cpu_runtime() };
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: &str| {
         args.windows(2)

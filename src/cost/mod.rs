@@ -41,10 +41,11 @@ pub trait Prober {
     fn device(&self) -> String;
 }
 
-/// Bumped whenever the features or the fit change, so cached calibrations are not reused across them.
-/// (5: caches written by the vocabulary-reduced probes of commits fb28124–71a7855, also version 4,
-/// hold probes of another shape key.)
-pub const COST_MODEL_VERSION: u32 = 5;
+/// Bumped whenever the features, the fit or the engine's memory behaviour change, so cached
+/// calibrations are not reused across them. (5: caches written by the vocabulary-reduced probes of
+/// commits fb28124–71a7855, also version 4, hold probes of another shape key. 6: the fused CPU
+/// kernels of `engine::kernels` keep fewer and smaller temporaries.)
+pub const COST_MODEL_VERSION: u32 = 6;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

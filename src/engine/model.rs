@@ -3,6 +3,7 @@
 //! CANDLE_NOTES). Weights live in one of three stores: trainable `Var`s (full fine-tuning and LoRA
 //! adapters), frozen dense tensors in the compute dtype, or frozen ggml-quantized blocks (qlora).
 
+use super::kernels;
 use super::ops::{self, FrozenWeight, LossTargets};
 use super::optim::Param;
 use crate::config::{Knobs, LossMode, Method, Precision, Quant, Target, loss_chunk_rows};
@@ -544,9 +545,12 @@ impl Model {
         let k = ops::rope(&k, &tables.cos, &tables.sin)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
 
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         // Softmax in fp32, as Hugging Face's eager attention does.
-        let probs = ops::causal_softmax(&scores, &tables.mask)?;
+        let probs = kernels::scaled_causal_softmax(
+            &q.matmul(&k.t()?)?,
+            &tables.mask,
+            1.0 / (hd as f64).sqrt(),
+        )?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -556,7 +560,9 @@ impl Model {
         let xn = self.rms_norm(&x, &layer.post_norm)?.reshape((b * s, h))?;
         let gate = layer.gate.forward(&xn, dt, train)?;
         let up = layer.up.forward(&xn, dt, train)?;
-        let mlp = layer.down.forward(&(gate.silu()? * up)?, dt, train)?;
+        let mlp = layer
+            .down
+            .forward(&kernels::swiglu(&gate, &up)?, dt, train)?;
         x + mlp.reshape((b, s, h))?
     }
 

@@ -344,6 +344,37 @@ struct ChunkedCrossEntropy {
     weight_trainable: bool,
 }
 
+impl ChunkedCrossEntropy {
+    /// candle's ops for one chunk's `d loss / d logits` (f64 models, and off the CPU).
+    fn composite_logits_grad(
+        &self,
+        logits: Tensor,
+        start: usize,
+        len: usize,
+        upstream: f64,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let wide = logits.dtype();
+        let probs = logits
+            .broadcast_sub(&self.lse.narrow(0, start, len)?)?
+            .exp()?;
+        drop(logits);
+        let row_scale = (self.targets.mask.narrow(0, start, len)?.to_dtype(wide)?
+            * (upstream / self.targets.normalizer))?
+            .unsqueeze(1)?;
+        let d_logits = probs.broadcast_mul(&row_scale)?;
+        drop(probs);
+        let ids = self
+            .targets
+            .ids
+            .narrow(0, start, len)?
+            .unsqueeze(1)?
+            .contiguous()?;
+        d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
+        d_logits.to_dtype(dtype)
+    }
+}
+
 impl CustomOp2 for ChunkedCrossEntropy {
     fn name(&self) -> &'static str {
         "chunked-cross-entropy"
@@ -397,27 +428,44 @@ impl CustomOp2 for ChunkedCrossEntropy {
         let mut grad_h = Vec::new();
         let mut grad_w: Option<Tensor> = None;
         let mut start = 0;
+        // The fused kernel's per-row inputs, on the host (one value per row). Only for f32
+        // activations: for bf16/f16 the matmuls below widen the gradient to f32 again, and the
+        // composite's peak (at its exp) stays the segment's peak at every size, which is what the
+        // cost model's linear fit needs; with the fused kernel the peak moves between stages as
+        // the rows grow and the fit missed held-out runs by 4% (tests/cost_real_engine.rs).
+        let host = if h.device().is_cpu() && h.dtype() == DType::F32 {
+            Some((
+                self.targets.ids.to_vec1::<u32>()?,
+                self.lse.flatten_all()?.to_vec1::<f32>()?,
+                (self.targets.mask.to_dtype(DType::F64)? * (upstream / self.targets.normalizer))?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            ))
+        } else {
+            None
+        };
         while start < n {
             let len = self.chunk.min(n - start);
             // d nll / d logits = softmax − one_hot(target), each row weighted by its mask.
             let logits = chunk_logits(h, w, start, len)?;
-            let probs = logits
-                .broadcast_sub(&self.lse.narrow(0, start, len)?)?
-                .exp()?;
-            drop(logits);
-            let row_scale = (self.targets.mask.narrow(0, start, len)?.to_dtype(wide)?
-                * (upstream / self.targets.normalizer))?
-                .unsqueeze(1)?;
-            let d_logits = probs.broadcast_mul(&row_scale)?;
-            drop(probs);
-            let ids = self
-                .targets
-                .ids
-                .narrow(0, start, len)?
-                .unsqueeze(1)?
-                .contiguous()?;
-            d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
-            let d_logits = d_logits.to_dtype(h.dtype())?;
+            let fused = match &host {
+                Some((ids, lse, scale)) => super::kernels::cross_entropy_grad(
+                    &logits,
+                    &lse[start..start + len],
+                    &ids[start..start + len],
+                    &scale[start..start + len],
+                    h.dtype(),
+                )?,
+                None => None,
+            };
+            // The logits go as soon as their gradient exists: the matmuls below widen it.
+            let d_logits = match fused {
+                Some(d) => {
+                    drop(logits);
+                    d
+                }
+                None => self.composite_logits_grad(logits, start, len, upstream, h.dtype())?,
+            };
             grad_h.push(d_logits.matmul(w)?);
             if self.weight_trainable {
                 let h_chunk = h.narrow(0, start, len)?;
@@ -449,23 +497,48 @@ pub fn chunked_cross_entropy(
     let wide = wide(h.dtype());
     let mut total = 0f64;
     let mut lse_parts = Vec::new();
+    // The fused kernel's per-row inputs, on the host.
+    let host = if h.device().is_cpu() && wide == DType::F32 {
+        Some((
+            targets.ids.to_vec1::<u32>()?,
+            targets.mask.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        ))
+    } else {
+        None
+    };
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         let logits = chunk_logits(&h_detached, &w_detached, start, len)?;
-        let lse = log_sum_exp(&logits)?;
-        let ids = targets
-            .ids
-            .narrow(0, start, len)?
-            .unsqueeze(1)?
-            .contiguous()?;
-        let nll = (&lse - logits.gather(&ids, 1)?)?.squeeze(1)?;
-        let mask = targets.mask.narrow(0, start, len)?.to_dtype(wide)?;
-        total += (nll * mask)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        lse_parts.push(lse);
+        let fused = match &host {
+            Some((ids, _)) => super::kernels::log_sum_exp_nll(&logits, &ids[start..start + len])?,
+            None => None,
+        };
+        match (fused, &host) {
+            (Some((lse, nll)), Some((_, mask))) => {
+                total += nll
+                    .iter()
+                    .zip(&mask[start..start + len])
+                    .map(|(&l, &m)| l as f64 * m)
+                    .sum::<f64>();
+                lse_parts.push(Tensor::from_vec(lse, (len, 1), h.device())?);
+            }
+            _ => {
+                let lse = log_sum_exp(&logits)?;
+                let ids = targets
+                    .ids
+                    .narrow(0, start, len)?
+                    .unsqueeze(1)?
+                    .contiguous()?;
+                let nll = (&lse - logits.gather(&ids, 1)?)?.squeeze(1)?;
+                let mask = targets.mask.narrow(0, start, len)?.to_dtype(wide)?;
+                total += (nll * mask)?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                lse_parts.push(lse);
+            }
+        }
         start += len;
     }
     let op = ChunkedCrossEntropy {

@@ -1,0 +1,449 @@
+//! Fused CPU kernels for the element-wise parts of a training step, with their backward passes.
+//!
+//! candle runs `silu(gate) · up` as two ops forward and about eight backward, each a full pass
+//! that allocates its output; the attention softmax likewise. Here each is one pass forward and
+//! one backward, computed in f32 whatever the storage dtype (f32, bf16, f16), and the forward
+//! keeps only what backward needs. The public functions take the fused path for contiguous CPU
+//! tensors of those dtypes and candle's own ops everywhere else (CUDA, f64): f64 is the engine's
+//! reference precision, so the tests compare the two paths.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Elements per parallel task: small enough to split a layer's tensor between the cores, large
+/// enough that scheduling stays negligible.
+const GRAIN: usize = 16 * 1024;
+
+/// A storage element the kernels read and write, computing in f32.
+trait Elem: Copy + Send + Sync + 'static {
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Whether the fused path applies: CPU, a dtype the kernels store, contiguous.
+fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| {
+        t.device().is_cpu()
+            && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            && t.is_contiguous()
+    }) && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
+}
+
+/// The contiguous elements of a storage under `layout`.
+fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused kernel: non-contiguous input"),
+    }
+}
+
+/// Runs `kernel` over equal-length contiguous inputs of one dtype, producing one output of the
+/// inputs' shape, or two stacked as `[2, n]`.
+fn map_elementwise<const N: usize>(
+    inputs: [(&CpuStorage, &Layout); N],
+    outputs: usize,
+    kernel: impl KernelFn<N>,
+) -> Result<(CpuStorage, Shape)> {
+    let shape = inputs[0].1.shape().clone();
+    let n = shape.elem_count();
+    let out_shape = if outputs == 1 {
+        shape
+    } else {
+        Shape::from((outputs, n))
+    };
+    macro_rules! run {
+        ($variant:ident, $t:ty) => {{
+            let mut ins: Vec<&[$t]> = Vec::with_capacity(N);
+            for (storage, layout) in inputs {
+                match storage {
+                    CpuStorage::$variant(data) => ins.push(slice(data, layout)?),
+                    _ => candle_core::bail!("fused kernel: mixed dtypes"),
+                }
+            }
+            // One chunk of GRAIN elements starting at `at`, into one or two outputs.
+            let chunk = |at: usize, o0: &mut [$t], mut o1: Option<&mut [$t]>| {
+                for i in 0..o0.len() {
+                    let x: [f32; N] = std::array::from_fn(|k| ins[k][at + i].get());
+                    let ys = kernel.apply(x);
+                    o0[i] = <$t>::put(ys[0]);
+                    if let Some(o1) = o1.as_deref_mut() {
+                        o1[i] = <$t>::put(ys[1]);
+                    }
+                }
+            };
+            let mut out = vec![<$t>::put(0.0); outputs * n];
+            if outputs == 1 {
+                out.par_chunks_mut(GRAIN)
+                    .enumerate()
+                    .for_each(|(c, o0)| chunk(c * GRAIN, o0, None));
+            } else {
+                let (first, second) = out.split_at_mut(n);
+                first
+                    .par_chunks_mut(GRAIN)
+                    .zip(second.par_chunks_mut(GRAIN))
+                    .enumerate()
+                    .for_each(|(c, (o0, o1))| chunk(c * GRAIN, o0, Some(o1)));
+            }
+            Ok((CpuStorage::$variant(out), out_shape))
+        }};
+    }
+    match inputs[0].0 {
+        CpuStorage::F32(_) => run!(F32, f32),
+        CpuStorage::BF16(_) => run!(BF16, bf16),
+        CpuStorage::F16(_) => run!(F16, f16),
+        other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+/// An element-wise function of `N` inputs with up to two outputs.
+trait KernelFn<const N: usize>: Sync {
+    fn apply(&self, x: [f32; N]) -> [f32; 2];
+}
+
+impl<const N: usize, F: Fn([f32; N]) -> [f32; 2] + Sync> KernelFn<N> for F {
+    fn apply(&self, x: [f32; N]) -> [f32; 2] {
+        self(x)
+    }
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        map_elementwise([(g, gl), (u, ul)], 1, |[g, u]: [f32; 2]| {
+            [g * sigmoid(g) * u, 0.0]
+        })
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let both = g.apply_op3_no_bwd(u, &grad, &SwiGluBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `[2, …]`: the gradients of `silu(g) · u` for `g` and for `u`.
+struct SwiGluBackward;
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        d: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (storage, _) =
+            map_elementwise([(g, gl), (u, ul), (d, dl)], 2, |[g, u, d]: [f32; 3]| {
+                let s = sigmoid(g);
+                [d * u * s * (1.0 + g * (1.0 - s)), d * g * s]
+            })?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
+        Ok((storage, Shape::from(dims)))
+    }
+}
+
+/// `silu(gate) · up`, SwiGLU's product, fused on the CPU (see the module docs).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fusable(&[gate, up]) && gate.shape() == up.shape() {
+        gate.apply_op2(up, SwiGlu)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+/// Softmax of `scale · scores` over the last dimension under a causal mask: `scores` is
+/// `[…, s, s]` with row `i` of each `s × s` block seeing columns `0..=i`.
+struct CausalSoftmax {
+    scale: f32,
+}
+
+/// The last dimension and the row count of a `[…, s, s]` layout.
+fn square_rows(layout: &Layout) -> Result<(usize, usize)> {
+    let dims = layout.dims();
+    let s = *dims.last().unwrap_or(&0);
+    if dims.len() < 2 || dims[dims.len() - 2] != s {
+        candle_core::bail!("causal softmax: expected [..., s, s], got {dims:?}");
+    }
+    Ok((s, layout.shape().elem_count() / s.max(1)))
+}
+
+fn softmax_rows<T: Elem>(x: &[T], s: usize, scale: f32) -> Vec<T> {
+    let mut out = vec![T::put(0.0); x.len()];
+    out.par_chunks_mut(s)
+        .zip(x.par_chunks(s))
+        .enumerate()
+        .for_each(|(r, (o, x))| {
+            let seen = r % s + 1;
+            let max = x[..seen]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v.get() * scale));
+            let mut sum = 0f32;
+            let mut e = vec![0f32; seen];
+            for (e, &v) in e.iter_mut().zip(&x[..seen]) {
+                *e = (v.get() * scale - max).exp();
+                sum += *e;
+            }
+            let inv = 1.0 / sum;
+            for (o, e) in o.iter_mut().zip(e) {
+                *o = T::put(e * inv);
+            }
+        });
+    out
+}
+
+fn softmax_backward_rows<T: Elem>(p: &[T], g: &[T], s: usize, scale: f32) -> Vec<T> {
+    let mut out = vec![T::put(0.0); p.len()];
+    out.par_chunks_mut(s)
+        .zip(p.par_chunks(s).zip(g.par_chunks(s)))
+        .enumerate()
+        .for_each(|(r, (o, (p, g)))| {
+            let seen = r % s + 1;
+            let dot: f32 = p[..seen]
+                .iter()
+                .zip(&g[..seen])
+                .map(|(p, g)| p.get() * g.get())
+                .sum();
+            for ((o, p), g) in o.iter_mut().zip(&p[..seen]).zip(&g[..seen]) {
+                *o = T::put(scale * p.get() * (g.get() - dot));
+            }
+        });
+    out
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax-fused"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, _) = square_rows(l)?;
+        let storage = match x {
+            CpuStorage::F32(d) => CpuStorage::F32(softmax_rows(slice(d, l)?, s, self.scale)),
+            CpuStorage::BF16(d) => CpuStorage::BF16(softmax_rows(slice(d, l)?, s, self.scale)),
+            CpuStorage::F16(d) => CpuStorage::F16(softmax_rows(slice(d, l)?, s, self.scale)),
+            other => candle_core::bail!("causal softmax: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((storage, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = CausalSoftmaxBackward { scale: self.scale };
+        Ok(Some(res.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+/// `scale · p ⊙ (g − Σ_j g_j p_j)`, the gradient of [`CausalSoftmax`] for its scores.
+struct CausalSoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "causal-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, _) = square_rows(pl)?;
+        let storage =
+            match (p, g) {
+                (CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(softmax_backward_rows(
+                    slice(p, pl)?,
+                    slice(g, gl)?,
+                    s,
+                    self.scale,
+                )),
+                (CpuStorage::BF16(p), CpuStorage::BF16(g)) => CpuStorage::BF16(
+                    softmax_backward_rows(slice(p, pl)?, slice(g, gl)?, s, self.scale),
+                ),
+                (CpuStorage::F16(p), CpuStorage::F16(g)) => CpuStorage::F16(softmax_backward_rows(
+                    slice(p, pl)?,
+                    slice(g, gl)?,
+                    s,
+                    self.scale,
+                )),
+                _ => candle_core::bail!("causal softmax backward: mismatched dtypes"),
+            };
+        Ok((storage, pl.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension of `scale · scores` (`[b, h, s, s]`) under a causal mask
+/// (`mask`: `[s, s]`, 0 or −∞), computed in fp32 and returned in the scores' dtype. Only the
+/// probabilities are kept for backward.
+pub fn scaled_causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if fusable(&[scores]) {
+        return scores.apply_op1(CausalSoftmax {
+            scale: scale as f32,
+        });
+    }
+    super::ops::causal_softmax(&(scores * scale)?, mask)
+}
+
+/// The elements of a contiguous f32 CPU tensor; `None` for anything else.
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(d)) => Some(f(&d[start..end])),
+        _ => None,
+    }
+}
+
+/// Per row of f32 `logits` `[rows, vocab]`: its log-sum-exp and its negative log-likelihood of
+/// `ids[row]`, in one pass over the row (two reads). `None` when the logits are not a contiguous
+/// f32 CPU tensor (the caller then uses candle's ops).
+pub fn log_sum_exp_nll(logits: &Tensor, ids: &[u32]) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let (rows, vocab) = logits.dims2()?;
+    if ids.len() != rows {
+        candle_core::bail!("cross entropy: {} targets for {rows} rows", ids.len());
+    }
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        candle_core::bail!("cross entropy: target id {bad} outside a vocabulary of {vocab}");
+    }
+    Ok(with_f32_slice(logits, |l| {
+        l.par_chunks(vocab.max(1))
+            .zip(ids.par_iter())
+            .map(|(row, &id)| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+                let lse = max + sum.ln();
+                (lse, lse - row[id as usize])
+            })
+            .unzip()
+    }))
+}
+
+fn cross_entropy_grad_rows<T: Elem>(
+    l: &[f32],
+    vocab: usize,
+    lse: &[f32],
+    ids: &[u32],
+    scale: &[f32],
+) -> Vec<T> {
+    let mut out = vec![T::put(0.0); l.len()];
+    out.par_chunks_mut(vocab.max(1))
+        .zip(l.par_chunks(vocab.max(1)))
+        .enumerate()
+        .for_each(|(r, (o, row))| {
+            let (lse, s) = (lse[r], scale[r]);
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = T::put((v - lse).exp() * s);
+            }
+            let id = ids[r] as usize;
+            o[id] = T::put(((row[id] - lse).exp() - 1.0) * s);
+        });
+    out
+}
+
+/// The gradient of `Σ_rows scale · nll` for f32 `logits` `[rows, vocab]`:
+/// `(exp(l − lse) − onehot(id)) · scale[row]`, in one pass, stored in `dtype` (f32, bf16 or f16).
+/// `None` when the logits are not a contiguous f32 CPU tensor or `dtype` is another.
+pub fn cross_entropy_grad(
+    logits: &Tensor,
+    lse: &[f32],
+    ids: &[u32],
+    scale: &[f32],
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let (rows, vocab) = logits.dims2()?;
+    if lse.len() != rows || ids.len() != rows || scale.len() != rows {
+        candle_core::bail!("cross entropy gradient: per-row inputs do not match {rows} rows");
+    }
+    let storage = with_f32_slice(logits, |l| match dtype {
+        DType::F32 => Some(CpuStorage::F32(cross_entropy_grad_rows(
+            l, vocab, lse, ids, scale,
+        ))),
+        DType::BF16 => Some(CpuStorage::BF16(cross_entropy_grad_rows(
+            l, vocab, lse, ids, scale,
+        ))),
+        DType::F16 => Some(CpuStorage::F16(cross_entropy_grad_rows(
+            l, vocab, lse, ids, scale,
+        ))),
+        _ => None,
+    })
+    .flatten();
+    Ok(storage.map(|s| {
+        Tensor::from_storage(
+            candle_core::Storage::Cpu(s),
+            (rows, vocab),
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
+    }))
+}

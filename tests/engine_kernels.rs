@@ -1,0 +1,301 @@
+//! The fused CPU kernels against candle's composite ops in f64: values and gradients, in every
+//! dtype the kernels store, on shapes that cross their parallel chunk boundaries. And an fp32 model
+//! (which runs the fused path) against the same model in f64 (which runs candle's ops).
+
+use candle_core::{DType, Device, Tensor, Var};
+use memtune::config::{Knobs, Method, Precision};
+use memtune::data::random_batch;
+use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
+use memtune::engine::model::{Dtypes, Model, RandomInit};
+use memtune::engine::ops::{
+    LossTargets, causal_softmax, chunked_cross_entropy, full_cross_entropy,
+};
+use memtune::engine::step::{Batch, NoObserver, forward_backward};
+use memtune::spec::ModelSpec;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A fixed pseudo-random fill, so that failures reproduce.
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let data: Vec<f64> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 6.0 - 3.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest |a − b| relative to the largest |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (to_vec(a), to_vec(b));
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// Value and input gradients of `Σ f(inputs) ⊙ w`, with the inputs cast to `dtype`.
+fn value_and_grads(
+    inputs: &[Tensor],
+    w: &Tensor,
+    dtype: DType,
+    f: impl Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let loss = (out.to_dtype(DType::F64).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let gs = ts
+        .iter()
+        .map(|t| grads.get(t).expect("a gradient for every input").clone())
+        .collect();
+    (out, gs)
+}
+
+/// Tolerances per dtype: f32 rounding, and one bf16/f16 rounding of outputs and inputs.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 4e-3,
+        _ => 3e-2,
+    }
+}
+
+#[test]
+fn swiglu_matches_silu_times_up_in_value_and_gradients() {
+    // 3 rows × 16,389 columns: crosses the 16 Ki-element chunk boundary at odd offsets.
+    let shape = [3, 16_389];
+    let (g, u, w) = (randn(&shape, 1), randn(&shape, 2), randn(&shape, 3));
+    let (want, want_grads) = value_and_grads(&[g.clone(), u.clone()], &w, DType::F64, |t| {
+        (t[0].silu().unwrap() * &t[1]).unwrap()
+    });
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // The reference sees the same rounded inputs.
+        let (gd, ud) = (
+            g.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap(),
+            u.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap(),
+        );
+        let (want, want_grads) = if dtype == DType::F32 {
+            (want.clone(), want_grads.clone())
+        } else {
+            value_and_grads(&[gd.clone(), ud.clone()], &w, DType::F64, |t| {
+                (t[0].silu().unwrap() * &t[1]).unwrap()
+            })
+        };
+        let (got, got_grads) =
+            value_and_grads(&[gd, ud], &w, dtype, |t| swiglu(&t[0], &t[1]).unwrap());
+        assert_eq!(got.dtype(), dtype);
+        let tol = tolerance(dtype);
+        assert!(
+            rel_err(&got, &want) < tol,
+            "{dtype:?} value {}",
+            rel_err(&got, &want)
+        );
+        for (k, (got, want)) in got_grads.iter().zip(&want_grads).enumerate() {
+            let e = rel_err(got, want);
+            assert!(e < tol, "{dtype:?} gradient of input {k}: {e}");
+        }
+    }
+}
+
+fn causal_mask(s: usize) -> Tensor {
+    let data: Vec<f64> = (0..s)
+        .flat_map(|i| (0..s).map(move |j| if j > i { f64::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (s, s), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn scaled_causal_softmax_matches_the_composite_in_value_and_gradients() {
+    let (s, scale) = (37, 0.3);
+    let shape = [2, 3, s, s];
+    let (x, w) = (randn(&shape, 4), randn(&shape, 5));
+    let mask = causal_mask(s);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let xd = x.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+        let (want, want_grads) = value_and_grads(std::slice::from_ref(&xd), &w, DType::F64, |t| {
+            causal_softmax(&(&t[0] * scale).unwrap(), &mask).unwrap()
+        });
+        let (got, got_grads) = value_and_grads(&[xd], &w, dtype, |t| {
+            scaled_causal_softmax(&t[0], &mask.to_dtype(dtype).unwrap(), scale).unwrap()
+        });
+        assert_eq!(got.dtype(), dtype);
+        let tol = tolerance(dtype);
+        assert!(
+            rel_err(&got, &want) < tol,
+            "{dtype:?} value {}",
+            rel_err(&got, &want)
+        );
+        let e = rel_err(&got_grads[0], &want_grads[0]);
+        assert!(e < tol, "{dtype:?} gradient {e}");
+        // Masked positions: exactly zero probability and zero gradient.
+        let p = to_vec(&got);
+        let g = to_vec(&got_grads[0]);
+        for (idx, (p, g)) in p.iter().zip(&g).enumerate() {
+            let (row, col) = ((idx / s) % s, idx % s);
+            if col > row {
+                assert_eq!((*p, *g), (0.0, 0.0), "{dtype:?} masked ({row}, {col})");
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_loss_on_fused_kernels_matches_the_f64_full_loss() {
+    // 23 rows in chunks of 5 (the last one short), a head of 301 tokens; rows 3 and 11 masked.
+    let (rows, hidden, vocab) = (23, 12, 301);
+    let (h, w) = (randn(&[rows, hidden], 6), randn(&[vocab, hidden], 7));
+    let ids: Vec<u32> = (0..rows as u32)
+        .map(|r| (r * 37 + 5) % vocab as u32)
+        .collect();
+    let mask: Vec<f32> = (0..rows)
+        .map(|r| if r == 3 || r == 11 { 0.0 } else { 1.0 })
+        .collect();
+    let targets = LossTargets {
+        ids: Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(),
+        mask: Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
+        normalizer: 21.0,
+    };
+    let loss_and_grads = |dtype: DType, chunked: bool| {
+        let (hv, wv) = (
+            Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap(),
+            Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap(),
+        );
+        let loss = if chunked {
+            chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true).unwrap()
+        } else {
+            let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+            full_cross_entropy(&logits, &targets).unwrap()
+        };
+        let grads = loss.backward().unwrap();
+        let value = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let gh = grads.get(hv.as_tensor()).unwrap().clone();
+        let gw = grads.get(wv.as_tensor()).unwrap().clone();
+        (value, gh, gw)
+    };
+    let (want, want_h, want_w) = loss_and_grads(DType::F64, false);
+    let (got, got_h, got_w) = loss_and_grads(DType::F32, true);
+    assert!(
+        (got - want).abs() < 1e-5 * want.abs(),
+        "loss {got} vs {want}"
+    );
+    assert!(
+        rel_err(&got_h, &want_h) < 1e-5,
+        "h gradient {}",
+        rel_err(&got_h, &want_h)
+    );
+    assert!(
+        rel_err(&got_w, &want_w) < 1e-5,
+        "w gradient {}",
+        rel_err(&got_w, &want_w)
+    );
+    // bf16 activations: the gradient of h comes back in bf16, one rounding away.
+    let (_, got_h, _) = loss_and_grads(DType::BF16, true);
+    assert_eq!(got_h.dtype(), DType::BF16);
+    let (_, want_h, _) = {
+        let h = h
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let w = w
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let (hv, wv) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
+        let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        let grads = full_cross_entropy(&logits, &targets)
+            .unwrap()
+            .backward()
+            .unwrap();
+        (0.0, grads.get(hv.as_tensor()).unwrap().clone(), ())
+    };
+    assert!(
+        rel_err(&got_h, &want_h) < 3e-2,
+        "bf16 h gradient {}",
+        rel_err(&got_h, &want_h)
+    );
+}
+
+#[test]
+fn fp32_model_on_fused_kernels_matches_the_f64_model() {
+    let spec = ModelSpec {
+        num_hidden_layers: 2,
+        ..ModelSpec::tiny()
+    };
+    let knobs = Knobs {
+        method: Method::Full,
+        precision: Precision::Fp32,
+        batch: 2,
+        seq: 16,
+        ..Knobs::default()
+    };
+    let build = |dtypes: Dtypes| {
+        Model::build_with_dtypes(
+            &spec,
+            &knobs,
+            dtypes,
+            &Device::Cpu,
+            &mut RandomInit::new(7),
+            7,
+        )
+        .unwrap()
+    };
+    let f64s = Dtypes {
+        compute: DType::F64,
+        trainable: DType::F64,
+        frozen: DType::F64,
+    };
+    let (m32, m64) = (build(Dtypes::of(Precision::Fp32)), build(f64s));
+    let batch: Batch =
+        random_batch(knobs.batch, knobs.seq, spec.vocab_size, 3, &Device::Cpu).unwrap();
+    let run = |m: &Model| {
+        forward_backward(
+            m,
+            &batch,
+            batch.counted_tokens as f64,
+            1.0,
+            &mut NoObserver,
+            0,
+        )
+        .unwrap()
+    };
+    let ((l32, g32), (l64, g64)) = (run(&m32), run(&m64));
+    assert!((l32 - l64).abs() < 1e-5 * l64.abs(), "loss {l32} vs {l64}");
+    let (p32, p64) = (m32.trainable(), m64.trainable());
+    assert_eq!(p32.len(), p64.len());
+    for (a, b) in p32.iter().zip(&p64) {
+        let (ga, gb) = (g32.get(a.var.as_tensor()), g64.get(b.var.as_tensor()));
+        let (ga, gb) = (ga.expect("fp32 gradient"), gb.expect("f64 gradient"));
+        let e = rel_err(ga, gb);
+        assert!(e < 1e-4, "{}: relative gradient error {e}", a.name);
+    }
+}
