@@ -180,8 +180,9 @@ fn print_segments(model: &memtune::cost::CostModel, measured: &memtune::probe::P
     }
 }
 
-/// A held-out full-depth run, reused from `cache` when it holds one for the same configuration
-/// (the engine's bytes are deterministic; calibration changes do not change them).
+/// A held-out full-depth run, reused from `cache` when it holds one for the same configuration and
+/// the same engine (the engine's bytes are deterministic; calibration changes do not change them,
+/// but engine changes do, and they bump the cost model's version).
 fn measured_run(
     req: &ProbeRequest,
     meter: &CpuMeter,
@@ -193,7 +194,8 @@ fn measured_run(
         memtune::cost::calibrate::probe_label(&req.spec, &req.knobs)
     );
     let path = cache.map(|dir| {
-        let hash = memtune::cost::fnv1a(label.as_bytes());
+        let key = format!("{} {label}", memtune::cost::version());
+        let hash = memtune::cost::fnv1a(key.as_bytes());
         dir.join(format!("heldout-{hash:016x}.json"))
     });
     if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok())

@@ -84,6 +84,18 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// A kernel's output dtype, and its value and input gradients within [`tolerance`] of the reference.
+fn assert_all_close(dtype: DType, got: (&Tensor, &[Tensor]), want: (&Tensor, &[Tensor])) {
+    assert_eq!(got.0.dtype(), dtype);
+    let tol = tolerance(dtype);
+    let e = rel_err(got.0, want.0);
+    assert!(e < tol, "{dtype:?} value: {e}");
+    for (k, (g, w)) in got.1.iter().zip(want.1).enumerate() {
+        let e = rel_err(g, w);
+        assert!(e < tol, "{dtype:?} gradient of input {k}: {e}");
+    }
+}
+
 #[test]
 fn swiglu_matches_silu_times_up_in_value_and_gradients() {
     // 3 rows × 16,389 columns: crosses the 16 Ki-element chunk boundary at odd offsets.
@@ -107,17 +119,7 @@ fn swiglu_matches_silu_times_up_in_value_and_gradients() {
         };
         let (got, got_grads) =
             value_and_grads(&[gd, ud], &w, dtype, |t| swiglu(&t[0], &t[1]).unwrap());
-        assert_eq!(got.dtype(), dtype);
-        let tol = tolerance(dtype);
-        assert!(
-            rel_err(&got, &want) < tol,
-            "{dtype:?} value {}",
-            rel_err(&got, &want)
-        );
-        for (k, (got, want)) in got_grads.iter().zip(&want_grads).enumerate() {
-            let e = rel_err(got, want);
-            assert!(e < tol, "{dtype:?} gradient of input {k}: {e}");
-        }
+        assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
     }
 }
 
@@ -130,11 +132,20 @@ fn causal_mask(s: usize) -> Tensor {
 
 #[test]
 fn scaled_causal_softmax_matches_the_composite_in_value_and_gradients() {
-    let (s, scale) = (37, 0.3);
-    let shape = [2, 3, s, s];
+    // Many rows per parallel task (each reusing one row of scratch), and rows of a few thousand.
+    for (shape, dtypes) in [
+        ([2, 3, 37, 37], &[DType::F32, DType::BF16, DType::F16][..]),
+        ([1, 1, 2051, 2051], &[DType::F32][..]),
+    ] {
+        check_causal_softmax(shape, dtypes);
+    }
+}
+
+fn check_causal_softmax(shape: [usize; 4], dtypes: &[DType]) {
+    let (s, scale) = (shape[3], 0.3);
     let (x, w) = (randn(&shape, 4), randn(&shape, 5));
     let mask = causal_mask(s);
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    for &dtype in dtypes {
         let xd = x.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
         let (want, want_grads) = value_and_grads(std::slice::from_ref(&xd), &w, DType::F64, |t| {
             causal_softmax(&(&t[0] * scale).unwrap(), &mask).unwrap()
@@ -142,15 +153,7 @@ fn scaled_causal_softmax_matches_the_composite_in_value_and_gradients() {
         let (got, got_grads) = value_and_grads(&[xd], &w, dtype, |t| {
             scaled_causal_softmax(&t[0], &mask.to_dtype(dtype).unwrap(), scale).unwrap()
         });
-        assert_eq!(got.dtype(), dtype);
-        let tol = tolerance(dtype);
-        assert!(
-            rel_err(&got, &want) < tol,
-            "{dtype:?} value {}",
-            rel_err(&got, &want)
-        );
-        let e = rel_err(&got_grads[0], &want_grads[0]);
-        assert!(e < tol, "{dtype:?} gradient {e}");
+        assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
         // Masked positions: exactly zero probability and zero gradient.
         let p = to_vec(&got);
         let g = to_vec(&got_grads[0]);
