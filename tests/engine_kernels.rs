@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use memtune::config::{Knobs, Method, Precision};
 use memtune::data::random_batch;
 use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
-use memtune::engine::model::{Dtypes, Model, RandomInit};
+use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
 use memtune::engine::ops::{
     LossTargets, causal_softmax, chunked_cross_entropy, full_cross_entropy,
 };
@@ -123,13 +123,6 @@ fn swiglu_matches_silu_times_up_in_value_and_gradients() {
     }
 }
 
-fn causal_mask(s: usize) -> Tensor {
-    let data: Vec<f64> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f64::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(data, (s, s), &Device::Cpu).unwrap()
-}
-
 #[test]
 fn scaled_causal_softmax_matches_the_composite_in_value_and_gradients() {
     // Many rows per parallel task (each reusing one row of scratch), and rows of a few thousand.
@@ -144,7 +137,10 @@ fn scaled_causal_softmax_matches_the_composite_in_value_and_gradients() {
 fn check_causal_softmax(shape: [usize; 4], dtypes: &[DType]) {
     let (s, scale) = (shape[3], 0.3);
     let (x, w) = (randn(&shape, 4), randn(&shape, 5));
-    let mask = causal_mask(s);
+    let mask = causal_mask(s, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     for &dtype in dtypes {
         let xd = x.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
         let (want, want_grads) = value_and_grads(std::slice::from_ref(&xd), &w, DType::F64, |t| {

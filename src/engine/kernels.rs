@@ -220,14 +220,14 @@ struct CausalSoftmax {
     scale: f32,
 }
 
-/// The last dimension and the row count of a `[…, s, s]` layout.
-fn square_rows(layout: &Layout) -> Result<(usize, usize)> {
+/// `s` of a `[…, s, s]` layout.
+fn square_side(layout: &Layout) -> Result<usize> {
     let dims = layout.dims();
     let s = *dims.last().unwrap_or(&0);
     if dims.len() < 2 || dims[dims.len() - 2] != s {
         candle_core::bail!("causal softmax: expected [..., s, s], got {dims:?}");
     }
-    Ok((s, layout.shape().elem_count() / s.max(1)))
+    Ok(s)
 }
 
 fn softmax_rows<T: Elem>(x: &[T], s: usize, scale: f32) -> Vec<T> {
@@ -282,7 +282,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (s, _) = square_rows(l)?;
+        let s = square_side(l)?;
         let storage = match x {
             CpuStorage::F32(d) => CpuStorage::F32(softmax_rows(slice(d, l)?, s, self.scale)),
             CpuStorage::BF16(d) => CpuStorage::BF16(softmax_rows(slice(d, l)?, s, self.scale)),
@@ -316,7 +316,7 @@ impl CustomOp2 for CausalSoftmaxBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (s, _) = square_rows(pl)?;
+        let s = square_side(pl)?;
         let storage =
             match (p, g) {
                 (CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(softmax_backward_rows(
@@ -389,61 +389,34 @@ pub fn log_sum_exp_nll(logits: &Tensor, ids: &[u32]) -> Result<Option<(Vec<f32>,
     }))
 }
 
-fn cross_entropy_grad_rows<T: Elem>(
-    l: &[f32],
-    vocab: usize,
-    lse: &[f32],
-    ids: &[u32],
-    scale: &[f32],
-) -> Vec<T> {
-    let mut out = vec![T::put(0.0); l.len()];
-    out.par_chunks_mut(vocab.max(1))
-        .zip(l.par_chunks(vocab.max(1)))
-        .enumerate()
-        .for_each(|(r, (o, row))| {
-            let (lse, s) = (lse[r], scale[r]);
-            for (o, &v) in o.iter_mut().zip(row) {
-                *o = T::put((v - lse).exp() * s);
-            }
-            let id = ids[r] as usize;
-            o[id] = T::put(((row[id] - lse).exp() - 1.0) * s);
-        });
-    out
-}
-
 /// The gradient of `Σ_rows scale · nll` for f32 `logits` `[rows, vocab]`:
-/// `(exp(l − lse) − onehot(id)) · scale[row]`, in one pass, stored in `dtype` (f32, bf16 or f16).
-/// `None` when the logits are not a contiguous f32 CPU tensor or `dtype` is another.
+/// `(exp(l − lse) − onehot(id)) · scale[row]`, in one pass, in f32. `None` when the logits are not
+/// a contiguous f32 CPU tensor. (Only f32 activations take this path: see the chunked loss.)
 pub fn cross_entropy_grad(
     logits: &Tensor,
     lse: &[f32],
     ids: &[u32],
     scale: &[f32],
-    dtype: DType,
 ) -> Result<Option<Tensor>> {
     let (rows, vocab) = logits.dims2()?;
     if lse.len() != rows || ids.len() != rows || scale.len() != rows {
         candle_core::bail!("cross entropy gradient: per-row inputs do not match {rows} rows");
     }
-    let storage = with_f32_slice(logits, |l| match dtype {
-        DType::F32 => Some(CpuStorage::F32(cross_entropy_grad_rows(
-            l, vocab, lse, ids, scale,
-        ))),
-        DType::BF16 => Some(CpuStorage::BF16(cross_entropy_grad_rows(
-            l, vocab, lse, ids, scale,
-        ))),
-        DType::F16 => Some(CpuStorage::F16(cross_entropy_grad_rows(
-            l, vocab, lse, ids, scale,
-        ))),
-        _ => None,
-    })
-    .flatten();
-    Ok(storage.map(|s| {
-        Tensor::from_storage(
-            candle_core::Storage::Cpu(s),
-            (rows, vocab),
-            candle_core::op::BackpropOp::none(),
-            false,
-        )
-    }))
+    let grad = with_f32_slice(logits, |l| {
+        let mut out = vec![0f32; l.len()];
+        out.par_chunks_mut(vocab.max(1))
+            .zip(l.par_chunks(vocab.max(1)))
+            .enumerate()
+            .for_each(|(r, (o, row))| {
+                let (lse, s) = (lse[r], scale[r]);
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - lse).exp() * s;
+                }
+                let id = ids[r] as usize;
+                o[id] = ((row[id] - lse).exp() - 1.0) * s;
+            });
+        out
+    });
+    grad.map(|g| Tensor::from_vec(g, (rows, vocab), logits.device()))
+        .transpose()
 }

@@ -640,7 +640,8 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         .reshape((b, nkv * rep, s, d))
 }
 
-fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
+/// The `[s, s]` f32 causal mask: 0 where a position may attend, −∞ above the diagonal.
+pub fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..s)
         .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();

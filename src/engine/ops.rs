@@ -325,6 +325,32 @@ fn chunk_logits(h: &Tensor, w: &Tensor, start: usize, len: usize) -> Result<Tens
         .to_dtype(wide(h.dtype()))
 }
 
+/// candle's ops for one chunk's per-row log-sum-exp `[len, 1]` and its masked NLL sum (f64
+/// models, and off the CPU).
+fn composite_lse_nll(
+    logits: &Tensor,
+    targets: &LossTargets,
+    start: usize,
+    len: usize,
+) -> Result<(Tensor, f64)> {
+    let lse = log_sum_exp(logits)?;
+    let ids = targets
+        .ids
+        .narrow(0, start, len)?
+        .unsqueeze(1)?
+        .contiguous()?;
+    let nll = (&lse - logits.gather(&ids, 1)?)?.squeeze(1)?;
+    let mask = targets
+        .mask
+        .narrow(0, start, len)?
+        .to_dtype(logits.dtype())?;
+    let sum = (nll * mask)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok((lse, sum))
+}
+
 /// Per-row log-sum-exp of `logits` `[rows, vocab]` → `[rows, 1]`.
 fn log_sum_exp(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?;
@@ -454,7 +480,6 @@ impl CustomOp2 for ChunkedCrossEntropy {
                     &lse[start..start + len],
                     &ids[start..start + len],
                     &scale[start..start + len],
-                    h.dtype(),
                 )?,
                 None => None,
             };
@@ -511,34 +536,21 @@ pub fn chunked_cross_entropy(
         let len = chunk.min(n - start);
         let logits = chunk_logits(&h_detached, &w_detached, start, len)?;
         let fused = match &host {
-            Some((ids, _)) => super::kernels::log_sum_exp_nll(&logits, &ids[start..start + len])?,
+            Some((ids, mask)) => {
+                super::kernels::log_sum_exp_nll(&logits, &ids[start..start + len])?
+                    .map(|(lse, nll)| (lse, nll, &mask[start..start + len]))
+            }
             None => None,
         };
-        match (fused, &host) {
-            (Some((lse, nll)), Some((_, mask))) => {
-                total += nll
-                    .iter()
-                    .zip(&mask[start..start + len])
-                    .map(|(&l, &m)| l as f64 * m)
-                    .sum::<f64>();
-                lse_parts.push(Tensor::from_vec(lse, (len, 1), h.device())?);
-            }
-            _ => {
-                let lse = log_sum_exp(&logits)?;
-                let ids = targets
-                    .ids
-                    .narrow(0, start, len)?
-                    .unsqueeze(1)?
-                    .contiguous()?;
-                let nll = (&lse - logits.gather(&ids, 1)?)?.squeeze(1)?;
-                let mask = targets.mask.narrow(0, start, len)?.to_dtype(wide)?;
-                total += (nll * mask)?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                lse_parts.push(lse);
-            }
-        }
+        let (lse, nll_sum) = match fused {
+            Some((lse, nll, mask)) => (
+                Tensor::from_vec(lse, (len, 1), h.device())?,
+                nll.iter().zip(mask).map(|(&l, &m)| l as f64 * m).sum(),
+            ),
+            None => composite_lse_nll(&logits, targets, start, len)?,
+        };
+        total += nll_sum;
+        lse_parts.push(lse);
         start += len;
     }
     let op = ChunkedCrossEntropy {
