@@ -537,6 +537,7 @@ pub fn project(model: &CostModel, spec: &ModelSpec, card: &GpuProfile) -> CostMo
     }
     projected.segments.churn_allowance = FRAGMENTATION_ALLOWANCE;
     projected.segments.runtime_extra_bytes += card.runtime_overhead_bytes as f64;
+    projected.segments.forget_times();
     projected.coefficients.time = time_coefficients(card, spec);
     projected.device = format!("{} (planned from probes on {})", card.name, model.device);
     projected

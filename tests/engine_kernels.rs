@@ -163,7 +163,7 @@ fn check_causal_softmax(shape: [usize; 4], dtypes: &[DType]) {
 }
 
 #[test]
-fn chunked_loss_on_fused_kernels_matches_the_f64_full_loss() {
+fn chunked_and_full_losses_on_fused_kernels_match_the_f64_full_loss() {
     // 23 rows in chunks of 5 (the last one short), a head of 301 tokens; rows 3 and 11 masked.
     let (rows, hidden, vocab) = (23, 12, 301);
     let (h, w) = (randn(&[rows, hidden], 6), randn(&[vocab, hidden], 7));
@@ -199,25 +199,30 @@ fn chunked_loss_on_fused_kernels_matches_the_f64_full_loss() {
         let gw = grads.get(wv.as_tensor()).unwrap().clone();
         (value, gh, gw)
     };
+    // f64 runs candle's composite full loss; f32 the fused kernels, chunked and full.
     let (want, want_h, want_w) = loss_and_grads(DType::F64, false);
-    let (got, got_h, got_w) = loss_and_grads(DType::F32, true);
-    assert!(
-        (got - want).abs() < 1e-5 * want.abs(),
-        "loss {got} vs {want}"
-    );
-    assert!(
-        rel_err(&got_h, &want_h) < 1e-5,
-        "h gradient {}",
-        rel_err(&got_h, &want_h)
-    );
-    assert!(
-        rel_err(&got_w, &want_w) < 1e-5,
-        "w gradient {}",
-        rel_err(&got_w, &want_w)
-    );
+    for chunked in [true, false] {
+        let (got, got_h, got_w) = loss_and_grads(DType::F32, chunked);
+        assert!(
+            (got - want).abs() < 1e-5 * want.abs(),
+            "chunked={chunked}: loss {got} vs {want}"
+        );
+        assert!(
+            rel_err(&got_h, &want_h) < 1e-5,
+            "chunked={chunked}: h gradient {}",
+            rel_err(&got_h, &want_h)
+        );
+        assert!(
+            rel_err(&got_w, &want_w) < 1e-5,
+            "chunked={chunked}: w gradient {}",
+            rel_err(&got_w, &want_w)
+        );
+    }
     // bf16 activations: the gradient of h comes back in bf16, one rounding away.
     let (_, got_h, _) = loss_and_grads(DType::BF16, true);
+    let (_, got_h_full, _) = loss_and_grads(DType::BF16, false);
     assert_eq!(got_h.dtype(), DType::BF16);
+    assert_eq!(got_h_full.dtype(), DType::BF16);
     let (_, want_h, _) = {
         let h = h
             .to_dtype(DType::BF16)
@@ -237,11 +242,13 @@ fn chunked_loss_on_fused_kernels_matches_the_f64_full_loss() {
             .unwrap();
         (0.0, grads.get(hv.as_tensor()).unwrap().clone(), ())
     };
-    assert!(
-        rel_err(&got_h, &want_h) < 3e-2,
-        "bf16 h gradient {}",
-        rel_err(&got_h, &want_h)
-    );
+    for (name, got_h) in [("chunked", &got_h), ("full", &got_h_full)] {
+        assert!(
+            rel_err(got_h, &want_h) < 3e-2,
+            "bf16 h gradient, {name} loss: {}",
+            rel_err(got_h, &want_h)
+        );
+    }
 }
 
 #[test]

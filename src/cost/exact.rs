@@ -188,6 +188,15 @@ pub fn optimizer_bytes(spec: &ModelSpec, knobs: &Knobs) -> u64 {
         .sum()
 }
 
+/// What the model keeps for the step's sequence length between steps: the RoPE cos/sin tables
+/// (`[seq, head_dim / 2]` each, in the compute dtype) and the `[seq, seq]` f32 causal mask
+/// (`engine::model::Model::prepare`).
+pub fn seq_table_bytes(spec: &ModelSpec, knobs: &Knobs) -> u64 {
+    let seq = knobs.seq as u64;
+    let rope = 2 * seq * (spec.head_dim as u64 / 2) * compute_dtype_bytes(knobs.precision);
+    rope + seq * seq * 4
+}
+
 /// State of one tensor: AdamW two moments; 8-bit AdamW two 1-byte moments plus an f32 scale per
 /// 256-element block and moment (f32 moments for tensors under 4096 elements, as bitsandbytes);
 /// Adafactor factored second moments (row + column sums for matrices); SGD one momentum buffer.
@@ -260,6 +269,26 @@ mod tests {
             .sum();
         assert_eq!(sum, 134_515_008);
         assert_eq!(largest_trainable_tensor(&spec, &knobs), 49152 * 576);
+    }
+
+    #[test]
+    fn seq_tables_are_two_rope_tables_and_an_f32_mask() {
+        let spec = smollm2();
+        let knobs = Knobs {
+            seq: 256,
+            precision: Precision::Bf16,
+            ..Knobs::default()
+        };
+        // cos and sin: 256 × 32 bf16 each (32,768 bytes together); mask 256 × 256 f32 (262,144).
+        assert_eq!(
+            seq_table_bytes(&spec, &knobs),
+            2 * 256 * 32 * 2 + 256 * 256 * 4
+        );
+        let fp32 = Knobs {
+            precision: Precision::Fp32,
+            ..knobs
+        };
+        assert_eq!(seq_table_bytes(&spec, &fp32), 65_536 + 262_144);
     }
 
     #[test]

@@ -7,7 +7,17 @@
 //! live) or during the optimizer step (all gradients plus the optimizer's temporaries, no
 //! activations). Which one wins depends on the configuration — small-batch full fine-tunes peak in the
 //! optimizer step, long sequences in backward — so each phase has its own fitted model, every probe
-//! trains the phase it peaked in, and a prediction is the larger of the two.
+//! trains the phase it peaked in, and a prediction is the larger of the two. Where the probes'
+//! timelines carry the engine's segment marks, the segment model ([`segments`]) replaces both with
+//! a replay of the step at full depth.
+//!
+//! Step time follows the same segments: a probe's timeline times each layer's forward and backward,
+//! the loss, the head's backward and the update, and each segment's seconds are fitted over its
+//! FLOPs and a per-call constant ([`segments::SegmentModel::step_seconds`]). A step at full depth
+//! is the sum over the segments it walks. Fitting whole-step times instead (`Coefficients::time`,
+//! kept for probes without marks and for models planned for a GPU) made each layer's time the
+//! difference between 1- and 2-layer probes, most of whose time is the head (Qwen2.5's vocabulary
+//! is 152k), and missed full-depth runs by up to +186%.
 
 pub mod calibrate;
 pub mod exact;
@@ -44,8 +54,8 @@ pub trait Prober {
 /// Bumped whenever the features, the fit or the engine's memory behaviour change, so cached
 /// calibrations are not reused across them. (5: caches written by the vocabulary-reduced probes of
 /// commits fb28124–71a7855, also version 4, hold probes of another shape key. 6: the fused CPU
-/// kernels of `engine::kernels` keep fewer and smaller temporaries.)
-pub const COST_MODEL_VERSION: u32 = 6;
+/// kernels of `engine::kernels` keep fewer and smaller temporaries. 7: segment times are fitted.)
+pub const COST_MODEL_VERSION: u32 = 7;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
@@ -411,11 +421,15 @@ impl CostModel {
                 }
             }
         };
-        let step_s = dot(
-            &self.coefficients.time,
-            &features::time_features(spec, knobs),
-        )
-        .max(0.0);
+        // The segments' fitted times where the probes timed every segment of this step; the
+        // whole-step fit otherwise (and for a model planned for another device).
+        let step_s = self.segments.step_seconds(spec, knobs).unwrap_or_else(|| {
+            dot(
+                &self.coefficients.time,
+                &features::time_features(spec, knobs),
+            )
+            .max(0.0)
+        });
         let tokens = (knobs.batch * knobs.accum * knobs.seq) as f64;
         Prediction {
             components,

@@ -83,9 +83,40 @@ impl Kind {
             Kind::FwdKept | Kind::FwdRecomp | Kind::Recompute | Kind::BwdKept | Kind::BwdRecomp => {
                 &[Const, Tokens, Scores, LoraTokens, AdapterParams]
             }
-            Kind::Loss | Kind::HeadBwd => &[Const, Tokens, Logits],
+            Kind::Loss => &[Const, Tokens, Logits, LastRecomputed],
+            Kind::HeadBwd => &[Const, Tokens, Logits],
             Kind::EmbedBwd | Kind::EmbedBwdAccum => &[Const, Tokens, Trainable],
             Kind::Clip | Kind::Opt => &[Const, Trainable, Largest],
+        }
+    }
+
+    /// The segment whose fitted time this one shares: a layer's forward takes as long whether it is
+    /// kept, recomputed later or recomputed now; a layer's backward whether its input was kept or
+    /// recomputed. Pooling them gives every fit more observations.
+    fn time_group(self) -> Kind {
+        match self {
+            Kind::FwdRecomp | Kind::Recompute => Kind::FwdKept,
+            Kind::BwdRecomp => Kind::BwdKept,
+            other => other,
+        }
+    }
+
+    /// The shape features this segment's wall time may depend on: a layer's arithmetic (its
+    /// matrices' and adapters' FLOPs in one feature, so that few, noisy probes cannot split them;
+    /// attention's, which grow with seq², in another); the head's tokens and loss chunks (each chunk streams the vocabulary
+    /// matrix); the parameter count for the segments over all parameters. The constant is what a
+    /// call costs whatever its size (streaming a layer's weights, dequantizing them, launching its
+    /// operations).
+    fn time_features(self) -> &'static [Feat] {
+        use Feat::*;
+        match self.time_group() {
+            Kind::Rest => &[Const],
+            Kind::Embed => &[Const, Tokens],
+            Kind::FwdKept => &[Const, LayerFlops, AttentionFlops],
+            Kind::BwdKept => &[Const, LayerBackFlops, AttentionFlops],
+            Kind::Loss | Kind::HeadBwd => &[Const, Tokens, Chunks],
+            Kind::EmbedBwd | Kind::EmbedBwdAccum => &[Const, Tokens, Trainable],
+            _ => &[Const, Trainable],
         }
     }
 
@@ -119,6 +150,18 @@ enum Feat {
     Scores,
     /// Logit rows alive at once (every token, or one chunk) × vocabulary.
     Logits,
+    /// Passes of the loss over the vocabulary matrix: one, or one per chunk of rows.
+    Chunks,
+    /// batch × seq × hidden when the last layer is recomputed in backward, else 0: the loss then
+    /// leaves one hidden-state tensor fewer behind (the last layer's output belongs to its
+    /// recomputation, not to the graph the loss extends).
+    LastRecomputed,
+    /// A layer's forward FLOPs in its projections and adapters.
+    LayerFlops,
+    /// A layer's backward FLOPs in its projections and adapters.
+    LayerBackFlops,
+    /// Attention's FLOPs in a layer's forward: scores and their weighted sum (∝ seq²).
+    AttentionFlops,
     /// batch × seq × Σ rank over adapter targets.
     LoraTokens,
     /// Adapter parameters per layer (rank × (in + out) summed over targets).
@@ -145,6 +188,35 @@ impl Feat {
                 };
                 rows * spec.vocab_size as f64
             }
+            Feat::LastRecomputed => {
+                let last = spec.num_hidden_layers.saturating_sub(1);
+                if knobs.checkpointing.recomputes(last) {
+                    tokens * spec.hidden_size as f64
+                } else {
+                    0.0
+                }
+            }
+            Feat::LayerFlops | Feat::LayerBackFlops => {
+                let adapters = if frozen {
+                    exact::adapter_params_per_layer(spec, &knobs.lora) as f64
+                } else {
+                    0.0
+                };
+                let base = exact::projection_params(spec) as f64;
+                if self == Feat::LayerFlops {
+                    2.0 * tokens * (base + adapters)
+                } else {
+                    // The input's gradient through every matrix, the weights' gradients of the
+                    // trained ones: the base's under full fine-tuning, each adapter's otherwise.
+                    let full = if frozen { 0.0 } else { 1.0 };
+                    2.0 * tokens * (base * (1.0 + full) + 2.0 * adapters)
+                }
+            }
+            Feat::AttentionFlops => 4.0 * tokens * seq * spec.q_dim() as f64,
+            Feat::Chunks => match knobs.loss {
+                LossMode::Full => 1.0,
+                LossMode::Chunked => (tokens / loss_chunk_rows(spec.vocab_size) as f64).ceil(),
+            },
             Feat::LoraTokens if frozen => {
                 tokens * (knobs.lora.rank * knobs.lora.targets.len()) as f64
             }
@@ -166,6 +238,8 @@ pub struct Observation {
     pub delta: f64,
     /// Highest memory during the segment above its start (`None` for [`Kind::Rest`]).
     pub excess: Option<f64>,
+    /// Wall time of the segment. For [`Kind::Rest`]: the step's time outside every mark.
+    pub seconds: f64,
 }
 
 /// The kind of the segment that ends at `row`, given the row before it, or `None` for a mark this
@@ -197,12 +271,16 @@ pub fn observations(probe: &ProbeResult) -> Option<Vec<Observation>> {
     if !rows.iter().any(|r| r.phase == "embed") || rows.iter().all(|r| r.segment_peak_bytes == 0) {
         return None;
     }
+    // The sequence tables are exact: the fitted rest is what else stays between steps.
     let fixed = exact::weight_bytes(&probe.spec, &probe.knobs)
-        + exact::optimizer_bytes(&probe.spec, &probe.knobs);
+        + exact::optimizer_bytes(&probe.spec, &probe.knobs)
+        + exact::seq_table_bytes(&probe.spec, &probe.knobs);
+    let marked = rows.last().map_or(0.0, |r| r.t_s) - rows[start].t_s;
     let mut out = vec![Observation {
         kind: Kind::Rest,
         delta: rows[start].current_bytes as f64 - fixed as f64,
         excess: None,
+        seconds: (probe.step_s - marked).max(0.0),
     }];
     for pair in rows[start..].windows(2) {
         let (prev, row) = (&pair[0], &pair[1]);
@@ -211,6 +289,7 @@ pub fn observations(probe: &ProbeResult) -> Option<Vec<Observation>> {
             kind,
             delta: row.current_bytes as f64 - prev.current_bytes as f64,
             excess: Some(row.segment_peak_bytes.saturating_sub(prev.current_bytes) as f64),
+            seconds: (row.t_s - prev.t_s).max(0.0),
         });
     }
     Some(out)
@@ -232,6 +311,16 @@ pub struct SegmentFit {
     pub probes: usize,
 }
 
+/// Fitted wall time of one segment group and class (see [`Kind::time_group`]): seconds per unit
+/// of each of its time features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeFit {
+    pub features: Vec<String>,
+    pub seconds: Vec<f64>,
+    /// How many segments it was fitted on.
+    pub observations: usize,
+}
+
 /// Per-segment fits, by class (see [`Kind`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SegmentModel {
@@ -244,16 +333,79 @@ pub struct SegmentModel {
     /// caching allocator's slack; 0 for the device probed).
     #[serde(default)]
     pub churn_allowance: f64,
+    /// Segment times by group and class; empty for a model planned for another device than the one
+    /// probed (or cached before times were fitted).
+    #[serde(default)]
+    pub times: BTreeMap<String, TimeFit>,
 }
 
 /// Relative ridge: identified directions follow the (exact) data, unidentified ones stay at zero.
 const RIDGE: f64 = 1e-10;
 
+fn values(features: &[Feat], spec: &ModelSpec, knobs: &Knobs) -> Vec<f64> {
+    features.iter().map(|f| f.value(spec, knobs)).collect()
+}
+
 fn feature_values(kind: Kind, spec: &ModelSpec, knobs: &Knobs) -> Vec<f64> {
-    kind.features()
+    values(kind.features(), spec, knobs)
+}
+
+fn names(features: &[Feat]) -> Vec<String> {
+    features
         .iter()
-        .map(|f| f.value(spec, knobs))
+        .map(|f| format!("{f:?}").to_lowercase())
         .collect()
+}
+
+/// The segments of one optimizer step after [`Kind::Rest`], in the engine's order, with the
+/// micro-batch each belongs to.
+fn sequence(layers: usize, knobs: &Knobs) -> Vec<(Kind, usize)> {
+    let mut out = Vec::new();
+    for m in 0..knobs.accum.max(1) {
+        out.push((Kind::Embed, m));
+        for l in 0..layers {
+            let kind = if knobs.checkpointing.recomputes(l) {
+                Kind::FwdRecomp
+            } else {
+                Kind::FwdKept
+            };
+            out.push((kind, m));
+        }
+        out.push((Kind::Loss, m));
+        out.push((Kind::HeadBwd, m));
+        for l in (0..layers).rev() {
+            if knobs.checkpointing.recomputes(l) {
+                out.push((Kind::Recompute, m));
+                out.push((Kind::BwdRecomp, m));
+            } else {
+                out.push((Kind::BwdKept, m));
+            }
+        }
+        out.push((
+            if m == 0 {
+                Kind::EmbedBwd
+            } else {
+                Kind::EmbedBwdAccum
+            },
+            m,
+        ));
+    }
+    out.push((Kind::Clip, 0));
+    out.push((Kind::Opt, 0));
+    out
+}
+
+/// Fits non-negative seconds per unit of each time feature, relative to each observation (a
+/// segment's time is never negative, and its terms only add).
+fn fit_seconds(rows: &[(Vec<f64>, f64)]) -> Result<Vec<f64>, nnls::FitError> {
+    let width = rows.first().map_or(0, |r| r.0.len());
+    let floor = 1e-5;
+    let a: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|(x, t)| x.iter().map(|v| v / t.max(floor)).collect())
+        .collect();
+    let b: Vec<f64> = rows.iter().map(|(_, t)| t / t.max(floor)).collect();
+    nnls::fit_nonnegative(&a, &b, &vec![0.0; width], RIDGE)
 }
 
 /// A fit explains a row when it is within this share of the row's probe peak.
@@ -337,61 +489,115 @@ fn fit_signed(rows: &[(Vec<f64>, f64, f64)]) -> Result<Vec<f64>, nnls::FitError>
 }
 
 impl SegmentModel {
-    /// Fits every segment class the probes show. Probes without segment marks are skipped.
+    /// Fits every segment class the probes show. Probes without segment marks are skipped; so are
+    /// the times of untimed probes.
     pub fn fit(probes: &[ProbeResult]) -> Result<Self, nnls::FitError> {
         type Rows = Vec<(Vec<f64>, f64, f64)>;
-        let mut data: BTreeMap<String, (Kind, Rows, Rows, std::collections::BTreeSet<usize>)> =
-            BTreeMap::new();
+        type TimeRows = Vec<(Vec<f64>, f64)>;
+        struct ClassData {
+            kind: Kind,
+            deltas: Rows,
+            excesses: Rows,
+            seen: std::collections::BTreeSet<usize>,
+        }
+        let mut data: BTreeMap<String, ClassData> = BTreeMap::new();
+        let mut times: BTreeMap<String, (Kind, TimeRows)> = BTreeMap::new();
         for (i, probe) in probes.iter().enumerate() {
             let Some(obs) = observations(probe) else {
                 continue;
             };
             let weight = 1.0 / probe.peak_bytes.max(1) as f64;
+            let timed = probe.step_s > 0.0 && probe.step_s.is_finite();
             for o in obs {
                 let class = o.kind.class(&probe.knobs);
                 let x = feature_values(o.kind, &probe.spec, &probe.knobs);
-                let entry = data
-                    .entry(class)
-                    .or_insert_with(|| (o.kind, Vec::new(), Vec::new(), Default::default()));
-                entry.1.push((x.clone(), o.delta, weight));
+                let entry = data.entry(class).or_insert_with(|| ClassData {
+                    kind: o.kind,
+                    deltas: Vec::new(),
+                    excesses: Vec::new(),
+                    seen: Default::default(),
+                });
+                entry.deltas.push((x.clone(), o.delta, weight));
                 if let Some(excess) = o.excess {
-                    entry.2.push((x, excess, weight));
+                    entry.excesses.push((x, excess, weight));
                 }
-                entry.3.insert(i);
+                if timed {
+                    let t = values(o.kind.time_features(), &probe.spec, &probe.knobs);
+                    let group = o.kind.time_group();
+                    times
+                        .entry(group.class(&probe.knobs))
+                        .or_insert_with(|| (group, Vec::new()))
+                        .1
+                        .push((t, o.seconds));
+                }
+                entry.seen.insert(i);
             }
         }
         let mut classes = BTreeMap::new();
-        for (class, (kind, deltas, excesses, seen)) in data {
+        for (class, d) in data {
+            let kind = d.kind;
             let width = kind.features().len();
             // Only the head's segments peak at two different moments (a widened copy of the
             // vocabulary matrix for short inputs, logits-sized tensors for long ones); elsewhere a
             // second piece would only chase small-size noise.
-            let (excess, excess_growing) = if excesses.is_empty() {
+            let (excess, excess_growing) = if d.excesses.is_empty() {
                 (vec![0.0; width], Vec::new())
             } else if matches!(kind, Kind::Loss | Kind::HeadBwd) {
-                fit_two_pieces(&excesses)?
+                fit_two_pieces(&d.excesses)?
             } else {
-                (fit_signed(&excesses)?, Vec::new())
+                (fit_signed(&d.excesses)?, Vec::new())
             };
             classes.insert(
                 class,
                 SegmentFit {
-                    features: kind
-                        .features()
-                        .iter()
-                        .map(|f| format!("{f:?}").to_lowercase())
-                        .collect(),
-                    delta: fit_signed(&deltas)?,
+                    features: names(kind.features()),
+                    delta: fit_signed(&d.deltas)?,
                     excess,
                     excess_growing,
-                    probes: seen.len(),
+                    probes: d.seen.len(),
+                },
+            );
+        }
+        let mut fitted_times = BTreeMap::new();
+        for (group, (kind, rows)) in times {
+            fitted_times.insert(
+                group,
+                TimeFit {
+                    features: names(kind.time_features()),
+                    seconds: fit_seconds(&rows)?,
+                    observations: rows.len(),
                 },
             );
         }
         Ok(Self {
             classes,
+            times: fitted_times,
             ..Self::default()
         })
+    }
+
+    /// Drops the fitted segment times: for a model planned for another device, whose speed the
+    /// probes did not measure.
+    pub fn forget_times(&mut self) {
+        self.times.clear();
+    }
+
+    /// Seconds of one segment, or `None` when its class has no fitted time.
+    pub fn seconds(&self, kind: Kind, spec: &ModelSpec, knobs: &Knobs) -> Option<f64> {
+        let fit = self.times.get(&kind.time_group().class(knobs))?;
+        let x = values(kind.time_features(), spec, knobs);
+        Some(dot(&fit.seconds, &x).max(0.0))
+    }
+
+    /// One optimizer step's wall time at `spec`'s full depth: the sum of its segments' fitted times
+    /// (each layer timed as a probe timed it, not inferred from differences between probes), or
+    /// `None` when some segment's class has no fitted time.
+    pub fn step_seconds(&self, spec: &ModelSpec, knobs: &Knobs) -> Option<f64> {
+        let mut total = self.seconds(Kind::Rest, spec, knobs)?;
+        for (kind, _) in sequence(spec.num_hidden_layers, knobs) {
+            total += self.seconds(kind, spec, knobs)?;
+        }
+        Some(total)
     }
 
     /// `(delta, excess)` of one segment, or `None` when its class was never probed.
@@ -405,7 +611,8 @@ impl SegmentModel {
             .max(delta)
             .max(0.0);
         Some(if kind == Kind::Rest {
-            (delta.max(0.0) + self.runtime_extra_bytes, excess)
+            let tables = exact::seq_table_bytes(spec, knobs) as f64;
+            (delta.max(0.0) + tables + self.runtime_extra_bytes, excess)
         } else {
             let grow = 1.0 + self.churn_allowance;
             (delta * grow, excess * grow)
@@ -436,7 +643,18 @@ impl SegmentModel {
         }];
         let mut current = fixed + rest.max(0.0);
         let mut grads_live = 0.0;
-        let mut run = |kind: Kind, grads_after: f64| -> Option<()> {
+        for (kind, micro) in sequence(layers, knobs) {
+            // Gradients live once the segment is done: the head's and each layer's backward add
+            // theirs, a later micro-batch starts with the accumulated ones, the update frees them.
+            let grads_after = match kind {
+                Kind::Embed if micro == 0 => 0.0,
+                Kind::Embed => all_grads,
+                Kind::HeadBwd => grads_live + head_grads,
+                Kind::BwdKept | Kind::BwdRecomp => grads_live + per_layer_grads,
+                Kind::EmbedBwd | Kind::EmbedBwdAccum | Kind::Clip => all_grads,
+                Kind::Opt => 0.0,
+                _ => grads_live,
+            };
             let (delta, excess) = self.figures(kind, spec, knobs)?;
             steps.push(Replayed {
                 kind,
@@ -447,40 +665,7 @@ impl SegmentModel {
             });
             current += delta;
             grads_live = grads_after;
-            Some(())
-        };
-        for m in 0..knobs.accum.max(1) {
-            let carried = if m == 0 { 0.0 } else { all_grads };
-            run(Kind::Embed, carried)?;
-            for l in 0..layers {
-                let kind = if knobs.checkpointing.recomputes(l) {
-                    Kind::FwdRecomp
-                } else {
-                    Kind::FwdKept
-                };
-                run(kind, carried)?;
-            }
-            run(Kind::Loss, carried)?;
-            let mut grads = carried + head_grads;
-            run(Kind::HeadBwd, grads)?;
-            for l in (0..layers).rev() {
-                grads += per_layer_grads;
-                if knobs.checkpointing.recomputes(l) {
-                    run(Kind::Recompute, grads - per_layer_grads)?;
-                    run(Kind::BwdRecomp, grads)?;
-                } else {
-                    run(Kind::BwdKept, grads)?;
-                }
-            }
-            let kind = if m == 0 {
-                Kind::EmbedBwd
-            } else {
-                Kind::EmbedBwdAccum
-            };
-            run(kind, all_grads)?;
         }
-        run(Kind::Clip, all_grads)?;
-        run(Kind::Opt, 0.0)?;
         Some(steps)
     }
 

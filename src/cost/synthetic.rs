@@ -38,9 +38,6 @@ impl SyntheticProber {
         let cb = exact::compute_dtype_bytes(knobs.precision) as f64;
         let tb = exact::trainable_dtype_bytes(knobs.precision) as f64;
         let frozen = knobs.method != Method::Full;
-        let recomputed = (0..spec.num_hidden_layers)
-            .filter(|&x| knobs.checkpointing.recomputes(x))
-            .count() as f64;
 
         // Per kept layer: norms' inputs and outputs (fp32 statistics), q/k/v, attention output, the
         // MLP's gate/up/act products, and scores plus probabilities.
@@ -82,7 +79,8 @@ impl SyntheticProber {
         } else {
             0.0
         };
-        let runtime = 65_536.0;
+        // What stays between steps: a constant, and the sequence tables (as the engine keeps them).
+        let runtime = 65_536.0 + exact::seq_table_bytes(spec, knobs) as f64;
         let grad_bytes = exact::trainable_dtype_bytes(knobs.precision) as f64;
         let all_grads = exact::gradient_bytes(spec, knobs) as f64;
         let layer_grads = exact::trainable_params_per_layer(spec, knobs) as f64 * grad_bytes;
@@ -106,15 +104,55 @@ impl SyntheticProber {
         };
         let recompute_extra = n * (6.0 * h + 3.0 * i) * cb + b * heads * s * s * 2.0 * cb;
 
+        // Time: matmuls at a rate per precision, attention at half that rate, a fixed cost per
+        // layer pass and per micro-batch, an optimizer pass over the trainable parameters. Each
+        // segment is charged its own work, so the timeline's marks carry times as a real step's do.
+        let rate = match knobs.precision {
+            Precision::Fp32 => 1.0e11,
+            Precision::Bf16 => 0.6e11,
+            Precision::Fp16 => 0.7e11,
+            Precision::Bf16Pure => 0.65e11,
+        };
+        let layer_lin = exact::projection_params(spec) as f64;
+        let adapters = if frozen {
+            exact::adapter_params_per_layer(spec, &knobs.lora) as f64
+        } else {
+            0.0
+        };
+        let attention = n * 4.0 * s * q / (0.5 * rate);
+        let forward_s = 2.0 * n * (layer_lin + adapters) / rate + attention + 2e-4;
+        // Backward: the input's gradient through every matrix, the trained weights' gradients
+        // (the base's under full fine-tuning, the adapters' otherwise), attention's twice.
+        let backward_s = 2.0 * n * (layer_lin * (1.0 + trained_extra) + 2.0 * adapters) / rate
+            + 2.0 * attention
+            + 4e-4;
+        let head_s = 2.0 * n * v * h / rate;
+        let chunked = if knobs.loss == LossMode::Chunked {
+            1.0
+        } else {
+            0.0
+        };
+        let head_backward_s = head_s * (1.0 + trained_extra + chunked);
+        let embed_s = 1e-3;
+        let trainable = exact::trainable_params(spec, knobs) as f64;
+        let optimizer_s = trainable * 2e-9 + 5e-3;
+
         // One step, segment by segment, as the engine walks it: (mark, layer, change in
         // activations, change in gradients, transient above the segment's start and change).
         let mut walk = Walk::new(weights as f64 + optimizer as f64 + runtime);
         for m in 0..knobs.accum {
             walk.micro_batch = m;
-            walk.segment("embed", None, embedded, 0.0, 0.0);
+            walk.segment("embed", None, embedded, 0.0, 0.0, embed_s);
             for layer in 0..spec.num_hidden_layers {
                 if knobs.checkpointing.recomputes(layer) {
-                    walk.segment("forward", Some(layer), input, 0.0, kept_layer + dequant);
+                    walk.segment(
+                        "forward",
+                        Some(layer),
+                        input,
+                        0.0,
+                        kept_layer + dequant,
+                        forward_s,
+                    );
                 } else {
                     walk.segment(
                         "forward",
@@ -122,6 +160,7 @@ impl SyntheticProber {
                         kept_layer,
                         0.0,
                         n * i * cb + dequant,
+                        forward_s,
                     );
                 }
             }
@@ -131,6 +170,7 @@ impl SyntheticProber {
                 n * 4.0 + full_loss * rows * v * 4.0,
                 0.0,
                 logits,
+                head_s,
             );
             walk.segment(
                 "backward",
@@ -138,6 +178,7 @@ impl SyntheticProber {
                 -full_loss * rows * v * 4.0,
                 other_grads,
                 logits,
+                head_backward_s,
             );
             for layer in (0..spec.num_hidden_layers).rev() {
                 if knobs.checkpointing.recomputes(layer) {
@@ -147,6 +188,7 @@ impl SyntheticProber {
                         kept_layer - input,
                         0.0,
                         recompute_extra + dequant,
+                        forward_s,
                     );
                 }
                 walk.segment(
@@ -155,13 +197,22 @@ impl SyntheticProber {
                     -kept_layer,
                     layer_grads,
                     0.5 * kept_layer + dequant,
+                    backward_s,
                 );
             }
             let merged = if m > 0 { all_grads } else { 0.0 };
-            walk.segment("micro_batch_done", None, -embedded, -merged, merged);
+            walk.segment("micro_batch_done", None, -embedded, -merged, merged, 0.0);
         }
-        walk.segment("clip", None, 0.0, 0.0, largest);
-        walk.segment("optimizer_step", None, 0.0, -all_grads, temporaries);
+        walk.segment("clip", None, 0.0, 0.0, largest, 0.0);
+        walk.segment(
+            "optimizer_step",
+            None,
+            0.0,
+            -all_grads,
+            temporaries,
+            optimizer_s,
+        );
+        let step_s = walk.t_s;
         let (peak, acts, grads) = walk.best;
         let components = Components {
             weights,
@@ -176,33 +227,6 @@ impl SyntheticProber {
             ..components
         };
 
-        // Time: matmuls at a rate per precision, attention likewise, an optimizer pass, overheads.
-        let rate = match knobs.precision {
-            Precision::Fp32 => 1.0e11,
-            Precision::Bf16 => 0.6e11,
-            Precision::Fp16 => 0.7e11,
-            Precision::Bf16Pure => 0.65e11,
-        };
-        let passes = if frozen { 2.0 } else { 3.0 };
-        let lin = exact::projection_params(spec) as f64;
-        let head_passes = passes
-            + if knobs.loss == LossMode::Chunked {
-                1.0
-            } else {
-                0.0
-            };
-        let flops = n * (2.0 * lin * (l * passes + recomputed) + 2.0 * v * h * head_passes)
-            + if frozen {
-                n * 2.0
-                    * exact::adapter_params_per_layer(spec, &knobs.lora) as f64
-                    * (3.0 * l + recomputed)
-            } else {
-                0.0
-            };
-        let attention = n * 4.0 * s * q * (3.0 * l + recomputed);
-        let micro = flops / rate + attention / (0.5 * rate) + 2e-4 * (3.0 * l + recomputed) + 1e-3;
-        let trainable = exact::trainable_params(spec, knobs) as f64;
-        let step_s = knobs.accum as f64 * micro + trainable * 2e-9 + 5e-3;
         let tokens = n * knobs.accum as f64;
         ProbeResult {
             spec: spec.clone(),
@@ -222,6 +246,8 @@ impl SyntheticProber {
 /// gradients live there.
 struct Walk {
     current: f64,
+    /// Seconds since the step started.
+    t_s: f64,
     acts: f64,
     grads: f64,
     micro_batch: usize,
@@ -233,6 +259,7 @@ impl Walk {
     fn new(start: f64) -> Self {
         let mut walk = Self {
             current: start,
+            t_s: 0.0,
             acts: 0.0,
             grads: 0.0,
             micro_batch: 0,
@@ -245,7 +272,7 @@ impl Walk {
 
     fn mark(&mut self, phase: &str, layer: Option<usize>, segment_peak: f64) {
         self.rows.push(TimelineRow {
-            t_s: 0.0,
+            t_s: self.t_s,
             phase: phase.to_string(),
             layer,
             micro_batch: self.micro_batch,
@@ -255,7 +282,18 @@ impl Walk {
         });
     }
 
-    fn segment(&mut self, phase: &str, layer: Option<usize>, acts: f64, grads: f64, extra: f64) {
+    /// A segment that changes activations and gradients by `acts` and `grads`, goes `extra` above
+    /// that while it runs, and takes `seconds`.
+    fn segment(
+        &mut self,
+        phase: &str,
+        layer: Option<usize>,
+        acts: f64,
+        grads: f64,
+        extra: f64,
+        seconds: f64,
+    ) {
+        self.t_s += seconds;
         // What a segment allocates is live at its top; what it frees goes at its end.
         let top = self.current + acts.max(0.0) + grads.max(0.0) + extra;
         if top > self.best.0 {
