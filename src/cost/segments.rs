@@ -103,10 +103,10 @@ impl Kind {
 
     /// The shape features this segment's wall time may depend on: a layer's arithmetic (its
     /// matrices' and adapters' FLOPs in one feature, so that few, noisy probes cannot split them;
-    /// attention's, which grow with seq², in another); the head's tokens and loss chunks (each chunk streams the vocabulary
-    /// matrix); the parameter count for the segments over all parameters. The constant is what a
-    /// call costs whatever its size (streaming a layer's weights, dequantizing them, launching its
-    /// operations).
+    /// attention's, which grow with seq², in another); the head's tokens and loss chunks (each
+    /// chunk streams the vocabulary matrix); the parameter count for the segments over all
+    /// parameters. The constant is what a call costs whatever its size (streaming a layer's
+    /// weights, dequantizing them, launching its operations).
     fn time_features(self) -> &'static [Feat] {
         use Feat::*;
         match self.time_group() {
@@ -271,10 +271,8 @@ pub fn observations(probe: &ProbeResult) -> Option<Vec<Observation>> {
     if !rows.iter().any(|r| r.phase == "embed") || rows.iter().all(|r| r.segment_peak_bytes == 0) {
         return None;
     }
-    // The sequence tables are exact: the fitted rest is what else stays between steps.
     let fixed = exact::weight_bytes(&probe.spec, &probe.knobs)
-        + exact::optimizer_bytes(&probe.spec, &probe.knobs)
-        + exact::seq_table_bytes(&probe.spec, &probe.knobs);
+        + exact::optimizer_bytes(&probe.spec, &probe.knobs);
     let marked = rows.last().map_or(0.0, |r| r.t_s) - rows[start].t_s;
     let mut out = vec![Observation {
         kind: Kind::Rest,
@@ -511,13 +509,19 @@ impl SegmentModel {
             for o in obs {
                 let class = o.kind.class(&probe.knobs);
                 let x = feature_values(o.kind, &probe.spec, &probe.knobs);
+                // The sequence tables are exact: the fitted rest is what else stays between steps.
+                let delta = if o.kind == Kind::Rest {
+                    o.delta - exact::seq_table_bytes(&probe.spec, &probe.knobs) as f64
+                } else {
+                    o.delta
+                };
                 let entry = data.entry(class).or_insert_with(|| ClassData {
                     kind: o.kind,
                     deltas: Vec::new(),
                     excesses: Vec::new(),
                     seen: Default::default(),
                 });
-                entry.deltas.push((x.clone(), o.delta, weight));
+                entry.deltas.push((x.clone(), delta, weight));
                 if let Some(excess) = o.excess {
                     entry.excesses.push((x, excess, weight));
                 }
