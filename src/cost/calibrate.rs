@@ -647,6 +647,48 @@ mod tests {
     }
 
     #[test]
+    fn step_time_is_the_sum_of_segment_times_except_on_a_gpu() {
+        let model = calibrate(
+            &spec(),
+            &wide_space(),
+            &mut SyntheticProber::new(),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(!model.segments.times.is_empty());
+        // Six times deeper than any probe, accumulating, with a recomputed layer in two.
+        let knobs = Knobs {
+            method: Method::Qlora,
+            batch: 2,
+            accum: 2,
+            seq: 512,
+            checkpointing: Checkpointing::Every(2),
+            ..Knobs::default()
+        };
+        let truth = SyntheticProber::truth(&spec(), &knobs).step_s;
+        let segments = model.segments.step_seconds(&spec(), &knobs).unwrap();
+        assert!(
+            (segments / truth - 1.0).abs() < 1e-3,
+            "{segments} s vs {truth} s"
+        );
+        assert_eq!(model.predict(&spec(), &knobs).step_s, segments);
+        // The same probes, as timed on a GPU (asynchronous kernels): no segment times.
+        let on_gpu: Vec<ProbeResult> = model
+            .fitted_on
+            .iter()
+            .cloned()
+            .map(|p| ProbeResult {
+                device: "cuda:0 (test)".to_string(),
+                ..p
+            })
+            .collect();
+        let refit = super::super::segments::SegmentModel::fit(&on_gpu).unwrap();
+        assert!(refit.times.is_empty());
+        assert_eq!(refit.step_seconds(&spec(), &knobs), None);
+    }
+
+    #[test]
     fn plan_is_small_shallow_and_covers_every_knob_value() {
         let space = wide_space();
         let plan = calibration_plan(&spec(), &space);

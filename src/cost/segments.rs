@@ -488,7 +488,7 @@ fn fit_signed(rows: &[(Vec<f64>, f64, f64)]) -> Result<Vec<f64>, nnls::FitError>
 
 impl SegmentModel {
     /// Fits every segment class the probes show. Probes without segment marks are skipped; so are
-    /// the times of untimed probes.
+    /// the times of untimed probes and of probes on a GPU.
     pub fn fit(probes: &[ProbeResult]) -> Result<Self, nnls::FitError> {
         type Rows = Vec<(Vec<f64>, f64, f64)>;
         type TimeRows = Vec<(Vec<f64>, f64)>;
@@ -505,7 +505,11 @@ impl SegmentModel {
                 continue;
             };
             let weight = 1.0 / probe.peak_bytes.max(1) as f64;
-            let timed = probe.step_s > 0.0 && probe.step_s.is_finite();
+            // A GPU's marks do not time their segments: its kernels run asynchronously, and
+            // its meter reads device memory without waiting for them (the whole-step fit of
+            // `Coefficients::time` serves there).
+            let timed =
+                probe.step_s > 0.0 && probe.step_s.is_finite() && !probe.device.starts_with("cuda");
             for o in obs {
                 let class = o.kind.class(&probe.knobs);
                 let x = feature_values(o.kind, &probe.spec, &probe.knobs);
