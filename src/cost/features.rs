@@ -285,6 +285,8 @@ const ELEMENTWISE: [&str; 4] = [
 /// Step-time features: work per optimizer step (all micro-batches). Matmul and attention FLOPs and
 /// elementwise traffic each get a rate per precision (fitted on the device: never assume bf16 is
 /// faster), optimizer work a rate per optimizer, plus per-micro-batch and per-layer overheads.
+/// This whole-step fit serves only where the probes' segments are not timed (GPU probes, models
+/// planned for a card); elsewhere [`super::segments::SegmentModel::step_seconds`] predicts.
 pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
     let d = Dims::new(spec, knobs);
     let lin = d.projection_params;
