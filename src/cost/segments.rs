@@ -309,8 +309,8 @@ pub struct SegmentFit {
     pub probes: usize,
 }
 
-/// Fitted wall time of one segment group and class (see [`Kind::time_group`]): seconds per unit
-/// of each of its time features.
+/// Fitted wall time of one segment group and class: seconds per unit of each of its time
+/// features. A layer's forward, kept or recomputed, is one group; its backward another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimeFit {
     pub features: Vec<String>,
