@@ -62,6 +62,20 @@ fn first_step_timeline_equals_a_warmed_step() {
             checkpointing: Checkpointing::Full,
             ..base.clone()
         },
+        // The other loss mode of two classes above: the prober warms each method, quantization
+        // and precision once at the most tokens (the full loss first), the other loss briefly.
+        Knobs {
+            method: Method::Lora,
+            loss: LossMode::Full,
+            ..base.clone()
+        },
+        Knobs {
+            method: Method::Qlora,
+            quant: Quant::Q8,
+            precision: Precision::Bf16,
+            loss: LossMode::Full,
+            ..base.clone()
+        },
     ];
     let meter = CpuMeter::new();
     // What calibration does before its probes: one unmeasured step per class, here at twice the

@@ -19,7 +19,7 @@
 
 use super::meter::MemoryMeter;
 use super::{Components, ProbeResult, TimelineRow};
-use crate::config::Knobs;
+use crate::config::{Knobs, LossMode};
 use crate::data::random_batch;
 use crate::engine::Model;
 use crate::engine::step::{Batch, Engine, StepObserver};
@@ -331,23 +331,40 @@ impl crate::cost::Prober for EngineProber<'_> {
 
     /// Without warm-up steps of its own, a probe's first step must find the runtime's lasting
     /// allocations made: the matmul kernels keep per-thread scratch that grows with the largest
-    /// product they have seen (fp16's by some 100 KiB per layer shape). So one step of each class
-    /// of discrete knobs runs first, at one layer and the plan's most tokens, unmeasured.
+    /// product they have seen (fp16's by some 100 KiB per layer shape). So for each method,
+    /// quantization and precision one step runs first, unmeasured, at one layer and the plan's most
+    /// tokens (the full loss first among equals: its logits are the largest product); each other
+    /// loss mode of the same triple then runs one short step for what it keeps of its own.
     fn prepare(&mut self, plan: &[(ModelSpec, Knobs)]) -> Result<()> {
         if self.warmup_steps > 0 {
             return Ok(());
         }
-        let class = |k: &Knobs| (k.method, k.quant, k.precision, k.loss);
-        let tokens = |k: &Knobs| k.batch * k.seq;
+        let triple = |k: &Knobs| (k.method, k.quant, k.precision);
+        let size = |k: &Knobs| (k.batch * k.seq, k.loss == LossMode::Full);
         let mut largest: Vec<(ModelSpec, Knobs)> = Vec::new();
+        let mut short: Vec<(ModelSpec, Knobs)> = Vec::new();
         for (spec, knobs) in plan {
-            match largest.iter_mut().find(|(_, k)| class(k) == class(knobs)) {
-                Some(entry) if tokens(&entry.1) >= tokens(knobs) => {}
+            match largest.iter_mut().find(|(_, k)| triple(k) == triple(knobs)) {
+                Some(entry) if size(&entry.1) >= size(knobs) => {}
                 Some(entry) => *entry = (spec.with_layers(1), knobs.clone()),
                 None => largest.push((spec.with_layers(1), knobs.clone())),
             }
         }
-        for (spec, knobs) in largest {
+        for (spec, knobs) in plan {
+            let covered = |k: &Knobs| triple(k) == triple(knobs) && k.loss == knobs.loss;
+            if !largest.iter().chain(&short).any(|(_, k)| covered(k)) {
+                let seq = knobs.seq.min(16);
+                short.push((
+                    spec.with_layers(1),
+                    Knobs {
+                        batch: 1,
+                        seq,
+                        ..knobs.clone()
+                    },
+                ));
+            }
+        }
+        for (spec, knobs) in largest.into_iter().chain(short) {
             let req = ProbeRequest {
                 spec,
                 knobs: Knobs { accum: 1, ..knobs },
