@@ -7,7 +7,7 @@
 //! and how high it goes, per layer or once; the replay carries depth), the probes only fix
 //! coefficients. A probe still carries the full vocabulary and hidden size, so for large layers
 //! (≥ 50M parameters, e.g. 7B) the sequences are halved. On the CPU the probes run without
-//! warm-up steps of their own: the prober runs one unmeasured step per class first (see
+//! warm-up steps of their own: the prober runs a few unmeasured steps first (see
 //! `EngineProber::prepare`).
 
 use super::{CostError, CostModel, FailedProbe, Prober, shape_key, version};
