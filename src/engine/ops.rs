@@ -318,6 +318,34 @@ pub struct LossTargets {
     pub normalizer: f64,
 }
 
+/// A loss's per-row targets on the host, for the fused CPU kernels ([`super::kernels`]).
+struct HostTargets {
+    ids: Vec<u32>,
+    mask: Vec<f64>,
+}
+
+impl HostTargets {
+    fn new(targets: &LossTargets) -> Result<Self> {
+        Ok(Self {
+            ids: targets.ids.to_vec1::<u32>()?,
+            mask: targets.mask.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        })
+    }
+
+    /// The target ids of rows `[start, start + len)`.
+    fn ids(&self, start: usize, len: usize) -> &[u32] {
+        &self.ids[start..start + len]
+    }
+
+    /// `Σ mask · nll` over the rows from `start` on, one per value of `nll`.
+    fn masked_sum(&self, start: usize, nll: &[f32]) -> f64 {
+        nll.iter()
+            .zip(&self.mask[start..])
+            .map(|(&l, &m)| l as f64 * m)
+            .sum()
+    }
+}
+
 /// Logits of rows `[start, start + len)`, in f32 (f64 for an f64 model).
 fn chunk_logits(h: &Tensor, w: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     h.narrow(0, start, len)?
@@ -522,12 +550,8 @@ pub fn chunked_cross_entropy(
     let wide = wide(h.dtype());
     let mut total = 0f64;
     let mut lse_parts = Vec::new();
-    // The fused kernel's per-row inputs, on the host.
     let host = if h.device().is_cpu() && wide == DType::F32 {
-        Some((
-            targets.ids.to_vec1::<u32>()?,
-            targets.mask.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-        ))
+        Some(HostTargets::new(targets)?)
     } else {
         None
     };
@@ -536,17 +560,12 @@ pub fn chunked_cross_entropy(
         let len = chunk.min(n - start);
         let logits = chunk_logits(&h_detached, &w_detached, start, len)?;
         let fused = match &host {
-            Some((ids, mask)) => {
-                super::kernels::log_sum_exp_nll(&logits, &ids[start..start + len])?
-                    .map(|(lse, nll)| (lse, nll, &mask[start..start + len]))
-            }
+            Some(host) => super::kernels::log_sum_exp_nll(&logits, host.ids(start, len))?
+                .map(|(lse, nll)| (lse, host.masked_sum(start, &nll))),
             None => None,
         };
         let (lse, nll_sum) = match fused {
-            Some((lse, nll, mask)) => (
-                Tensor::from_vec(lse, (len, 1), h.device())?,
-                nll.iter().zip(mask).map(|(&l, &m)| l as f64 * m).sum(),
-            ),
+            Some((lse, sum)) => (Tensor::from_vec(lse, (len, 1), h.device())?, sum),
             None => composite_lse_nll(&logits, targets, start, len)?,
         };
         total += nll_sum;
@@ -578,17 +597,17 @@ pub fn full_cross_entropy(logits: &Tensor, targets: &LossTargets) -> Result<Tens
     let fusable = logits.device().is_cpu() && logits.dtype() == DType::F32;
     let logits = logits.to_dtype(dtype)?;
     if fusable {
-        let ids = targets.ids.to_vec1::<u32>()?;
-        if let Some((lse, nll)) = super::kernels::log_sum_exp_nll(&logits, &ids)? {
-            let mask = targets.mask.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let total: f64 = nll.iter().zip(&mask).map(|(&l, &m)| l as f64 * m).sum();
-            let value =
-                Tensor::new(total / targets.normalizer, logits.device())?.to_dtype(DType::F32)?;
+        let host = HostTargets::new(targets)?;
+        if let Some((lse, nll)) = super::kernels::log_sum_exp_nll(&logits, &host.ids)? {
             let normalizer = targets.normalizer;
+            let value = Tensor::new(
+                (host.masked_sum(0, &nll) / normalizer) as f32,
+                logits.device(),
+            )?;
             return with_backward(&logits, value, "full-cross-entropy", move |l, _, grad| {
                 let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / normalizer;
-                let scale: Vec<f32> = mask.iter().map(|&m| (m * upstream) as f32).collect();
-                super::kernels::cross_entropy_grad(l, &lse, &ids, &scale)?.ok_or_else(|| {
+                let scale: Vec<f32> = host.mask.iter().map(|&m| (m * upstream) as f32).collect();
+                super::kernels::cross_entropy_grad(l, &lse, &host.ids, &scale)?.ok_or_else(|| {
                     candle_core::Error::Msg("full cross entropy: logits left the CPU".into())
                 })
             });
