@@ -56,6 +56,12 @@ impl Dtypes {
 pub trait WeightSource {
     /// The tensor `name` of `shape`, as f32 on the CPU (the model converts and moves it).
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
+
+    /// The same tensor as `dtype` on the CPU. Sources that can make it in that dtype directly
+    /// override this; the default converts [`WeightSource::tensor`]'s f32.
+    fn tensor_as(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.tensor(name, shape)?.to_dtype(dtype)
+    }
 }
 
 /// Random initialisation as Hugging Face's Llama does it: normal(0, 0.02) for matrices, ones for
@@ -229,7 +235,13 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn base(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let t = self.source.tensor(name, shape)?;
+        let full = self.knobs.method == Method::Full;
+        let dtype = if full {
+            self.dtypes.trainable
+        } else {
+            self.dtypes.frozen
+        };
+        let t = self.source.tensor_as(name, shape, dtype)?;
         if t.dims() != shape {
             candle_core::bail!(
                 "weight `{name}` has shape {:?}, the model expects {:?}",
@@ -237,11 +249,10 @@ impl Builder<'_> {
                 shape
             );
         }
-        if self.knobs.method == Method::Full {
-            let t = t.to_dtype(self.dtypes.trainable)?.to_device(self.device)?;
+        let t = t.to_dtype(dtype)?.to_device(self.device)?;
+        if full {
             Ok(Weight::Trainable(Var::from_tensor(&t)?))
         } else {
-            let t = t.to_dtype(self.dtypes.frozen)?.to_device(self.device)?;
             Ok(Weight::Frozen(FrozenWeight::Dense(t)))
         }
     }
