@@ -2,6 +2,7 @@
 //! a gradient), LoRA and quantized bases, checkpointing, losses, precision, and optimizers.
 
 pub mod kernels;
+pub mod matmul;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -4,6 +4,7 @@
 //! adapters), frozen dense tensors in the compute dtype, or frozen ggml-quantized blocks (qlora).
 
 use super::kernels;
+use super::matmul::matmul as mm;
 use super::ops::{self, FrozenWeight, LossTargets};
 use super::optim::Param;
 use crate::config::{Knobs, LossMode, Method, Precision, Quant, Target, loss_chunk_rows};
@@ -160,7 +161,7 @@ impl Linear {
             (Weight::Frozen(_), Some(_)) => {
                 candle_core::bail!("`{}`: a frozen weight needs a frozen dense bias", self.name)
             }
-            (Weight::Trainable(v), _) => x.matmul(&v.as_tensor().to_dtype(dtype)?.t()?)?,
+            (Weight::Trainable(v), _) => mm(x, &v.as_tensor().to_dtype(dtype)?.t()?)?,
         };
         if let (Weight::Trainable(_), Some(bias)) = (&self.weight, &self.bias) {
             y = y.broadcast_add(&bias.as_compute(dtype)?)?;
@@ -173,7 +174,7 @@ impl Linear {
             };
             let a = lora.a.as_tensor().to_dtype(dtype)?;
             let b = lora.b.as_tensor().to_dtype(dtype)?;
-            let delta = x_in.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let delta = mm(&mm(&x_in, &a.t()?)?, &b.t()?)?;
             y = (y + delta.affine(lora.scale, 0.0)?)?;
         }
         Ok(y)
@@ -558,14 +559,11 @@ impl Model {
 
         // Softmax in fp32, as Hugging Face's eager attention does.
         let probs = kernels::scaled_causal_softmax(
-            &q.matmul(&k.t()?)?,
+            &mm(&q, &k.t()?)?,
             &tables.mask,
             1.0 / (hd as f64).sqrt(),
         )?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b * s, nh * hd))?;
+        let attn = mm(&probs, &v)?.transpose(1, 2)?.reshape((b * s, nh * hd))?;
         let x = (x + layer.o.forward(&attn, dt, train)?.reshape((b, s, h))?)?;
 
         let xn = self.rms_norm(&x, &layer.post_norm)?.reshape((b * s, h))?;
@@ -602,7 +600,7 @@ impl Model {
             LossMode::Full => {
                 let logits = match head {
                     Weight::Trainable(v) => {
-                        xn.matmul(&v.as_tensor().to_dtype(self.dtypes.compute)?.t()?)?
+                        mm(&xn, &v.as_tensor().to_dtype(self.dtypes.compute)?.t()?)?
                     }
                     Weight::Frozen(f) => f.matmul_t(&xn, None)?,
                 };
@@ -620,9 +618,7 @@ impl Model {
         let (b, s, h) = x.dims3()?;
         let xn = self.rms_norm(&x, &self.norm)?.reshape((b * s, h))?;
         let logits = match self.head_weight() {
-            Weight::Trainable(v) => {
-                xn.matmul(&v.as_tensor().to_dtype(self.dtypes.compute)?.t()?)?
-            }
+            Weight::Trainable(v) => mm(&xn, &v.as_tensor().to_dtype(self.dtypes.compute)?.t()?)?,
             Weight::Frozen(f) => f.matmul_t(&xn, None)?,
         };
         logits

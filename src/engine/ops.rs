@@ -9,6 +9,7 @@
 //! - [`chunked_cross_entropy`]: the next-token loss computed a chunk of rows at a time, in forward
 //!   and again in backward, so the batch × seq × vocab fp32 logits never exist at once.
 
+use super::matmul::matmul as mm;
 use super::model::wide;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
@@ -199,7 +200,7 @@ impl FrozenWeight {
         let dtype = x.dtype();
         let xd = x.detach();
         let mut value = match self {
-            FrozenWeight::Dense(w) => xd.matmul(&w.t()?)?,
+            FrozenWeight::Dense(w) => mm(&xd, &w.t()?)?,
             // ggml's kernels take f32 activations (and quantize them to 8 bits).
             FrozenWeight::Quantized(q) => xd
                 .to_dtype(DType::F32)?
@@ -214,7 +215,7 @@ impl FrozenWeight {
         with_backward(x, value, "frozen-matmul", move |_, _, grad| {
             // y = x Wᵀ  ⇒  dx = dy W. A quantized weight is dequantized for this product only.
             let w = weight.dense(grad.dtype())?;
-            grad.matmul(&w)
+            mm(grad, &w)
         })
     }
 }
@@ -348,9 +349,7 @@ impl HostTargets {
 
 /// Logits of rows `[start, start + len)`, in f32 (f64 for an f64 model).
 fn chunk_logits(h: &Tensor, w: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    h.narrow(0, start, len)?
-        .matmul(&w.t()?)?
-        .to_dtype(wide(h.dtype()))
+    mm(&h.narrow(0, start, len)?, &w.t()?)?.to_dtype(wide(h.dtype()))
 }
 
 /// candle's ops for one chunk's per-row log-sum-exp `[len, 1]` and its masked NLL sum (f64
@@ -519,10 +518,10 @@ impl CustomOp2 for ChunkedCrossEntropy {
                 }
                 None => self.composite_logits_grad(logits, start, len, upstream, h.dtype())?,
             };
-            grad_h.push(d_logits.matmul(w)?);
+            grad_h.push(mm(&d_logits, w)?);
             if self.weight_trainable {
                 let h_chunk = h.narrow(0, start, len)?;
-                let gw = d_logits.t()?.matmul(&h_chunk)?.to_dtype(wide)?;
+                let gw = mm(&d_logits.t()?, &h_chunk)?.to_dtype(wide)?;
                 grad_w = Some(match grad_w {
                     Some(total) => (total + gw)?,
                     None => gw,

@@ -1,0 +1,363 @@
+//! bf16 matrix products on the CPU, tile by tile.
+//!
+//! candle 0.11 has no bf16 gemm on the CPU: it widens *both whole operands* to f32 in new buffers
+//! (the whole storage, even when the operand is a narrow view of it), multiplies, and rounds the
+//! product back. Every product through a weight therefore allocates a widened copy of that weight:
+//! 545 MB for Qwen2.5-0.5B's vocabulary matrix, at every head product of every step, converted on
+//! one core.
+//!
+//! Here the product is cut into tiles of rows of the left operand and columns of the right one,
+//! each summed over blocks of the inner dimension. A task widens only its tile's blocks (in their
+//! own memory order, so a transposed weight is read row by row), multiplies them with gemm's f32
+//! kernel on one thread, and rounds its block of the output; the tasks run on rayon's threads. The
+//! arithmetic is candle's: f32 products of the widened values, summed in f32, rounded once to
+//! bf16. `examples/matmul_bf16.rs` times the two side by side.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Elements of the right operand one task widens at most (4 MiB in f32).
+const PANEL_ELEMENTS: usize = 1 << 20;
+/// Rows of the left operand one task takes at most.
+const ROW_BLOCK: usize = 256;
+/// Inner-dimension elements one task widens at once.
+const K_BLOCK: usize = 4096;
+
+/// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 on
+/// the CPU takes the tiled path; everything else is candle's matmul.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let tiled = a.device().is_cpu()
+        && a.dtype() == DType::BF16
+        && b.dtype() == DType::BF16
+        && a.rank() >= 2
+        && a.rank() == b.rank()
+        && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2]
+        && a.dims()[a.rank() - 1] == b.dims()[b.rank() - 2];
+    if tiled {
+        a.apply_op2(b, TiledBf16)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// The product of [`matmul`]; its backward is two products of the same kind, one per tracked
+/// operand (a frozen operand gets none).
+struct TiledBf16;
+
+/// One operand's matrices: their dimensions, strides and where each batch entry starts.
+struct Operand<'a> {
+    data: &'a [bf16],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+    starts: Vec<usize>,
+}
+
+impl<'a> Operand<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let CpuStorage::BF16(data) = storage else {
+            candle_core::bail!("bf16 matmul: expected bf16 storage");
+        };
+        let dims = layout.dims();
+        let strides = layout.stride();
+        let r = dims.len();
+        // Every batch entry's offset, walking the leading dimensions with their strides.
+        let mut starts = vec![layout.start_offset()];
+        for d in 0..r - 2 {
+            starts = starts
+                .iter()
+                .flat_map(|&s| (0..dims[d]).map(move |i| s + i * strides[d]))
+                .collect();
+        }
+        Ok(Self {
+            data,
+            rows: dims[r - 2],
+            cols: dims[r - 1],
+            row_stride: strides[r - 2],
+            col_stride: strides[r - 1],
+            starts,
+        })
+    }
+
+    /// Rows `rows` × columns `cols` of batch entry `b`, widened into `out`, in the operand's own
+    /// memory order. Returns (row stride, column stride) of `out`.
+    fn widen(
+        &self,
+        b: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> (isize, isize) {
+        let (nr, nc) = (rows.len(), cols.len());
+        out.clear();
+        out.reserve(nr * nc);
+        let base = self.starts[b];
+        // Column-major when the columns are the contiguous direction in memory (a transposed
+        // matrix): each of its columns is then one contiguous run.
+        let column_major = self.row_stride == 1 && self.col_stride != 1;
+        if column_major {
+            for c in cols {
+                let at = base + c * self.col_stride + rows.start;
+                out.extend(self.data[at..at + nr].iter().map(|v| v.to_f32()));
+            }
+            (1, nr as isize)
+        } else {
+            for r in rows {
+                let row = base + r * self.row_stride;
+                if self.col_stride == 1 {
+                    let at = row + cols.start;
+                    out.extend(self.data[at..at + nc].iter().map(|v| v.to_f32()));
+                } else {
+                    out.extend(
+                        cols.clone()
+                            .map(|c| self.data[row + c * self.col_stride].to_f32()),
+                    );
+                }
+            }
+            (nc as isize, 1)
+        }
+    }
+}
+
+/// The output's storage, written by tasks that own disjoint blocks of it.
+struct Output(*mut bf16);
+// SAFETY: every task writes only its own rows × columns block (see `cpu_fwd`).
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// Through a method, so that closures capture the whole (Sync) wrapper, not its pointer.
+    fn at(&self, offset: usize) -> *mut bf16 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+impl CustomOp2 for TiledBf16 {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (Operand::new(s1, l1)?, Operand::new(s2, l2)?);
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let batches = a.starts.len();
+        let mut dims = l1.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] = n;
+        let mut out = vec![bf16::ZERO; batches * m * n];
+        if m == 0 || n == 0 {
+            return Ok((CpuStorage::BF16(out), Shape::from(dims)));
+        }
+        // Tiles: rows of `a` by columns of `b`, each summed over blocks of the inner dimension
+        // so that a tile's widened operands stay small whatever `k` is.
+        let k_block = k.clamp(1, K_BLOCK);
+        let panel = (PANEL_ELEMENTS / k_block).max(16).min(n);
+        let tiles: Vec<(usize, usize, usize)> = (0..batches)
+            .flat_map(|bi| {
+                (0..m.div_ceil(ROW_BLOCK)).flat_map(move |ri| {
+                    (0..n.div_ceil(panel)).map(move |pi| (bi, ri * ROW_BLOCK, pi * panel))
+                })
+            })
+            .collect();
+        let output = Output(out.as_mut_ptr());
+        tiles.into_par_iter().for_each(|(bi, r0, c0)| {
+            let (r1, c1) = ((r0 + ROW_BLOCK).min(m), (c0 + panel).min(n));
+            let (mr, nc) = (r1 - r0, c1 - c0);
+            let mut lhs = Vec::new();
+            let mut rhs = Vec::new();
+            let mut dst = vec![0f32; mr * nc];
+            for (i, k0) in (0..k).step_by(k_block).enumerate() {
+                let k1 = (k0 + k_block).min(k);
+                let (lhs_rs, lhs_cs) = a.widen(bi, r0..r1, k0..k1, &mut lhs);
+                let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, c0..c1, &mut rhs);
+                // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements
+                // at the strides given.
+                unsafe {
+                    gemm::gemm(
+                        mr,
+                        nc,
+                        k1 - k0,
+                        dst.as_mut_ptr(),
+                        1,
+                        nc as isize,
+                        i > 0,
+                        lhs.as_ptr(),
+                        lhs_cs,
+                        lhs_rs,
+                        rhs.as_ptr(),
+                        rhs_cs,
+                        rhs_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            let base = bi * m * n;
+            for (r, row) in dst.chunks(nc).enumerate() {
+                let at = base + (r0 + r) * n + c0;
+                // SAFETY: rows r0..r1 × columns c0..c1 of entry `bi` belong to this tile alone,
+                // and lie inside `out` (batches × m × n elements).
+                let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
+                for (o, &v) in target.iter_mut().zip(row) {
+                    *o = bf16::from_f32(v);
+                }
+            }
+        });
+        Ok((CpuStorage::BF16(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ga = if a.track_op() {
+            Some(matmul(grad, &b.t()?)?)
+        } else {
+            None
+        };
+        let gb = if b.track_op() {
+            Some(matmul(&a.t()?, grad)?)
+        } else {
+            None
+        };
+        Ok((ga, gb))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn check(a: &Tensor, b: &Tensor) {
+        let want = a
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let got = matmul(a, b).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Same widened products, summed in f32 and rounded once; only the summation order may
+        // differ from candle's (one bf16 rounding step at most).
+        assert!(diff <= scale * 1e-2, "max diff {diff} against {scale}");
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_the_widened_product_in_every_layout() {
+        // Plain, a transposed weight (x · wᵀ), wide outputs split into panels, tall inputs split
+        // into row blocks, a narrow view of a larger tensor, and batched (attention) products.
+        let x = randn(&[37, 64], 1);
+        let w = randn(&[300, 64], 2);
+        check(&x, &w.t().unwrap());
+        check(
+            &x.t().unwrap().contiguous().unwrap().t().unwrap(),
+            &w.t().unwrap(),
+        );
+        let wide = randn(&[20_000, 64], 3);
+        check(&x, &wide.t().unwrap());
+        let tall = randn(&[600, 48], 4);
+        check(&tall, &randn(&[48, 70], 5));
+        check(&tall.t().unwrap(), &randn(&[600, 9], 6));
+        let narrow = tall.narrow(0, 100, 50).unwrap();
+        check(&narrow, &randn(&[48, 33], 7));
+        let q = randn(&[2, 3, 17, 8], 8);
+        let k = randn(&[2, 3, 17, 8], 9);
+        check(&q, &k.t().unwrap());
+    }
+
+    #[test]
+    fn gradients_match_candles_product() {
+        // y = (x · wᵀ) · c with x and w trained and c frozen: both paths give the same gradients
+        // to bf16 precision, and the frozen operand gets none.
+        let x = candle_core::Var::from_tensor(&randn(&[12, 40], 10)).unwrap();
+        let w = candle_core::Var::from_tensor(&randn(&[24, 40], 11)).unwrap();
+        let c = randn(&[24, 7], 12);
+        let grads = |product: &dyn Fn(&Tensor, &Tensor) -> Tensor, frozen_gets_none: bool| {
+            let y = product(&product(x.as_tensor(), &w.t().unwrap()), &c);
+            let loss = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            // candle's own product computes the frozen operand's gradient too.
+            assert_eq!(g.get(&c).is_none(), frozen_gets_none);
+            [
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(w.as_tensor()).unwrap().clone(),
+            ]
+        };
+        let ours = grads(&|a, b| matmul(a, b).unwrap(), true);
+        let theirs = grads(&|a, b| a.matmul(b).unwrap(), false);
+        for (o, t) in ours.iter().zip(&theirs) {
+            let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let diff = (up(o) - up(t))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+            let scale = up(t).abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            assert!(diff <= scale * 2e-2, "max diff {diff} against {scale}");
+        }
+    }
+}
