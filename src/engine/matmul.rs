@@ -17,8 +17,13 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-/// Elements of the right operand one task widens at most (4 MiB in f32).
+/// Elements of the right operand one task widens at once, when there are tiles enough for every
+/// thread (4 MiB in f32)...
 const PANEL_ELEMENTS: usize = 1 << 20;
+/// ...and at most (16 MiB), when a tile's rows of the left operand outweigh its panel: every column
+/// panel widens those rows again, so a narrow output over a long inner dimension (the head's input
+/// gradient `g · W`) is cut into no more panels than there are threads.
+const PANEL_ELEMENTS_MAX: usize = 1 << 22;
 /// Rows of the left operand one task takes at most.
 const ROW_BLOCK: usize = 256;
 /// Inner-dimension elements one task widens at once.
@@ -92,33 +97,55 @@ impl<'a> Operand<'a> {
     ) -> (isize, isize) {
         let (nr, nc) = (rows.len(), cols.len());
         out.clear();
-        out.reserve(nr * nc);
+        out.resize(nr * nc, 0.0);
         let base = self.starts[b];
         // Column-major when the columns are the contiguous direction in memory (a transposed
         // matrix): each of its columns is then one contiguous run.
         let column_major = self.row_stride == 1 && self.col_stride != 1;
         if column_major {
-            for c in cols {
+            for (c, dst) in cols.zip(out.chunks_exact_mut(nr)) {
                 let at = base + c * self.col_stride + rows.start;
-                out.extend(self.data[at..at + nr].iter().map(|v| v.to_f32()));
+                widen_run(&self.data[at..at + nr], dst);
             }
             (1, nr as isize)
         } else {
-            for r in rows {
+            for (r, dst) in rows.zip(out.chunks_exact_mut(nc)) {
                 let row = base + r * self.row_stride;
                 if self.col_stride == 1 {
                     let at = row + cols.start;
-                    out.extend(self.data[at..at + nc].iter().map(|v| v.to_f32()));
+                    widen_run(&self.data[at..at + nc], dst);
                 } else {
-                    out.extend(
-                        cols.clone()
-                            .map(|c| self.data[row + c * self.col_stride].to_f32()),
-                    );
+                    for (c, d) in cols.clone().zip(dst) {
+                        *d = widen(self.data[row + c * self.col_stride]);
+                    }
                 }
             }
             (nc as isize, 1)
         }
     }
+}
+
+/// bf16 → f32: the 16 bits are the f32's upper half (exact).
+#[inline(always)]
+fn widen(v: bf16) -> f32 {
+    f32::from_bits(u32::from(v.to_bits()) << 16)
+}
+
+/// A contiguous run of [`widen`], in a loop the compiler vectorizes.
+fn widen_run(src: &[bf16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = widen(s);
+    }
+}
+
+/// f32 → bf16, rounding to nearest even (NaN stays a quiet NaN), as `half` does, branch-free so
+/// that a row of them vectorizes.
+#[inline(always)]
+fn narrow(v: f32) -> bf16 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let nan = (bits >> 16) | 0x0040;
+    bf16::from_bits(if v.is_nan() { nan } else { rounded } as u16)
 }
 
 /// The output's storage, written by tasks that own disjoint blocks of it.
@@ -159,7 +186,15 @@ impl CustomOp2 for TiledBf16 {
         // Tiles: rows of `a` by columns of `b`, each summed over blocks of the inner dimension
         // so that a tile's widened operands stay small whatever `k` is.
         let k_block = k.clamp(1, K_BLOCK);
-        let panel = (PANEL_ELEMENTS / k_block).max(16).min(n);
+        let mut panel = (PANEL_ELEMENTS / k_block).max(16);
+        if m.min(ROW_BLOCK) >= panel {
+            // A tile's rows of `a` outweigh its panel of `b`, and every panel widens them again.
+            let threads = rayon::current_num_threads().max(1);
+            panel = panel
+                .max(n.div_ceil(threads))
+                .min((PANEL_ELEMENTS_MAX / k_block).max(16));
+        }
+        let panel = panel.min(n);
         let tiles: Vec<(usize, usize, usize)> = (0..batches)
             .flat_map(|bi| {
                 (0..m.div_ceil(ROW_BLOCK)).flat_map(move |ri| {
@@ -211,7 +246,7 @@ impl CustomOp2 for TiledBf16 {
                 // and lie inside `out` (batches × m × n elements).
                 let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
                 for (o, &v) in target.iter_mut().zip(row) {
-                    *o = bf16::from_f32(v);
+                    *o = narrow(v);
                 }
             }
         });
@@ -295,6 +330,44 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap()
+    }
+
+    #[test]
+    fn conversions_match_half() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let mut values: Vec<f32> = (0..100_000)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                f32::from_bits(s as u32)
+            })
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        values.extend([
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::NAN,
+            1.0 + f32::EPSILON * 128.0,
+        ]);
+        for v in values {
+            let want = bf16::from_f32(v);
+            let got = narrow(v);
+            if v.is_nan() {
+                assert!(got.is_nan());
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{v:e}");
+            }
+            assert_eq!(widen(want).to_bits(), want.to_f32().to_bits());
+        }
     }
 
     #[test]
