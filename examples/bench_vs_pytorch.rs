@@ -8,7 +8,9 @@
 //!
 //!     cargo build --release --bins --examples
 //!     target/release/examples/bench_vs_pytorch --python /work/peer-venv/bin/python [--quick]
-//!         [--repeats N] [--before OLD_MEMTUNE]
+//!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16]
+//!
+//! `--dtype` keeps only that precision's half of the matrix.
 //!
 //! memtune's memory is its exact allocator peak above the pre-model baseline (and the OS high-water
 //! mark); PyTorch's is the peer's ΔRSS (peak RSS minus RSS after imports) and its profiler peak.
@@ -172,6 +174,7 @@ fn main() {
     let peer = PathBuf::from(arg("--peer").unwrap_or_else(|| "../shared/peer".into()));
     let repeats: usize = arg("--repeats").map_or(3, |r| r.parse().expect("--repeats N"));
     let before = arg("--before").map(PathBuf::from);
+    let only_dtype = arg("--dtype");
     let exe = std::env::current_exe().expect("current exe");
     let memtune = exe
         .parent()
@@ -197,7 +200,10 @@ fn main() {
         "|---|---|---|---|---|---|---|---|---|---|---|{}",
         if before.is_some() { "---|---|" } else { "" }
     );
-    for c in configs(quick) {
+    for c in configs(quick)
+        .into_iter()
+        .filter(|c| only_dtype.as_deref().is_none_or(|d| d == c.dtype))
+    {
         let cfg = write_config(&dir, &c);
         let ours_args = memtune_args(&cfg, &c);
         let (mut ours, mut theirs, mut old) = (Vec::new(), Vec::new(), Vec::new());
