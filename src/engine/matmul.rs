@@ -13,9 +13,134 @@
 //! arithmetic is candle's: f32 products of the widened values, summed in f32, rounded once to
 //! bf16. `examples/matmul_bf16.rs` times the two side by side.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
+
+/// A 16-bit storage type the tiled product widens to f32 and rounds back to.
+trait Half: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    /// The operand's elements, or `None` for another dtype.
+    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+    fn storage(data: Vec<Self>) -> CpuStorage;
+    fn widen(self) -> f32;
+    /// A contiguous run of [`Half::widen`].
+    fn widen_run(src: &[Self], dst: &mut [f32]);
+    /// A contiguous run of f32 → Self, rounding to nearest even.
+    fn narrow_run(src: &[f32], dst: &mut [Self]);
+}
+
+impl Half for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::BF16(data) => Some(data),
+            _ => None,
+        }
+    }
+    fn storage(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::BF16(data)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        widen(self)
+    }
+    fn widen_run(src: &[Self], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = widen(s);
+        }
+    }
+    fn narrow_run(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = narrow(s);
+        }
+    }
+}
+
+/// f16 with F16C's conversions, 8 lanes at a time, where the CPU has them (`half`'s otherwise).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have F16C and AVX; `src` and `dst` have the same length.
+    #[target_feature(enable = "f16c,avx")]
+    pub unsafe fn widen_f16(src: &[f16], dst: &mut [f32]) {
+        let n = dst.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads and stores.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for i in n..dst.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
+
+    /// Rounds to nearest even, as `half` does.
+    ///
+    /// # Safety
+    /// The CPU must have F16C and AVX; `src` and `dst` have the same length.
+    #[target_feature(enable = "f16c,avx")]
+    pub unsafe fn narrow_f16(src: &[f32], dst: &mut [f16]) {
+        let n = dst.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads and stores.
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            }
+        }
+        for i in n..dst.len() {
+            dst[i] = f16::from_f32(src[i]);
+        }
+    }
+}
+
+/// f16 with F16C's conversions where the CPU has them (see [`x86`]), `half`'s otherwise.
+impl Half for f16 {
+    const ZERO: Self = f16::ZERO;
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F16(data) => Some(data),
+            _ => None,
+        }
+    }
+    fn storage(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::F16(data)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn widen_run(src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: the CPU has F16C and AVX (checked above).
+            unsafe { x86::widen_f16(&src[..dst.len()], dst) };
+            return;
+        }
+        use half::slice::HalfFloatSliceExt;
+        src[..dst.len()].convert_to_f32_slice(dst);
+    }
+    fn narrow_run(src: &[f32], dst: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: the CPU has F16C and AVX (checked above).
+            unsafe { x86::narrow_f16(&src[..dst.len()], dst) };
+            return;
+        }
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(&src[..dst.len()]);
+    }
+}
 
 /// Elements of the right operand one task widens at once, when there are tiles enough for every
 /// thread (4 MiB in f32)...
@@ -29,18 +154,18 @@ const ROW_BLOCK: usize = 256;
 /// Inner-dimension elements one task widens at once.
 const K_BLOCK: usize = 4096;
 
-/// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 on
-/// the CPU takes the tiled path; everything else is candle's matmul.
+/// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 and
+/// f16 on the CPU take the tiled path; everything else is candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let tiled = a.device().is_cpu()
-        && a.dtype() == DType::BF16
-        && b.dtype() == DType::BF16
+        && matches!(a.dtype(), DType::BF16 | DType::F16)
+        && b.dtype() == a.dtype()
         && a.rank() >= 2
         && a.rank() == b.rank()
         && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2]
         && a.dims()[a.rank() - 1] == b.dims()[b.rank() - 2];
     if tiled {
-        a.apply_op2(b, TiledBf16)
+        a.apply_op2(b, Tiled)
     } else {
         a.matmul(b)
     }
@@ -48,11 +173,11 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The product of [`matmul`]; its backward is two products of the same kind, one per tracked
 /// operand (a frozen operand gets none).
-struct TiledBf16;
+struct Tiled;
 
 /// One operand's matrices: their dimensions, strides and where each batch entry starts.
-struct Operand<'a> {
-    data: &'a [bf16],
+struct Operand<'a, T> {
+    data: &'a [T],
     rows: usize,
     cols: usize,
     row_stride: usize,
@@ -60,10 +185,10 @@ struct Operand<'a> {
     starts: Vec<usize>,
 }
 
-impl<'a> Operand<'a> {
+impl<'a, T: Half> Operand<'a, T> {
     fn new(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
-        let CpuStorage::BF16(data) = storage else {
-            candle_core::bail!("bf16 matmul: expected bf16 storage");
+        let Some(data) = T::slice(storage) else {
+            candle_core::bail!("tiled matmul: operands of different dtypes");
         };
         let dims = layout.dims();
         let strides = layout.stride();
@@ -105,7 +230,7 @@ impl<'a> Operand<'a> {
         if column_major {
             for (c, dst) in cols.zip(out.chunks_exact_mut(nr)) {
                 let at = base + c * self.col_stride + rows.start;
-                widen_run(&self.data[at..at + nr], dst);
+                T::widen_run(&self.data[at..at + nr], dst);
             }
             (1, nr as isize)
         } else {
@@ -113,10 +238,10 @@ impl<'a> Operand<'a> {
                 let row = base + r * self.row_stride;
                 if self.col_stride == 1 {
                     let at = row + cols.start;
-                    widen_run(&self.data[at..at + nc], dst);
+                    T::widen_run(&self.data[at..at + nc], dst);
                 } else {
                     for (c, d) in cols.clone().zip(dst) {
-                        *d = widen(self.data[row + c * self.col_stride]);
+                        *d = self.data[row + c * self.col_stride].widen();
                     }
                 }
             }
@@ -131,13 +256,6 @@ fn widen(v: bf16) -> f32 {
     f32::from_bits(u32::from(v.to_bits()) << 16)
 }
 
-/// A contiguous run of [`widen`], in a loop the compiler vectorizes.
-fn widen_run(src: &[bf16], dst: &mut [f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = widen(s);
-    }
-}
-
 /// f32 → bf16, rounding to nearest even (NaN stays a quiet NaN), as `half` does, branch-free so
 /// that a row of them vectorizes.
 #[inline(always)]
@@ -149,21 +267,106 @@ fn narrow(v: f32) -> bf16 {
 }
 
 /// The output's storage, written by tasks that own disjoint blocks of it.
-struct Output(*mut bf16);
+struct Output<T>(*mut T);
 // SAFETY: every task writes only its own rows × columns block (see `cpu_fwd`).
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
+unsafe impl<T> Send for Output<T> {}
+unsafe impl<T> Sync for Output<T> {}
 
-impl Output {
+impl<T> Output<T> {
     /// Through a method, so that closures capture the whole (Sync) wrapper, not its pointer.
-    fn at(&self, offset: usize) -> *mut bf16 {
+    fn at(&self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
 
-impl CustomOp2 for TiledBf16 {
+/// The tiled product of two 16-bit operands.
+fn tiled<T: Half>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (Operand::<T>::new(s1, l1)?, Operand::<T>::new(s2, l2)?);
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let batches = a.starts.len();
+    let mut dims = l1.dims().to_vec();
+    let last = dims.len() - 1;
+    dims[last] = n;
+    let mut out = vec![T::ZERO; batches * m * n];
+    if m == 0 || n == 0 {
+        return Ok((T::storage(out), Shape::from(dims)));
+    }
+    // Tiles: rows of `a` by columns of `b`, each summed over blocks of the inner dimension
+    // so that a tile's widened operands stay small whatever `k` is.
+    let k_block = k.clamp(1, K_BLOCK);
+    let mut panel = (PANEL_ELEMENTS / k_block).max(16);
+    if m.min(ROW_BLOCK) >= panel {
+        // A tile's rows of `a` outweigh its panel of `b`, and every panel widens them again.
+        let threads = rayon::current_num_threads().max(1);
+        panel = panel
+            .max(n.div_ceil(threads))
+            .min((PANEL_ELEMENTS_MAX / k_block).max(16));
+    }
+    let panel = panel.min(n);
+    let tiles: Vec<(usize, usize, usize)> = (0..batches)
+        .flat_map(|bi| {
+            (0..m.div_ceil(ROW_BLOCK)).flat_map(move |ri| {
+                (0..n.div_ceil(panel)).map(move |pi| (bi, ri * ROW_BLOCK, pi * panel))
+            })
+        })
+        .collect();
+    let output = Output(out.as_mut_ptr());
+    tiles.into_par_iter().for_each(|(bi, r0, c0)| {
+        let (r1, c1) = ((r0 + ROW_BLOCK).min(m), (c0 + panel).min(n));
+        let (mr, nc) = (r1 - r0, c1 - c0);
+        let mut lhs = Vec::new();
+        let mut rhs = Vec::new();
+        let mut dst = vec![0f32; mr * nc];
+        for (i, k0) in (0..k).step_by(k_block).enumerate() {
+            let k1 = (k0 + k_block).min(k);
+            let (lhs_rs, lhs_cs) = a.widen(bi, r0..r1, k0..k1, &mut lhs);
+            let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, c0..c1, &mut rhs);
+            // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements
+            // at the strides given.
+            unsafe {
+                gemm::gemm(
+                    mr,
+                    nc,
+                    k1 - k0,
+                    dst.as_mut_ptr(),
+                    1,
+                    nc as isize,
+                    i > 0,
+                    lhs.as_ptr(),
+                    lhs_cs,
+                    lhs_rs,
+                    rhs.as_ptr(),
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        let base = bi * m * n;
+        for (r, row) in dst.chunks(nc).enumerate() {
+            let at = base + (r0 + r) * n + c0;
+            // SAFETY: rows r0..r1 × columns c0..c1 of entry `bi` belong to this tile alone,
+            // and lie inside `out` (batches × m × n elements).
+            let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
+            T::narrow_run(row, target);
+        }
+    });
+    Ok((T::storage(out), Shape::from(dims)))
+}
+
+impl CustomOp2 for Tiled {
     fn name(&self) -> &'static str {
-        "bf16-matmul"
+        "tiled-matmul"
     }
 
     fn cpu_fwd(
@@ -173,84 +376,11 @@ impl CustomOp2 for TiledBf16 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (Operand::new(s1, l1)?, Operand::new(s2, l2)?);
-        let (m, k, n) = (a.rows, a.cols, b.cols);
-        let batches = a.starts.len();
-        let mut dims = l1.dims().to_vec();
-        let last = dims.len() - 1;
-        dims[last] = n;
-        let mut out = vec![bf16::ZERO; batches * m * n];
-        if m == 0 || n == 0 {
-            return Ok((CpuStorage::BF16(out), Shape::from(dims)));
+        match s1 {
+            CpuStorage::BF16(_) => tiled::<bf16>(s1, l1, s2, l2),
+            CpuStorage::F16(_) => tiled::<f16>(s1, l1, s2, l2),
+            other => candle_core::bail!("tiled matmul: unsupported dtype {:?}", other.dtype()),
         }
-        // Tiles: rows of `a` by columns of `b`, each summed over blocks of the inner dimension
-        // so that a tile's widened operands stay small whatever `k` is.
-        let k_block = k.clamp(1, K_BLOCK);
-        let mut panel = (PANEL_ELEMENTS / k_block).max(16);
-        if m.min(ROW_BLOCK) >= panel {
-            // A tile's rows of `a` outweigh its panel of `b`, and every panel widens them again.
-            let threads = rayon::current_num_threads().max(1);
-            panel = panel
-                .max(n.div_ceil(threads))
-                .min((PANEL_ELEMENTS_MAX / k_block).max(16));
-        }
-        let panel = panel.min(n);
-        let tiles: Vec<(usize, usize, usize)> = (0..batches)
-            .flat_map(|bi| {
-                (0..m.div_ceil(ROW_BLOCK)).flat_map(move |ri| {
-                    (0..n.div_ceil(panel)).map(move |pi| (bi, ri * ROW_BLOCK, pi * panel))
-                })
-            })
-            .collect();
-        let output = Output(out.as_mut_ptr());
-        tiles.into_par_iter().for_each(|(bi, r0, c0)| {
-            let (r1, c1) = ((r0 + ROW_BLOCK).min(m), (c0 + panel).min(n));
-            let (mr, nc) = (r1 - r0, c1 - c0);
-            let mut lhs = Vec::new();
-            let mut rhs = Vec::new();
-            let mut dst = vec![0f32; mr * nc];
-            for (i, k0) in (0..k).step_by(k_block).enumerate() {
-                let k1 = (k0 + k_block).min(k);
-                let (lhs_rs, lhs_cs) = a.widen(bi, r0..r1, k0..k1, &mut lhs);
-                let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, c0..c1, &mut rhs);
-                // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements
-                // at the strides given.
-                unsafe {
-                    gemm::gemm(
-                        mr,
-                        nc,
-                        k1 - k0,
-                        dst.as_mut_ptr(),
-                        1,
-                        nc as isize,
-                        i > 0,
-                        lhs.as_ptr(),
-                        lhs_cs,
-                        lhs_rs,
-                        rhs.as_ptr(),
-                        rhs_cs,
-                        rhs_rs,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
-            let base = bi * m * n;
-            for (r, row) in dst.chunks(nc).enumerate() {
-                let at = base + (r0 + r) * n + c0;
-                // SAFETY: rows r0..r1 × columns c0..c1 of entry `bi` belong to this tile alone,
-                // and lie inside `out` (batches × m × n elements).
-                let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
-                for (o, &v) in target.iter_mut().zip(row) {
-                    *o = narrow(v);
-                }
-            }
-        });
-        Ok((CpuStorage::BF16(out), Shape::from(dims)))
     }
 
     fn bwd(
@@ -285,7 +415,7 @@ mod tests {
             .unwrap()
             .matmul(&b.to_dtype(DType::F32).unwrap())
             .unwrap()
-            .to_dtype(DType::BF16)
+            .to_dtype(a.dtype())
             .unwrap();
         let got = matmul(a, b).unwrap();
         assert_eq!(got.dims(), want.dims());
@@ -311,11 +441,11 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         // Same widened products, summed in f32 and rounded once; only the summation order may
-        // differ from candle's (one bf16 rounding step at most).
+        // differ from candle's (one 16-bit rounding step at most).
         assert!(diff <= scale * 1e-2, "max diff {diff} against {scale}");
     }
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed | 1;
         let v: Vec<f32> = (0..n)
@@ -328,8 +458,33 @@ mod tests {
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu)
             .unwrap()
-            .to_dtype(DType::BF16)
+            .to_dtype(dtype)
             .unwrap()
+    }
+
+    #[test]
+    fn f16_runs_match_half() {
+        let mut s = 0x0bad_cafe_1234_5679u64;
+        let mut values: Vec<f32> = (0..10_003)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                f32::from_bits(s as u32) % 70_000.0
+            })
+            .collect();
+        values.extend([0.0, -0.0, 65_504.0, 65_520.0, 1e-8, 6.1e-5, f32::INFINITY]);
+        let mut halves = vec![f16::ZERO; values.len()];
+        <f16 as Half>::narrow_run(&values, &mut halves);
+        let mut back = vec![0f32; values.len()];
+        <f16 as Half>::widen_run(&halves, &mut back);
+        for ((v, h), b) in values.iter().zip(&halves).zip(&back) {
+            if v.is_nan() {
+                continue;
+            }
+            assert_eq!(h.to_bits(), f16::from_f32(*v).to_bits(), "{v:e}");
+            assert_eq!(b.to_bits(), h.to_f32().to_bits());
+        }
     }
 
     #[test]
@@ -374,63 +529,69 @@ mod tests {
     fn matches_the_widened_product_in_every_layout() {
         // Plain, a transposed weight (x · wᵀ), wide outputs split into panels, tall inputs split
         // into row blocks, a narrow view of a larger tensor, and batched (attention) products.
-        let x = randn(&[37, 64], 1);
-        let w = randn(&[300, 64], 2);
-        check(&x, &w.t().unwrap());
-        check(
-            &x.t().unwrap().contiguous().unwrap().t().unwrap(),
-            &w.t().unwrap(),
-        );
-        let wide = randn(&[20_000, 64], 3);
-        check(&x, &wide.t().unwrap());
-        let tall = randn(&[600, 48], 4);
-        check(&tall, &randn(&[48, 70], 5));
-        check(&tall.t().unwrap(), &randn(&[600, 9], 6));
-        let narrow = tall.narrow(0, 100, 50).unwrap();
-        check(&narrow, &randn(&[48, 33], 7));
-        let q = randn(&[2, 3, 17, 8], 8);
-        let k = randn(&[2, 3, 17, 8], 9);
-        check(&q, &k.t().unwrap());
+        for dtype in [DType::BF16, DType::F16] {
+            let randn = |shape: &[usize], seed| randn(shape, seed, dtype);
+            let x = randn(&[37, 64], 1);
+            let w = randn(&[300, 64], 2);
+            check(&x, &w.t().unwrap());
+            check(
+                &x.t().unwrap().contiguous().unwrap().t().unwrap(),
+                &w.t().unwrap(),
+            );
+            let wide = randn(&[20_000, 64], 3);
+            check(&x, &wide.t().unwrap());
+            let tall = randn(&[600, 48], 4);
+            check(&tall, &randn(&[48, 70], 5));
+            check(&tall.t().unwrap(), &randn(&[600, 9], 6));
+            let narrow = tall.narrow(0, 100, 50).unwrap();
+            check(&narrow, &randn(&[48, 33], 7));
+            let q = randn(&[2, 3, 17, 8], 8);
+            let k = randn(&[2, 3, 17, 8], 9);
+            check(&q, &k.t().unwrap());
+        }
     }
 
     #[test]
     fn gradients_match_candles_product() {
         // y = (x · wᵀ) · c with x and w trained and c frozen: both paths give the same gradients
-        // to bf16 precision, and the frozen operand gets none.
-        let x = candle_core::Var::from_tensor(&randn(&[12, 40], 10)).unwrap();
-        let w = candle_core::Var::from_tensor(&randn(&[24, 40], 11)).unwrap();
-        let c = randn(&[24, 7], 12);
-        let grads = |product: &dyn Fn(&Tensor, &Tensor) -> Tensor, frozen_gets_none: bool| {
-            let y = product(&product(x.as_tensor(), &w.t().unwrap()), &c);
-            let loss = y
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let g = loss.backward().unwrap();
-            // candle's own product computes the frozen operand's gradient too.
-            assert_eq!(g.get(&c).is_none(), frozen_gets_none);
-            [
-                g.get(x.as_tensor()).unwrap().clone(),
-                g.get(w.as_tensor()).unwrap().clone(),
-            ]
-        };
-        let ours = grads(&|a, b| matmul(a, b).unwrap(), true);
-        let theirs = grads(&|a, b| a.matmul(b).unwrap(), false);
-        for (o, t) in ours.iter().zip(&theirs) {
-            let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let diff = (up(o) - up(t))
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap();
-            let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
-            let scale = up(t).abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let scale = scale.to_scalar::<f32>().unwrap();
-            assert!(diff <= scale * 2e-2, "max diff {diff} against {scale}");
+        // to 16-bit precision, and the frozen operand gets none.
+        for dtype in [DType::BF16, DType::F16] {
+            let randn = |shape: &[usize], seed| randn(shape, seed, dtype);
+            let x = candle_core::Var::from_tensor(&randn(&[12, 40], 10)).unwrap();
+            let w = candle_core::Var::from_tensor(&randn(&[24, 40], 11)).unwrap();
+            let c = randn(&[24, 7], 12);
+            let grads = |product: &dyn Fn(&Tensor, &Tensor) -> Tensor, frozen_gets_none: bool| {
+                let y = product(&product(x.as_tensor(), &w.t().unwrap()), &c);
+                let loss = y
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                // candle's own product computes the frozen operand's gradient too.
+                assert_eq!(g.get(&c).is_none(), frozen_gets_none);
+                [
+                    g.get(x.as_tensor()).unwrap().clone(),
+                    g.get(w.as_tensor()).unwrap().clone(),
+                ]
+            };
+            let ours = grads(&|a, b| matmul(a, b).unwrap(), true);
+            let theirs = grads(&|a, b| a.matmul(b).unwrap(), false);
+            for (o, t) in ours.iter().zip(&theirs) {
+                let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let diff = (up(o) - up(t))
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap();
+                let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+                let scale = up(t).abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap();
+                assert!(diff <= scale * 2e-2, "max diff {diff} against {scale}");
+            }
         }
     }
 }
