@@ -55,8 +55,9 @@ pub trait Prober {
 /// calibrations are not reused across them. (5: caches written by the vocabulary-reduced probes of
 /// commits fb28124–71a7855, also version 4, hold probes of another shape key. 6: the fused CPU
 /// kernels of `engine::kernels` keep fewer and smaller temporaries. 7: segment times are fitted.
-/// 8: bf16 products on the CPU widen tiles, not whole operands (`engine::matmul`).)
-pub const COST_MODEL_VERSION: u32 = 8;
+/// 8: bf16 products on the CPU widen tiles, not whole operands (`engine::matmul`). 9: so do f16
+/// products, and gemm runs its AVX-512 kernels.)
+pub const COST_MODEL_VERSION: u32 = 9;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
