@@ -31,17 +31,24 @@ trait Half: Copy + Send + Sync + 'static {
     fn narrow_run(src: &[f32], dst: &mut [Self]);
 }
 
-impl Half for bf16 {
-    const ZERO: Self = bf16::ZERO;
-    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::BF16(data) => Some(data),
-            _ => None,
+/// The storage plumbing of a [`Half`] type: its zero and its `CpuStorage` variant.
+macro_rules! half_storage {
+    ($t:ty, $variant:ident) => {
+        const ZERO: Self = <$t>::ZERO;
+        fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+            match storage {
+                CpuStorage::$variant(data) => Some(data),
+                _ => None,
+            }
         }
-    }
-    fn storage(data: Vec<Self>) -> CpuStorage {
-        CpuStorage::BF16(data)
-    }
+        fn storage(data: Vec<Self>) -> CpuStorage {
+            CpuStorage::$variant(data)
+        }
+    };
+}
+
+impl Half for bf16 {
+    half_storage!(bf16, BF16);
     #[inline(always)]
     fn widen(self) -> f32 {
         widen(self)
@@ -104,16 +111,7 @@ mod x86 {
 
 /// f16 with F16C's conversions where the CPU has them (see [`x86`]), `half`'s otherwise.
 impl Half for f16 {
-    const ZERO: Self = f16::ZERO;
-    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::F16(data) => Some(data),
-            _ => None,
-        }
-    }
-    fn storage(data: Vec<Self>) -> CpuStorage {
-        CpuStorage::F16(data)
-    }
+    half_storage!(f16, F16);
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
@@ -409,6 +407,23 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn up(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::F32).unwrap()
+    }
+
+    /// The largest absolute value of `t`, in f32.
+    fn max_abs(t: &Tensor) -> f32 {
+        up(t)
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn check(a: &Tensor, b: &Tensor) {
         let want = a
             .to_dtype(DType::F32)
@@ -419,27 +434,8 @@ mod tests {
             .unwrap();
         let got = matmul(a, b).unwrap();
         assert_eq!(got.dims(), want.dims());
-        let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(up(&got) - up(&want)).unwrap());
+        let scale = max_abs(&want);
         // Same widened products, summed in f32 and rounded once; only the summation order may
         // differ from candle's (one 16-bit rounding step at most).
         assert!(diff <= scale * 1e-2, "max diff {diff} against {scale}");
@@ -580,16 +576,8 @@ mod tests {
             let ours = grads(&|a, b| matmul(a, b).unwrap(), true);
             let theirs = grads(&|a, b| a.matmul(b).unwrap(), false);
             for (o, t) in ours.iter().zip(&theirs) {
-                let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-                let diff = (up(o) - up(t))
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap();
-                let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
-                let scale = up(t).abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-                let scale = scale.to_scalar::<f32>().unwrap();
+                let diff = max_abs(&(up(o) - up(t)).unwrap());
+                let scale = max_abs(t);
                 assert!(diff <= scale * 2e-2, "max diff {diff} against {scale}");
             }
         }
