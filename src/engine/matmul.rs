@@ -1,17 +1,17 @@
-//! bf16 matrix products on the CPU, tile by tile.
+//! bf16 and f16 matrix products on the CPU, tile by tile.
 //!
 //! candle 0.11 has no bf16 gemm on the CPU: it widens *both whole operands* to f32 in new buffers
 //! (the whole storage, even when the operand is a narrow view of it), multiplies, and rounds the
 //! product back. Every product through a weight therefore allocates a widened copy of that weight:
 //! 545 MB for Qwen2.5-0.5B's vocabulary matrix, at every head product of every step, converted on
-//! one core.
+//! one core. Its f16 products run gemm's f16 path, which converts while packing, again and again.
 //!
 //! Here the product is cut into tiles of rows of the left operand and columns of the right one,
 //! each summed over blocks of the inner dimension. A task widens only its tile's blocks (in their
-//! own memory order, so a transposed weight is read row by row), multiplies them with gemm's f32
-//! kernel on one thread, and rounds its block of the output; the tasks run on rayon's threads. The
-//! arithmetic is candle's: f32 products of the widened values, summed in f32, rounded once to
-//! bf16. `examples/matmul_bf16.rs` times the two side by side.
+//! own memory order, so a transposed weight is read row by row; bf16 by a shift, f16 with F16C),
+//! multiplies them with gemm's f32 kernel on one thread, and rounds its block of the output; the
+//! tasks run on rayon's threads. The arithmetic is candle's: f32 products of the widened values,
+//! summed in f32, rounded once. `examples/matmul_bf16.rs` times the two side by side.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
