@@ -441,16 +441,22 @@ mod tests {
         assert!(diff <= scale * 1e-2, "max diff {diff} against {scale}");
     }
 
+    /// xorshift64 from `seed` (made odd): the tests' reproducible bit patterns.
+    fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
+        let mut s = seed | 1;
+        std::iter::repeat_with(move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        })
+    }
+
     fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut s = seed | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
+        let v: Vec<f32> = xorshift(seed)
+            .take(n)
+            .map(|s| (s % 2001) as f32 / 1000.0 - 1.0)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu)
             .unwrap()
@@ -460,14 +466,9 @@ mod tests {
 
     #[test]
     fn f16_runs_match_half() {
-        let mut s = 0x0bad_cafe_1234_5679u64;
-        let mut values: Vec<f32> = (0..10_003)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                f32::from_bits(s as u32) % 70_000.0
-            })
+        let mut values: Vec<f32> = xorshift(0x0bad_cafe_1234_5679)
+            .take(10_003)
+            .map(|s| f32::from_bits(s as u32) % 70_000.0)
             .collect();
         values.extend([0.0, -0.0, 65_504.0, 65_520.0, 1e-8, 6.1e-5, f32::INFINITY]);
         let mut halves = vec![f16::ZERO; values.len()];
@@ -485,14 +486,9 @@ mod tests {
 
     #[test]
     fn conversions_match_half() {
-        let mut s = 0x1234_5678_9abc_def1u64;
-        let mut values: Vec<f32> = (0..100_000)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                f32::from_bits(s as u32)
-            })
+        let mut values: Vec<f32> = xorshift(0x1234_5678_9abc_def1)
+            .take(100_000)
+            .map(|s| f32::from_bits(s as u32))
             .collect();
         values.extend([
             0.0,
