@@ -175,6 +175,13 @@ fn main() {
     let repeats: usize = arg("--repeats").map_or(3, |r| r.parse().expect("--repeats N"));
     let before = arg("--before").map(PathBuf::from);
     let only_dtype = arg("--dtype");
+    if let Some(d) = only_dtype
+        .as_deref()
+        .filter(|d| !["fp32", "bf16"].contains(d))
+    {
+        eprintln!("error: --dtype takes fp32 or bf16 (the matrix's precisions), not `{d}`");
+        std::process::exit(2);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let memtune = exe
         .parent()
