@@ -10,6 +10,9 @@ use memtune::probe::meter::CpuMeter;
 use memtune::probe::runner::{EngineProber, ProbeRequest, run_probe};
 use memtune::spec::ModelSpec;
 
+/// How far a segment's peak may move between a first and a warmed step (two threads' timing).
+const PEAK_JITTER_BYTES: u64 = 16 * 1024;
+
 #[test]
 fn first_step_timeline_equals_a_warmed_step() {
     let spec = ModelSpec {
@@ -119,18 +122,30 @@ fn first_step_timeline_equals_a_warmed_step() {
         let marks = |p: &memtune::probe::ProbeResult| {
             p.timeline
                 .iter()
-                .map(|r| {
-                    (
-                        r.phase.clone(),
-                        r.layer,
-                        r.micro_batch,
-                        r.current_bytes,
-                        r.segment_peak_bytes,
-                    )
-                })
+                .map(|r| (r.phase.clone(), r.layer, r.micro_batch))
                 .collect::<Vec<_>>()
         };
         assert_eq!(marks(&cold), marks(&warm), "{knobs:?}");
-        assert_eq!(cold.peak_bytes, warm.peak_bytes, "{knobs:?}");
+        // What a segment leaves is exact. Its peak may differ by a few small temporaries that two
+        // threads hold at once or one after the other (measured: 8 B or 1,504 B, in the QLoRA q4
+        // fp16 head's backward; exact with one thread), never by a lasting allocation or a
+        // widened tile (263 KiB and 2.9 MiB when they did).
+        for (c, w) in cold.timeline.iter().zip(&warm.timeline) {
+            let at = (&c.phase, c.layer, &knobs);
+            assert_eq!(c.current_bytes, w.current_bytes, "{at:?}");
+            let diff = c.segment_peak_bytes.abs_diff(w.segment_peak_bytes);
+            assert!(
+                diff <= PEAK_JITTER_BYTES,
+                "{at:?}: segment peaks differ by {diff} B"
+            );
+            if diff > 0 {
+                eprintln!("{at:?}: segment peaks differ by {diff} B");
+            }
+        }
+        let diff = cold.peak_bytes.abs_diff(warm.peak_bytes);
+        assert!(
+            diff <= PEAK_JITTER_BYTES,
+            "{knobs:?}: peaks differ by {diff} B"
+        );
     }
 }

@@ -277,6 +277,13 @@ impl<T> Output<T> {
     }
 }
 
+/// One worker's widened operands and f32 result, reused for each of its tiles.
+struct Scratch {
+    lhs: Vec<f32>,
+    rhs: Vec<f32>,
+    dst: Vec<f32>,
+}
+
 /// The tiled product of two 16-bit operands.
 fn tiled<T: Half>(
     s1: &CpuStorage,
@@ -314,49 +321,66 @@ fn tiled<T: Half>(
         })
         .collect();
     let output = Output(out.as_mut_ptr());
-    tiles.into_par_iter().for_each(|(bi, r0, c0)| {
-        let (r1, c1) = ((r0 + ROW_BLOCK).min(m), (c0 + panel).min(n));
-        let (mr, nc) = (r1 - r0, c1 - c0);
-        let mut lhs = Vec::new();
-        let mut rhs = Vec::new();
-        let mut dst = vec![0f32; mr * nc];
-        for (i, k0) in (0..k).step_by(k_block).enumerate() {
-            let k1 = (k0 + k_block).min(k);
-            let (lhs_rs, lhs_cs) = a.widen(bi, r0..r1, k0..k1, &mut lhs);
-            let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, c0..c1, &mut rhs);
-            // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements
-            // at the strides given.
-            unsafe {
-                gemm::gemm(
-                    mr,
-                    nc,
-                    k1 - k0,
-                    dst.as_mut_ptr(),
-                    1,
-                    nc as isize,
-                    i > 0,
-                    lhs.as_ptr(),
-                    lhs_cs,
-                    lhs_rs,
-                    rhs.as_ptr(),
-                    rhs_cs,
-                    rhs_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+    // Each worker's buffers are made here, before any task runs, and the tiles are dealt out
+    // round-robin: the bytes a product holds are then the same in every run. With buffers made
+    // per task, a second task's buffers were live or not as the threads happened to overlap, and
+    // a probe's peak moved by one widened tile between identical runs.
+    let workers = rayon::current_num_threads().clamp(1, tiles.len());
+    let rows = m.min(ROW_BLOCK);
+    let scratch: Vec<std::sync::Mutex<Scratch>> = (0..workers)
+        .map(|_| {
+            std::sync::Mutex::new(Scratch {
+                lhs: Vec::with_capacity(rows * k_block),
+                rhs: Vec::with_capacity(k_block * panel),
+                dst: vec![0f32; rows * panel],
+            })
+        })
+        .collect();
+    (0..workers).into_par_iter().for_each(|w| {
+        let mut guard = scratch[w].lock().unwrap_or_else(|e| e.into_inner());
+        let Scratch { lhs, rhs, dst } = &mut *guard;
+        for &(bi, r0, c0) in tiles.iter().skip(w).step_by(workers) {
+            let (r1, c1) = ((r0 + ROW_BLOCK).min(m), (c0 + panel).min(n));
+            let (mr, nc) = (r1 - r0, c1 - c0);
+            let dst = &mut dst[..mr * nc];
+            for (i, k0) in (0..k).step_by(k_block).enumerate() {
+                let k1 = (k0 + k_block).min(k);
+                let (lhs_rs, lhs_cs) = a.widen(bi, r0..r1, k0..k1, lhs);
+                let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, c0..c1, rhs);
+                // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements
+                // at the strides given; the first block overwrites `dst`, the others add to it.
+                unsafe {
+                    gemm::gemm(
+                        mr,
+                        nc,
+                        k1 - k0,
+                        dst.as_mut_ptr(),
+                        1,
+                        nc as isize,
+                        i > 0,
+                        lhs.as_ptr(),
+                        lhs_cs,
+                        lhs_rs,
+                        rhs.as_ptr(),
+                        rhs_cs,
+                        rhs_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
-        }
-        let base = bi * m * n;
-        for (r, row) in dst.chunks(nc).enumerate() {
-            let at = base + (r0 + r) * n + c0;
-            // SAFETY: rows r0..r1 × columns c0..c1 of entry `bi` belong to this tile alone,
-            // and lie inside `out` (batches × m × n elements).
-            let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
-            T::narrow_run(row, target);
+            let base = bi * m * n;
+            for (r, row) in dst.chunks(nc).enumerate() {
+                let at = base + (r0 + r) * n + c0;
+                // SAFETY: rows r0..r1 × columns c0..c1 of entry `bi` belong to this tile alone,
+                // and lie inside `out` (batches × m × n elements).
+                let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
+                T::narrow_run(row, target);
+            }
         }
     });
     Ok((T::storage(out), Shape::from(dims)))
