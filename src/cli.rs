@@ -140,7 +140,8 @@ pub struct TuneArgs {
     /// Optimizers to consider (adamw,adamw8bit,adafactor,sgd). Default: adamw.
     #[arg(long, value_name = "LIST", help_heading = "Policy")]
     pub optimizer: Option<String>,
-    /// Precisions to consider (fp32,bf16,fp16,bf16-pure). Default: fp32,bf16,fp16.
+    /// Precisions to consider (fp32,bf16,fp16,bf16-pure). Default: fp32,bf16 (fp32,fp16 for a
+    /// --target-gpu without bf16). fp16 holds the same bytes as bf16 with a narrower range.
     #[arg(long, value_name = "LIST", help_heading = "Policy")]
     pub precision: Option<String>,
     /// Checkpointing policies to consider (none,full,every:K). Default: none,every:2,full.

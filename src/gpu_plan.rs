@@ -544,17 +544,25 @@ pub fn project(model: &CostModel, spec: &ModelSpec, card: &GpuProfile) -> CostMo
 }
 
 /// Removes the precisions `card` lacks from a search space (bf16 on Turing), saying so in its
-/// policy. Errors when none is left.
+/// policy; under the default precision policy fp16 takes bf16's place there. Errors when none is
+/// left.
 pub fn restrict_space(
     space: &mut crate::search::SearchSpace,
     card: &GpuProfile,
 ) -> Result<(), String> {
-    let (kept, dropped): (Vec<Precision>, Vec<Precision>) =
+    let (mut kept, dropped): (Vec<Precision>, Vec<Precision>) =
         space.precisions.iter().partition(|&&p| card.supports(p));
     if dropped.is_empty() {
         return Ok(());
     }
     let names: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+    let swap = space.default_precisions
+        && dropped.contains(&Precision::Bf16)
+        && !kept.contains(&Precision::Fp16)
+        && card.supports(Precision::Fp16);
+    if swap {
+        kept.push(Precision::Fp16);
+    }
     if kept.is_empty() {
         return Err(format!(
             "{} has no {} (compute capability {}); allow fp32 or fp16 with --precision",
@@ -565,10 +573,15 @@ pub fn restrict_space(
     }
     space.precisions = kept;
     space.policy.push(format!(
-        "precision: {} left out: {} (compute capability {}) has no bf16",
+        "precision: {} left out: {} (compute capability {}) has no bf16{}",
         names.join(", "),
         card.name,
-        card.compute_capability
+        card.compute_capability,
+        if swap {
+            "; fp16 mixed precision searched in its place"
+        } else {
+            ""
+        }
     ));
     Ok(())
 }

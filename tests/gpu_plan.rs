@@ -386,9 +386,25 @@ fn turing_plans_leave_bf16_out_and_say_so() {
     };
     let mut space = memtune::search::SearchSpace::from_request(&request).expect("space");
     assert!(space.precisions.contains(&Precision::Bf16));
+    assert!(!space.precisions.contains(&Precision::Fp16));
     gpu_plan::restrict_space(&mut space, &card("t4")).expect("fp32 and fp16 remain");
-    assert!(!space.precisions.contains(&Precision::Bf16));
+    // The default policy's bf16 becomes fp16 on a card without bf16.
+    assert_eq!(space.precisions, vec![Precision::Fp32, Precision::Fp16]);
     assert!(space.policy.iter().any(|l| l.contains("has no bf16")));
+    assert!(
+        space
+            .policy
+            .iter()
+            .any(|l| l.contains("fp16 mixed precision searched in its place"))
+    );
+    // Precisions the user chose are only narrowed.
+    let mut chosen = memtune::search::SearchSpace::from_request(&memtune::search::PolicyRequest {
+        precisions: Some(vec![Precision::Fp32, Precision::Bf16]),
+        ..request.clone()
+    })
+    .expect("space");
+    gpu_plan::restrict_space(&mut chosen, &card("t4")).expect("fp32 remains");
+    assert_eq!(chosen.precisions, vec![Precision::Fp32]);
     // bf16 alone leaves nothing to plan.
     let mut only_bf16 =
         memtune::search::SearchSpace::from_request(&memtune::search::PolicyRequest {

@@ -72,6 +72,9 @@ pub struct SearchSpace {
     pub lora: LoraSettings,
     /// One line per knob: its values and where they came from.
     pub policy: Vec<String>,
+    /// True when the precisions are the default policy's (fp32 and bf16), which swaps bf16 for
+    /// fp16 on a device without bf16 (see `gpu_plan::restrict_space`).
+    pub default_precisions: bool,
 }
 
 /// A request the policy cannot turn into a search space.
@@ -163,8 +166,10 @@ impl SearchSpace {
         let precisions = choose(
             "precision",
             &request.precisions,
-            vec![Precision::Fp32, Precision::Bf16, Precision::Fp16],
-            "fp32 or mixed precision (fp32 master weights); bf16-pure rounds updates, allow it explicitly",
+            vec![Precision::Fp32, Precision::Bf16],
+            "fp32 or bf16 mixed precision (fp32 master weights); fp16 only on a device without bf16 \
+             (the same bytes as bf16, but a narrower range that needs loss scaling); bf16-pure rounds \
+             updates; allow them explicitly",
             &mut policy,
         )?;
         let checkpointing = choose(
@@ -221,6 +226,7 @@ impl SearchSpace {
             seq: request.seq,
             lora: request.lora.clone(),
             policy,
+            default_precisions: request.precisions.is_none(),
         })
     }
 
@@ -306,9 +312,10 @@ mod tests {
         assert!(!space.optimizers.contains(&OptimizerKind::Adamw8bit));
         assert_eq!(space.micro_batches, vec![1, 2, 4, 8]);
         assert_eq!(space.optimizers, vec![OptimizerKind::Adamw]);
-        assert!(!space.precisions.contains(&Precision::Bf16Pure));
-        // lora: 1 rank × 1 quant × 3 precisions × 3 checkpointing × 1 optimizer × 2 losses × 4 micro.
-        assert_eq!(space.candidates().len(), 3 * 3 * 2 * 4);
+        assert_eq!(space.precisions, vec![Precision::Fp32, Precision::Bf16]);
+        assert!(space.default_precisions);
+        // lora: 1 rank × 1 quant × 2 precisions × 3 checkpointing × 1 optimizer × 2 losses × 4 micro.
+        assert_eq!(space.candidates().len(), 2 * 3 * 2 * 4);
         assert!(space.candidates().iter().all(|k| k.batch * k.accum == 8));
         let text = space.policy.join("\n");
         assert!(text.contains("method: lora (default policy"), "{text}");
