@@ -449,11 +449,18 @@ pub fn calibrate(
         });
         return Ok(fit_plan(&model.fitted_on, &model.failed)?);
     }
+    let mut pending = pending;
     if !pending.is_empty() {
         let owned: Vec<(ModelSpec, Knobs)> = pending.iter().map(|&p| p.clone()).collect();
-        prober
+        let measured = prober
             .prepare(&owned)
             .context("warming up before the calibration probes")?;
+        let labels: Vec<String> = measured
+            .iter()
+            .map(|p| probe_label(&p.spec, &p.knobs))
+            .collect();
+        pending.retain(|(s, k)| !labels.contains(&probe_label(s, k)));
+        probes.extend(measured);
     }
     let mut model = None;
     for (index, (probe_spec, knobs)) in pending.iter().enumerate() {

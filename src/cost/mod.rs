@@ -44,8 +44,9 @@ pub use calibrate::{
 pub trait Prober {
     fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> anyhow::Result<ProbeResult>;
     /// Called once before the probes of `plan` run (those not cached), e.g. to warm up the runtime.
-    fn prepare(&mut self, _plan: &[(ModelSpec, Knobs)]) -> anyhow::Result<()> {
-        Ok(())
+    /// Returns the probes of `plan` it measured on the way (calibration does not run them again).
+    fn prepare(&mut self, _plan: &[(ModelSpec, Knobs)]) -> anyhow::Result<Vec<ProbeResult>> {
+        Ok(Vec::new())
     }
     /// The device the probes run on, e.g. `cpu` or `cuda:0 (NVIDIA H100 80GB HBM3)`.
     fn device(&self) -> String;

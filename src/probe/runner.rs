@@ -395,9 +395,13 @@ impl crate::cost::Prober for EngineProber<'_> {
     /// quantization and precision one step runs first, unmeasured, at one layer and the plan's most
     /// tokens (the full loss first among equals: its logits are the largest product); each other
     /// loss mode of the same triple then runs one short step for what it keeps of its own.
-    fn prepare(&mut self, plan: &[(ModelSpec, Knobs)]) -> Result<()> {
+    ///
+    /// When that largest probe of the plan is itself at one layer without accumulation (Qwen's
+    /// full-loss probe, a 7B model's chunk probe), its warm-up step is followed by its measured
+    /// step on the same model, and the result is returned: the plan does not run it again.
+    fn prepare(&mut self, plan: &[(ModelSpec, Knobs)]) -> Result<Vec<ProbeResult>> {
         if self.warmup_steps > 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let triple = |k: &Knobs| (k.method, k.quant, k.precision);
         let size = |k: &Knobs| (k.batch * k.seq, k.loss == LossMode::Full);
@@ -406,8 +410,8 @@ impl crate::cost::Prober for EngineProber<'_> {
         for (spec, knobs) in plan {
             match largest.iter_mut().find(|(_, k)| triple(k) == triple(knobs)) {
                 Some(entry) if size(&entry.1) >= size(knobs) => {}
-                Some(entry) => *entry = (spec.with_layers(1), knobs.clone()),
-                None => largest.push((spec.with_layers(1), knobs.clone())),
+                Some(entry) => *entry = (spec.clone(), knobs.clone()),
+                None => largest.push((spec.clone(), knobs.clone())),
             }
         }
         for (spec, knobs) in plan {
@@ -424,7 +428,25 @@ impl crate::cost::Prober for EngineProber<'_> {
                 ));
             }
         }
-        for (spec, knobs) in largest.into_iter().chain(short) {
+        let mut measured = Vec::new();
+        for (spec, knobs) in largest {
+            if spec.num_hidden_layers == 1 && knobs.accum == 1 {
+                measured.push(run_probe(
+                    &ProbeRequest {
+                        spec,
+                        knobs,
+                        warmup_steps: 1,
+                        steps: self.steps,
+                        device: self.device.clone(),
+                        seed: self.seed,
+                    },
+                    self.meter,
+                )?);
+            } else {
+                short.insert(0, (spec.with_layers(1), Knobs { accum: 1, ..knobs }));
+            }
+        }
+        for (spec, knobs) in short {
             let req = ProbeRequest {
                 spec,
                 knobs: Knobs { accum: 1, ..knobs },
@@ -435,7 +457,7 @@ impl crate::cost::Prober for EngineProber<'_> {
             };
             run_probe(&req, self.meter)?;
         }
-        Ok(())
+        Ok(measured)
     }
 
     fn device(&self) -> String {
