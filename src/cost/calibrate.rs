@@ -959,4 +959,50 @@ mod tests {
             "{err:#}"
         );
     }
+
+    /// A prober whose warm-up measures the plan's first probe, as the engine's does for a class's
+    /// largest one-layer probe.
+    struct WarmingProber {
+        inner: SyntheticProber,
+    }
+
+    impl Prober for WarmingProber {
+        fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> anyhow::Result<ProbeResult> {
+            self.inner.probe(spec, knobs)
+        }
+        fn prepare(&mut self, plan: &[(ModelSpec, Knobs)]) -> anyhow::Result<Vec<ProbeResult>> {
+            Ok(vec![SyntheticProber::truth(&plan[0].0, &plan[0].1)])
+        }
+        fn device(&self) -> String {
+            self.inner.device()
+        }
+    }
+
+    #[test]
+    fn probes_measured_while_warming_up_are_not_run_again() {
+        let space = SearchSpace::from_request(&PolicyRequest::default()).unwrap();
+        let plan = calibration_plan(&spec(), &space);
+        let mut prober = WarmingProber {
+            inner: SyntheticProber::new(),
+        };
+        let mut first_done = None;
+        let model = calibrate(&spec(), &space, &mut prober, None, &mut |p| {
+            first_done.get_or_insert(p.done);
+        })
+        .unwrap();
+        assert_eq!(prober.inner.probes_run, plan.len() - 1);
+        assert_eq!(model.fitted_on.len(), plan.len());
+        assert_eq!(
+            first_done,
+            Some(1),
+            "progress counts the warm-up's probe as done"
+        );
+        let first = probe_label(&plan[0].0, &plan[0].1);
+        assert!(
+            model
+                .fitted_on
+                .iter()
+                .any(|p| probe_label(&p.spec, &p.knobs) == first)
+        );
+    }
 }
