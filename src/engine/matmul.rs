@@ -13,7 +13,7 @@
 //! tasks run on rayon's threads. The arithmetic is candle's: f32 products of the widened values,
 //! summed in f32, rounded once. `examples/matmul_bf16.rs` times the two side by side.
 //!
-//! On a CPU with AVX512-BF16 a bf16 tile skips the widening: [`dot`] packs pairs of bf16 and
+//! On a CPU with AVX512-BF16 a bf16 tile skips the widening: `dot` packs pairs of bf16 and
 //! multiplies them with `vdpbf16ps` (exact products, f32 sums, bf16's subnormals as zero).
 //! `MEMTUNE_NO_BF16_DOT=1` turns it off, for side-by-side timing.
 
