@@ -366,7 +366,9 @@ fn calibrate_for(
     let started = std::time::Instant::now();
     let mut progress = |p: &crate::cost::CalibrationProgress| {
         if !quiet {
-            if p.done < p.total {
+            if p.warm_up {
+                eprintln!("[{:>5.1}s] {}", started.elapsed().as_secs_f64(), p.label);
+            } else if p.done < p.total {
                 eprintln!(
                     "[{:>5.1}s] probe {}/{}: {}",
                     started.elapsed().as_secs_f64(),

@@ -343,6 +343,8 @@ pub struct CalibrationProgress {
     pub label: String,
     /// True for the final report when every probe came from the cache.
     pub cached: bool,
+    /// True for the report before the prober's warm-up (`label` says what it does).
+    pub warm_up: bool,
 }
 
 /// Where the calibration of `spec` on `device` is cached: one JSON file per (model shape, device,
@@ -446,12 +448,22 @@ pub fn calibrate(
             total,
             label: "calibration cached".to_string(),
             cached: true,
+            warm_up: false,
         });
         return Ok(fit_plan(&model.fitted_on, &model.failed)?);
     }
     let mut pending = pending;
     if !pending.is_empty() {
         let owned: Vec<(ModelSpec, Knobs)> = pending.iter().map(|&p| p.clone()).collect();
+        progress(&CalibrationProgress {
+            done: total - pending.len(),
+            total,
+            label: "warming up: one unmeasured step per method, quantization and precision \
+                    (a class's largest one-layer probe is measured on the way)"
+                .to_string(),
+            cached: false,
+            warm_up: true,
+        });
         let measured = prober
             .prepare(&owned)
             .context("warming up before the calibration probes")?;
@@ -470,6 +482,7 @@ pub fn calibrate(
             total,
             label: label.clone(),
             cached: false,
+            warm_up: false,
         });
         match prober.probe(probe_spec, knobs) {
             Ok(result) => probes.push(result),
@@ -509,6 +522,7 @@ pub fn calibrate(
             model.failed.len()
         ),
         cached: false,
+        warm_up: false,
     });
     Ok(model)
 }
@@ -986,10 +1000,16 @@ mod tests {
             inner: SyntheticProber::new(),
         };
         let mut first_done = None;
+        let mut warm_ups = 0;
         let model = calibrate(&spec(), &space, &mut prober, None, &mut |p| {
-            first_done.get_or_insert(p.done);
+            if p.warm_up {
+                warm_ups += 1;
+            } else {
+                first_done.get_or_insert(p.done);
+            }
         })
         .unwrap();
+        assert_eq!(warm_ups, 1, "the warm-up is announced once");
         assert_eq!(prober.inner.probes_run, plan.len() - 1);
         assert_eq!(model.fitted_on.len(), plan.len());
         assert_eq!(
