@@ -8,7 +8,7 @@ use memtune::data::random_batch;
 use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
 use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
 use memtune::engine::ops::{
-    LossTargets, causal_softmax, chunked_cross_entropy, full_cross_entropy,
+    LossTargets, causal_softmax, chunked_cross_entropy, full_cross_entropy, rms_norm,
 };
 use memtune::engine::step::{Batch, NoObserver, forward_backward};
 use memtune::spec::ModelSpec;
@@ -121,6 +121,58 @@ fn swiglu_matches_silu_times_up_in_value_and_gradients() {
             value_and_grads(&[gd, ud], &w, dtype, |t| swiglu(&t[0], &t[1]).unwrap());
         assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
     }
+}
+
+#[test]
+fn rms_norm_input_gradient_matches_the_composite() {
+    // A frozen weight takes the fused input gradient: 37 rows of 896 cross the 16 Ki-element
+    // chunks at row boundaries that are not chunk boundaries. The weight stays f32 (a LoRA model's
+    // norms are frozen in the compute dtype; an f32 weight checks the conversion inside).
+    let (x, c) = (randn(&[37, 896], 21), randn(&[37, 896], 22));
+    let w = (randn(&[896], 23) * 0.5).unwrap().affine(1.0, 1.0).unwrap();
+    let eps = 1e-6;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let xd = x.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+        let reference = |wd: DType| {
+            let w = w.to_dtype(wd).unwrap();
+            move |t: &[Tensor]| rms_norm(&t[0], &w, eps, false).unwrap()
+        };
+        let (want, want_grads) = value_and_grads(
+            std::slice::from_ref(&xd),
+            &c,
+            DType::F64,
+            reference(DType::F64),
+        );
+        for wd in [DType::F32, dtype] {
+            // The weight as the kernel sees it, rounded like the reference's.
+            let w_seen = w.to_dtype(wd).unwrap();
+            let (want, want_grads) = if wd == DType::F32 {
+                (want.clone(), want_grads.clone())
+            } else {
+                let w64 = w_seen.to_dtype(DType::F64).unwrap();
+                value_and_grads(std::slice::from_ref(&xd), &c, DType::F64, move |t| {
+                    rms_norm(&t[0], &w64, eps, false).unwrap()
+                })
+            };
+            let (got, got_grads) = value_and_grads(std::slice::from_ref(&xd), &c, dtype, |t| {
+                rms_norm(&t[0], &w_seen, eps, false).unwrap()
+            });
+            assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
+        }
+    }
+    // The fused kernel is what ran: it gives the composite's gradient directly.
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let g = randn(&[37, 896], 24);
+    let fused = memtune::engine::kernels::rms_norm_input_grad(&f32s(&x), &f32s(&w), &f32s(&g), eps)
+        .unwrap()
+        .expect("fusable");
+    assert_eq!(fused.dims(), &[37, 896]);
+    // f64 (the reference precision) keeps candle's composite.
+    assert!(
+        memtune::engine::kernels::rms_norm_input_grad(&x, &w, &g, eps)
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]

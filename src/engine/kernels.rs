@@ -1,7 +1,8 @@
 //! Fused CPU kernels for the element-wise parts of a training step, with their backward passes.
 //!
 //! candle runs `silu(gate) · up` as two ops forward and about eight backward, each a full pass
-//! that allocates its output; the attention softmax likewise. Here each is one pass forward and
+//! that allocates its output; the attention softmax likewise, and RMSNorm's input gradient (about
+//! ten ops; its forward is candle-nn's fused kernel already). Here each is one pass forward and
 //! one backward, computed in f32 whatever the storage dtype (f32, bf16, f16), and the forward
 //! keeps only what backward needs. The public functions take the fused path for contiguous CPU
 //! tensors of those dtypes and candle's own ops everywhere else (CUDA, f64): f64 is the engine's
@@ -350,6 +351,104 @@ pub fn scaled_causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
         });
     }
     super::ops::causal_softmax(&(scores * scale)?, mask)
+}
+
+/// The input gradient of RMSNorm `y = x · r · w` (r = 1/√(mean(x²) + ε) per row of the last
+/// dimension): `dx = r · (g ⊙ w) − x · r³ · mean(g ⊙ w ⊙ x)`, one pass per row in f32. candle's
+/// composite runs about ten ops over the whole tensor, in f32 copies of x and g.
+struct RmsNormInputGrad {
+    eps: f32,
+}
+
+/// `dx` for rows of `h` elements of `x` and `g`, with the weight `w` in f32.
+fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32) -> Vec<T> {
+    let h = w.len();
+    let mut out = vec![T::put(0.0); x.len()];
+    let rows_per_task = (GRAIN / h.max(1)).max(1);
+    out.par_chunks_mut(rows_per_task * h)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let at = c * rows_per_task * h;
+            for (r, dst) in o.chunks_mut(h).enumerate() {
+                let xs = &x[at + r * h..at + (r + 1) * h];
+                let gs = &g[at + r * h..at + (r + 1) * h];
+                let (mut sq, mut dot) = (0f32, 0f32);
+                for ((&xv, &gv), &wv) in xs.iter().zip(gs).zip(w) {
+                    let xv = xv.get();
+                    sq += xv * xv;
+                    dot += gv.get() * wv * xv;
+                }
+                let inv = 1.0 / (sq / h as f32 + eps).sqrt();
+                let k = inv * inv * inv * dot / h as f32;
+                for (((d, &xv), &gv), &wv) in dst.iter_mut().zip(xs).zip(gs).zip(w) {
+                    *d = T::put(inv * gv.get() * wv - xv.get() * k);
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp3 for RmsNormInputGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w: Vec<f32> = match w {
+            CpuStorage::F32(d) => slice(d, wl)?.to_vec(),
+            CpuStorage::BF16(d) => slice(d, wl)?.iter().map(|v| v.to_f32()).collect(),
+            CpuStorage::F16(d) => slice(d, wl)?.iter().map(|v| v.to_f32()).collect(),
+            other => candle_core::bail!("rms-norm gradient: weight dtype {:?}", other.dtype()),
+        };
+        let h = w.len();
+        if h == 0 || xl.shape().dims().last() != Some(&h) {
+            candle_core::bail!(
+                "rms-norm gradient: rows of {:?} against a weight of {h}",
+                xl.shape()
+            );
+        }
+        let storage = match (x, g) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(g)) => {
+                CpuStorage::F16(rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps))
+            }
+            _ => candle_core::bail!("rms-norm gradient: mismatched dtypes"),
+        };
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+/// RMSNorm's input gradient in one fused pass (see [`RmsNormInputGrad`]), for contiguous CPU
+/// `x` and `grad` of one dtype (f32, bf16, f16) and a 1-D weight of any of those; `None` where
+/// the caller's composite applies (CUDA, f64, other layouts).
+pub fn rms_norm_input_grad(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let w_ok = w.device().is_cpu()
+        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && w.is_contiguous()
+        && w.rank() == 1;
+    if !(fusable(&[x, grad]) && w_ok && x.dims() == grad.dims()) {
+        return Ok(None);
+    }
+    x.apply_op3_no_bwd(w, grad, &RmsNormInputGrad { eps: eps as f32 })
+        .map(Some)
 }
 
 /// The elements of a contiguous f32 CPU tensor; `None` for anything else.
