@@ -512,6 +512,14 @@ mod dot {
         u32::from(lo) | (u32::from(hi) << 16)
     }
 
+    /// One row (or column) whose inner elements are contiguous, as lane `lane` of a micro-panel
+    /// `width` lanes wide: its pairs are 32-bit words (a missing last one is zero).
+    fn pack_run(src: &[u16], panel: &mut [u32], width: usize, lane: usize) {
+        for (p, two) in src.chunks(2).enumerate() {
+            panel[p * width + lane] = pair(two[0], two.get(1).copied().unwrap_or(0));
+        }
+    }
+
     /// Rows `rows` × inner `ks` of `a` (entry `bi`), as micro-panels `[panel][pair][MR]`.
     fn pack_lhs<T: Half>(
         a: &Operand<T>,
@@ -536,13 +544,9 @@ mod dot {
             let panel = &mut out[ip * kp * MR..(ip + 1) * kp * MR];
             let height = MR.min(rows.end - r0);
             if a.col_stride == 1 {
-                // Each row's inner elements are contiguous: its pairs are 32-bit words.
                 for i in 0..height {
                     let row = a.starts[bi] + (r0 + i) * a.row_stride;
-                    let src = &data[row + ks.start..row + ks.end];
-                    for (p, two) in src.chunks(2).enumerate() {
-                        panel[p * MR + i] = pair(two[0], two.get(1).copied().unwrap_or(0));
-                    }
+                    pack_run(&data[row + ks.start..row + ks.end], panel, MR, i);
                 }
             } else {
                 for p in 0..kp {
@@ -576,10 +580,7 @@ mod dot {
                 // A transposed weight: each column's inner elements are contiguous.
                 for j in 0..width {
                     let col = base + (c0 + j) * b.col_stride;
-                    let src = &data[col + ks.start..col + ks.end];
-                    for (p, two) in src.chunks(2).enumerate() {
-                        panel[p * NR + j] = pair(two[0], two.get(1).copied().unwrap_or(0));
-                    }
+                    pack_run(&data[col + ks.start..col + ks.end], panel, NR, j);
                 }
             } else {
                 for p in 0..kp {
