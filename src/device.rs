@@ -3,7 +3,7 @@
 //! loaded at run time, and their absence is an answer ("running on CPU"), not a failure.
 //!
 //! cudarc panics when it calls into a driver library that is not there, so every cudarc call
-//! here goes through [`cuda_driver_present`] first and [`guard_cudarc`] around it.
+//! here goes through `cuda_driver_present` first and `guard_cudarc` around it.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,7 @@
 //! The cost model: bytes per memory component and seconds per optimizer step, as functions of a
 //! model's shape and the knobs. Weights and optimizer state are exact arithmetic ([`exact`]); the
 //! rest is a non-negative combination of shape-derived features ([`features`]) whose coefficients are
-//! fitted ([`nnls`], argmin) to probes that memtune chooses and runs itself ([`calibrate`]).
+//! fitted ([`nnls`], argmin) to probes that memtune chooses and runs itself ([`calibrate()`]).
 //!
 //! A step's memory peaks in one of two phases: during forward/backward (activations, logits, scores
 //! live) or during the optimizer step (all gradients plus the optimizer's temporaries, no

@@ -431,7 +431,7 @@ impl CustomOp3 for RmsNormInputGrad {
     }
 }
 
-/// RMSNorm's input gradient in one fused pass (see [`RmsNormInputGrad`]), for contiguous CPU
+/// RMSNorm's input gradient in one fused pass (see `RmsNormInputGrad`), for contiguous CPU
 /// `x` and `grad` of one dtype (f32, bf16, f16) and a 1-D weight of any of those; `None` where
 /// the caller's composite applies (CUDA, f64, other layouts).
 pub fn rms_norm_input_grad(

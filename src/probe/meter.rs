@@ -85,7 +85,7 @@ fn count_free(bytes: u64) {
 
 /// A `GlobalAlloc` around [`System`] that counts live bytes and their peak. The hooks touch only
 /// atomics and one thread-local `Cell`; they never allocate or panic. The first allocation also
-/// sets glibc's allocator to keep freed memory (see [`keep_freed_memory`]).
+/// sets glibc's allocator to keep freed memory (see `keep_freed_memory`).
 pub struct CountingAllocator;
 
 static ALLOCATOR_CONFIGURED: AtomicBool = AtomicBool::new(false);
