@@ -350,7 +350,14 @@ pub struct CalibrationProgress {
 /// Where the calibration of `spec` on `device` is cached: one JSON file per (model shape, device,
 /// memtune version).
 pub fn cache_path(cache_dir: &Path, spec: &ModelSpec, device: &str) -> PathBuf {
-    let key = format!("{}|{}|{}", shape_key(spec), device, version());
+    // The CPU's product kernels change step times (and a few buffers): a cache folder moved to a
+    // CPU without AVX512-BF16 must not reuse probes timed with it.
+    let kernels = if device == "cpu" {
+        crate::engine::matmul::cpu_kernels()
+    } else {
+        ""
+    };
+    let key = format!("{}|{}{}|{}", shape_key(spec), device, kernels, version());
     cache_dir.join(format!(
         "calibration-{}-{:016x}.json",
         shape_key(spec),

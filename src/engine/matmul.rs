@@ -170,6 +170,11 @@ const ROW_BLOCK: usize = 256;
 /// Inner-dimension elements one task widens at once.
 const K_BLOCK: usize = 4096;
 
+/// Which 16-bit product kernels this CPU runs: part of the calibration cache's key.
+pub fn cpu_kernels() -> &'static str {
+    if bf16::native_dot() { "+bf16dot" } else { "" }
+}
+
 /// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 and
 /// f16 on the CPU take the tiled path; everything else is candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
