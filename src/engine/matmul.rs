@@ -354,72 +354,36 @@ fn tiled<T: Half>(
     let workers = rayon::current_num_threads().clamp(1, tiles.len());
     let rows = m.min(ROW_BLOCK);
     let native = T::native_dot();
-    let scratch: Vec<std::sync::Mutex<Scratch>> = (0..workers)
+    let mut scratch: Vec<Scratch> = (0..workers)
         .map(|_| {
             let (f32_lhs, f32_rhs, pairs_lhs, pairs_rhs) = if native {
                 (0, 0, dot::lhs_len(rows), dot::rhs_len(panel))
             } else {
                 (rows * k_block, k_block * panel, 0, 0)
             };
-            std::sync::Mutex::new(Scratch {
+            Scratch {
                 lhs: Vec::with_capacity(f32_lhs),
                 rhs: Vec::with_capacity(f32_rhs),
                 dst: vec![0f32; rows * panel],
                 lhs_pairs: Vec::with_capacity(pairs_lhs),
                 rhs_pairs: Vec::with_capacity(pairs_rhs),
-            })
+            }
         })
         .collect();
-    (0..workers).into_par_iter().for_each(|w| {
-        let mut guard = scratch[w].lock().unwrap_or_else(|e| e.into_inner());
-        let Scratch {
-            lhs,
-            rhs,
-            dst,
-            lhs_pairs,
-            rhs_pairs,
-        } = &mut *guard;
+    scratch.par_iter_mut().enumerate().for_each(|(w, s)| {
         for &(bi, r0, c0) in tiles.iter().skip(w).step_by(workers) {
-            let (r1, c1) = ((r0 + ROW_BLOCK).min(m), (c0 + panel).min(n));
-            let (mr, nc) = (r1 - r0, c1 - c0);
-            let dst = &mut dst[..mr * nc];
+            let (rs, cs) = (r0..(r0 + ROW_BLOCK).min(m), c0..(c0 + panel).min(n));
+            let nc = cs.len();
+            let dst = &mut s.dst[..rs.len() * nc];
             if native {
-                dot::tile(&a, &b, bi, r0..r1, c0..c1, lhs_pairs, rhs_pairs, dst);
-            }
-            for (i, k0) in (0..k).step_by(k_block).enumerate().filter(|_| !native) {
-                let k1 = (k0 + k_block).min(k);
-                let (lhs_rs, lhs_cs) = a.widen(bi, r0..r1, k0..k1, lhs);
-                let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, c0..c1, rhs);
-                // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements
-                // at the strides given; the first block overwrites `dst`, the others add to it.
-                unsafe {
-                    gemm::gemm(
-                        mr,
-                        nc,
-                        k1 - k0,
-                        dst.as_mut_ptr(),
-                        1,
-                        nc as isize,
-                        i > 0,
-                        lhs.as_ptr(),
-                        lhs_cs,
-                        lhs_rs,
-                        rhs.as_ptr(),
-                        rhs_cs,
-                        rhs_rs,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                dot::tile(&a, &b, bi, rs, cs, &mut s.lhs_pairs, &mut s.rhs_pairs, dst);
+            } else {
+                widened_tile(&a, &b, bi, rs, cs, k_block, &mut s.lhs, &mut s.rhs, dst);
             }
             let base = bi * m * n;
             for (r, row) in dst.chunks(nc).enumerate() {
                 let at = base + (r0 + r) * n + c0;
-                // SAFETY: rows r0..r1 × columns c0..c1 of entry `bi` belong to this tile alone,
+                // SAFETY: rows `rs` × columns `cs` of entry `bi` belong to this tile alone,
                 // and lie inside `out` (batches × m × n elements).
                 let target = unsafe { std::slice::from_raw_parts_mut(output.at(at), nc) };
                 T::narrow_run(row, target);
@@ -427,6 +391,53 @@ fn tiled<T: Half>(
         }
     });
     Ok((T::storage(out), Shape::from(dims)))
+}
+
+/// `dst` (rows × cols, row-major f32) = the tile's product: its blocks of `k_block` of the inner
+/// dimension widened to f32 in `lhs` and `rhs` and multiplied on gemm's f32 kernel, one thread.
+#[allow(clippy::too_many_arguments)]
+fn widened_tile<T: Half>(
+    a: &Operand<T>,
+    b: &Operand<T>,
+    bi: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    k_block: usize,
+    lhs: &mut Vec<f32>,
+    rhs: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
+    for (i, k0) in (0..k).step_by(k_block).enumerate() {
+        let k1 = (k0 + k_block).min(k);
+        let (lhs_rs, lhs_cs) = a.widen(bi, rows.clone(), k0..k1, lhs);
+        let (rhs_rs, rhs_cs) = b.widen(bi, k0..k1, cols.clone(), rhs);
+        // SAFETY: the buffers hold mr × (k1 − k0), (k1 − k0) × nc and mr × nc elements at the
+        // strides given; the first block overwrites `dst`, the others add to it.
+        unsafe {
+            gemm::gemm(
+                mr,
+                nc,
+                k1 - k0,
+                dst.as_mut_ptr(),
+                1,
+                nc as isize,
+                i > 0,
+                lhs.as_ptr(),
+                lhs_cs,
+                lhs_rs,
+                rhs.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
 }
 
 impl CustomOp2 for Tiled {
@@ -525,95 +536,59 @@ mod dot {
         }
     }
 
-    /// Rows `rows` × inner `ks` of `a` (entry `bi`), as micro-panels `[panel][pair][MR]`.
-    fn pack_lhs<T: Half>(
-        a: &Operand<T>,
-        bi: usize,
-        rows: std::ops::Range<usize>,
+    /// Lanes `lanes` (rows of a left operand, columns of a right one) × inner elements `ks`, as
+    /// micro-panels `[panel][pair][W]`: 32-bit pairs of consecutive inner elements, a missing
+    /// last one zero. `base` is the batch entry's start; `lane_stride` and `inner_stride` are the
+    /// operand's strides along the lanes and along the inner dimension.
+    fn pack<const W: usize>(
+        data: &[u16],
+        base: usize,
+        lanes: std::ops::Range<usize>,
+        lane_stride: usize,
         ks: std::ops::Range<usize>,
+        inner_stride: usize,
         out: &mut Vec<u32>,
     ) {
-        let data = bits(a.data);
         let kp = ks.len().div_ceil(2);
-        let panels = rows.len().div_ceil(MR);
         out.clear();
-        out.resize(panels * kp * MR, 0);
-        let at = |r: usize, kk: usize| {
-            if kk < ks.end {
-                data[a.starts[bi] + r * a.row_stride + kk * a.col_stride]
-            } else {
-                0
-            }
-        };
-        for (ip, r0) in rows.clone().step_by(MR).enumerate() {
-            let panel = &mut out[ip * kp * MR..(ip + 1) * kp * MR];
-            let height = MR.min(rows.end - r0);
-            if a.col_stride == 1 {
-                for i in 0..height {
-                    let row = a.starts[bi] + (r0 + i) * a.row_stride;
-                    pack_run(&data[row + ks.start..row + ks.end], panel, MR, i);
-                }
-            } else {
-                for p in 0..kp {
-                    let kk = ks.start + 2 * p;
-                    for i in 0..height {
-                        panel[p * MR + i] = pair(at(r0 + i, kk), at(r0 + i, kk + 1));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Inner `ks` × columns `cols` of `b` (entry `bi`), as micro-panels `[panel][pair][NR]`.
-    fn pack_rhs<T: Half>(
-        b: &Operand<T>,
-        bi: usize,
-        ks: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
-        out: &mut Vec<u32>,
-    ) {
-        let data = bits(b.data);
-        let kp = ks.len().div_ceil(2);
-        let panels = cols.len().div_ceil(NR);
-        out.clear();
-        out.resize(panels * kp * NR, 0);
-        let base = b.starts[bi];
-        for (jp, c0) in cols.clone().step_by(NR).enumerate() {
-            let panel = &mut out[jp * kp * NR..(jp + 1) * kp * NR];
-            let width = NR.min(cols.end - c0);
-            if b.row_stride == 1 {
-                // A transposed weight: each column's inner elements are contiguous.
+        out.resize(lanes.len().div_ceil(W) * kp * W, 0);
+        for (ip, l0) in lanes.clone().step_by(W).enumerate() {
+            let panel = &mut out[ip * kp * W..(ip + 1) * kp * W];
+            let width = W.min(lanes.end - l0);
+            if inner_stride == 1 {
+                // Each lane's inner elements are contiguous (a row of activations, a transposed
+                // weight's column): its pairs are 32-bit words.
                 for j in 0..width {
-                    let col = base + (c0 + j) * b.col_stride;
-                    pack_run(&data[col + ks.start..col + ks.end], panel, NR, j);
+                    let at = base + (l0 + j) * lane_stride;
+                    pack_run(&data[at + ks.start..at + ks.end], panel, W, j);
                 }
-            } else {
-                for p in 0..kp {
-                    let k0 = ks.start + 2 * p;
-                    let lo_row = base + k0 * b.row_stride;
-                    let hi_row = (k0 + 1 < ks.end).then(|| lo_row + b.row_stride);
-                    let dst = &mut panel[p * NR..p * NR + width];
-                    if b.col_stride == 1 {
-                        let lo = &data[lo_row + c0..lo_row + c0 + width];
-                        match hi_row {
-                            Some(h) => {
-                                let hi = &data[h + c0..h + c0 + width];
-                                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                                    *d = pair(l, h);
-                                }
-                            }
-                            None => {
-                                for (d, &l) in dst.iter_mut().zip(lo) {
-                                    *d = pair(l, 0);
-                                }
+                continue;
+            }
+            for p in 0..kp {
+                let kk = ks.start + 2 * p;
+                let lo_at = base + kk * inner_stride + l0 * lane_stride;
+                let hi_at = (kk + 1 < ks.end).then(|| lo_at + inner_stride);
+                let dst = &mut panel[p * W..p * W + width];
+                if lane_stride == 1 {
+                    // Two contiguous runs of lanes, one per inner element of the pair.
+                    let lo = &data[lo_at..lo_at + width];
+                    match hi_at {
+                        Some(h) => {
+                            let hi = &data[h..h + width];
+                            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                                *d = pair(l, h);
                             }
                         }
-                    } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            let c = (c0 + j) * b.col_stride;
-                            let h = hi_row.map_or(0, |h| data[h + c]);
-                            *d = pair(data[lo_row + c], h);
+                        None => {
+                            for (d, &l) in dst.iter_mut().zip(lo) {
+                                *d = pair(l, 0);
+                            }
                         }
+                    }
+                } else {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        let off = j * lane_stride;
+                        *d = pair(data[lo_at + off], hi_at.map_or(0, |h| data[h + off]));
                     }
                 }
             }
@@ -639,8 +614,26 @@ mod dot {
         for k0 in (0..k).step_by(KC) {
             let ks = k0..(k0 + KC).min(k);
             let kp = ks.len().div_ceil(2);
-            pack_lhs(a, bi, rows.clone(), ks.clone(), lhs);
-            pack_rhs(b, bi, ks, cols.clone(), rhs);
+            let (a_bits, b_bits) = (bits(a.data), bits(b.data));
+            let (a_at, b_at) = (a.starts[bi], b.starts[bi]);
+            pack::<MR>(
+                a_bits,
+                a_at,
+                rows.clone(),
+                a.row_stride,
+                ks.clone(),
+                a.col_stride,
+                lhs,
+            );
+            pack::<NR>(
+                b_bits,
+                b_at,
+                cols.clone(),
+                b.col_stride,
+                ks,
+                b.row_stride,
+                rhs,
+            );
             for (jp, j0) in (0..nc).step_by(NR).enumerate() {
                 let width = NR.min(nc - j0);
                 let b_panel = &rhs[jp * kp * NR..(jp + 1) * kp * NR];
