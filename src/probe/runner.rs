@@ -352,17 +352,13 @@ impl crate::engine::WeightSource for ProbeInit {
                 shape,
                 &Device::Cpu,
             ),
-            DType::F32 => Tensor::from_vec(
-                Self::fill(&self.f32, &mut self.offset, n),
-                shape,
-                &Device::Cpu,
-            ),
-            other => Tensor::from_vec(
+            // f32 itself (to_dtype to the same dtype is free), or converted from it.
+            _ => Tensor::from_vec(
                 Self::fill(&self.f32, &mut self.offset, n),
                 shape,
                 &Device::Cpu,
             )?
-            .to_dtype(other),
+            .to_dtype(dtype),
         }
     }
 }
@@ -376,17 +372,30 @@ pub struct EngineProber<'a> {
     pub seed: u64,
 }
 
-impl crate::cost::Prober for EngineProber<'_> {
-    fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> Result<ProbeResult> {
+impl EngineProber<'_> {
+    /// One probe of `spec` with `knobs` on this prober's device, meter and seed.
+    fn run(
+        &self,
+        spec: ModelSpec,
+        knobs: Knobs,
+        warmup_steps: usize,
+        steps: usize,
+    ) -> Result<ProbeResult> {
         let req = ProbeRequest {
-            spec: spec.clone(),
-            knobs: knobs.clone(),
-            warmup_steps: self.warmup_steps,
-            steps: self.steps,
+            spec,
+            knobs,
+            warmup_steps,
+            steps,
             device: self.device.clone(),
             seed: self.seed,
         };
         run_probe(&req, self.meter)
+    }
+}
+
+impl crate::cost::Prober for EngineProber<'_> {
+    fn probe(&mut self, spec: &ModelSpec, knobs: &Knobs) -> Result<ProbeResult> {
+        self.run(spec.clone(), knobs.clone(), self.warmup_steps, self.steps)
     }
 
     /// Without warm-up steps of its own, a probe's first step must find the runtime's lasting
@@ -429,33 +438,16 @@ impl crate::cost::Prober for EngineProber<'_> {
             }
         }
         let mut measured = Vec::new();
+        let mut unmeasured = Vec::new();
         for (spec, knobs) in largest {
             if spec.num_hidden_layers == 1 && knobs.accum == 1 {
-                measured.push(run_probe(
-                    &ProbeRequest {
-                        spec,
-                        knobs,
-                        warmup_steps: 1,
-                        steps: self.steps,
-                        device: self.device.clone(),
-                        seed: self.seed,
-                    },
-                    self.meter,
-                )?);
+                measured.push(self.run(spec, knobs, 1, self.steps)?);
             } else {
-                short.insert(0, (spec.with_layers(1), Knobs { accum: 1, ..knobs }));
+                unmeasured.push((spec.with_layers(1), knobs));
             }
         }
-        for (spec, knobs) in short {
-            let req = ProbeRequest {
-                spec,
-                knobs: Knobs { accum: 1, ..knobs },
-                warmup_steps: 0,
-                steps: 1,
-                device: self.device.clone(),
-                seed: self.seed,
-            };
-            run_probe(&req, self.meter)?;
+        for (spec, knobs) in unmeasured.into_iter().chain(short) {
+            self.run(spec, Knobs { accum: 1, ..knobs }, 0, 1)?;
         }
         Ok(measured)
     }
