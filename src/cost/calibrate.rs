@@ -424,7 +424,7 @@ pub fn calibrate(
             .any(|p| probe_label(&p.spec, &p.knobs) == label)
             || failed.iter().any(|f| f.label == label)
     };
-    let pending: Vec<&(ModelSpec, Knobs)> = plan
+    let mut pending: Vec<&(ModelSpec, Knobs)> = plan
         .iter()
         .filter(|(s, k)| !known(&probe_label(s, k), &probes, &failed))
         .collect();
@@ -459,7 +459,18 @@ pub fn calibrate(
         });
         return Ok(fit_plan(&model.fitted_on, &model.failed)?);
     }
-    let mut pending = pending;
+    // Every probe run so far, saved after each one (a late failure loses nothing).
+    let save_all = |probes: &[ProbeResult], failed: &[FailedProbe]| -> anyhow::Result<()> {
+        if let Some(p) = &path
+            && !probes.is_empty()
+        {
+            save(
+                &CostModel::fit(probes.to_vec(), &device, failed.to_vec())?,
+                p,
+            )?;
+        }
+        Ok(())
+    };
     if !pending.is_empty() {
         let owned: Vec<(ModelSpec, Knobs)> = pending.iter().map(|&p| p.clone()).collect();
         progress(&CalibrationProgress {
@@ -474,14 +485,12 @@ pub fn calibrate(
         let measured = prober
             .prepare(&owned)
             .context("warming up before the calibration probes")?;
-        let labels: Vec<String> = measured
-            .iter()
-            .map(|p| probe_label(&p.spec, &p.knobs))
-            .collect();
-        pending.retain(|(s, k)| !labels.contains(&probe_label(s, k)));
-        probes.extend(measured);
+        if !measured.is_empty() {
+            probes.extend(measured);
+            pending.retain(|(s, k)| !known(&probe_label(s, k), &probes, &failed));
+            save_all(&probes, &failed)?;
+        }
     }
-    let mut model = None;
     for (index, (probe_spec, knobs)) in pending.iter().enumerate() {
         let label = probe_label(probe_spec, knobs);
         progress(&CalibrationProgress {
@@ -498,28 +507,17 @@ pub fn calibrate(
                 error: format!("{e:#}"),
             }),
         }
-        if probes.is_empty() {
-            continue;
-        }
-        let fitted = CostModel::fit(probes.clone(), &device, failed.clone())?;
-        if let Some(p) = &path {
-            save(&fitted, p)?;
-        }
-        model = Some(fitted);
+        save_all(&probes, &failed)?;
     }
-    let model = match model {
-        Some(_) => fit_plan(&probes, &failed)?,
-        None if !probes.is_empty() => fit_plan(&probes, &failed)?,
-        None => {
-            let reasons: Vec<String> = failed
-                .iter()
-                .map(|f| format!("{}: {}", f.label, f.error))
-                .collect();
-            return Err(CostError::NoProbes).with_context(|| {
-                format!("every calibration probe failed:\n{}", reasons.join("\n"))
-            });
-        }
-    };
+    if probes.is_empty() {
+        let reasons: Vec<String> = failed
+            .iter()
+            .map(|f| format!("{}: {}", f.label, f.error))
+            .collect();
+        return Err(CostError::NoProbes)
+            .with_context(|| format!("every calibration probe failed:\n{}", reasons.join("\n")));
+    }
+    let model = fit_plan(&probes, &failed)?;
     progress(&CalibrationProgress {
         done: total,
         total,
