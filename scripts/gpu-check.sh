@@ -17,7 +17,7 @@
 #                                  carried. At most 9 min (see below); every step has its own
 #                                  timeout and a failed step is logged, not fatal. It writes under
 #                                  $OUT (8 files at most, which is what a device call brings back):
-#                                    card.json             the card as the driver and PyTorch see it
+#                                    (card: the card as the driver and PyTorch see it, in summary.txt)
 #                                                          (catalog check: memory, usable memory)
 #                                    profiles.jsonl        memtune profile --device cuda, full depth,
 #                                                          one line per configuration
@@ -50,8 +50,9 @@ model="${GPU_CHECK_MODEL:-HuggingFaceTB/SmolLM2-135M}"
 model_config="${GPU_CHECK_MODEL_CONFIG:-profiles/models/smollm2-135m.json}"
 seq="${GPU_CHECK_SEQ:-512}"
 tune_model="${GPU_CHECK_TUNE_MODEL:-HuggingFaceTB/SmolLM2-360M}"
-tune_seq="${GPU_CHECK_TUNE_SEQ:-2048}"
-tune_batch="${GPU_CHECK_TUNE_BATCH:-64}"
+tune_seq="${GPU_CHECK_TUNE_SEQ:-1024}"
+tune_batch="${GPU_CHECK_TUNE_BATCH:-16}"
+tune_budget="${GPU_CHECK_TUNE_BUDGET:-24G}"
 
 # The configurations checked: label | memtune knob flags | the PyTorch harness's flags for the same
 # configuration ("-": no PyTorch counterpart). memtune's bf16 is mixed precision (fp32 trainable
@@ -77,6 +78,14 @@ prepare() {
     # it is, ~8 MB xz-compressed. Symbols stay for backtraces.
     objcopy --strip-debug "$target_dir/release/memtune" "$carry_dir/memtune"
     xz -6 -f -T1 "$carry_dir/memtune"
+    # The CUDA meter's own test (tests/meter_cuda.rs), which skips on machines without a GPU.
+    local meter_test
+    meter_test="$(eval "$("$repo/scripts/check-cuda.sh" --env --link)" && cd "$repo" \
+        && cargo test --release --no-default-features --features cuda --test meter_cuda \
+            --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')"
+    objcopy --strip-debug "$meter_test" "$carry_dir/meter_cuda"
+    xz -6 -f -T1 "$carry_dir/meter_cuda"
 
     echo "== 2/3 plans from CPU probes (memtune predict --target-gpu h100 / h200)" >&2
     # The CPU build, in the normal target dir, so the CUDA build's feature set does not rebuild it.
@@ -103,6 +112,13 @@ prepare() {
             fi
         done
     done
+    echo "   the tuner's plan for a ${tune_budget} card (h200) at seq $tune_seq × $tune_batch" >&2
+    if ! "$cpu_bin" tune --model "$tune_model" --gpu-mem "$tune_budget" --seq "$tune_seq" \
+        --effective-batch "$tune_batch" --target-gpu h200 --cache "$carry_dir/cpu-cache/tune" \
+        --json > "$carry_dir/tune-plan.json"; then
+        echo "   (no tune plan)" >&2
+        rm -f "$carry_dir/tune-plan.json"
+    fi
     rm -rf "$carry_dir/cpu-cache"
 
     echo "== 3/3 the PyTorch + peft harness" >&2
@@ -193,7 +209,8 @@ EOF
     fi
 
     # 1. The card, as the driver and PyTorch see it: fills in the catalog's usable_bytes.
-    python3 - > "$out/card.json" 2>> "$log" <<'EOF'
+    local card=/tmp/gpu-check-card.json
+    python3 - > "$card" 2>> "$log" <<'EOF'
 import json, subprocess
 q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,compute_cap",
                     "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout.strip()
@@ -209,46 +226,31 @@ except Exception as e:  # the check goes on without PyTorch
     card["torch_error"] = str(e)
 print(json.dumps(card))
 EOF
-    say "card: $(cat "$out/card.json")"
+    say "card: $(cat "$card")"
     local card_key
-    card_key="$(python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["name"].lower(); print("h200" if "h200" in n else "h100" if "h100" in n else "other")' "$out/card.json")"
+    card_key="$(python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["name"].lower(); print("h200" if "h200" in n else "h100" if "h100" in n else "other")' "$card")"
 
-    # 2. Full-depth profiles, and 3. predictions calibrated on GPU probes, per configuration.
-    local n=0 entry label knobs peer_flags
-    for entry in "${combos[@]}"; do
-        n=$((n + 1))
-        if (( n > configs )); then break; fi
-        if (( SECONDS > 150 )); then say "time: no more configurations after $((n - 1))"; break; fi
-        IFS='|' read -r label knobs peer_flags <<< "$entry"
-        local tmp
-        tmp="$(mktemp)"
-        # shellcheck disable=SC2086
-        if step "$tmp" 90 "$bin" profile --device cuda --model "$model" --seq "$seq" $knobs \
-            --steps 3 --warmup 1 --json; then
-            printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/profiles.jsonl"
-        fi
-        : > "$tmp"
-        # shellcheck disable=SC2086
-        # A fresh calibration per configuration (see prepare: a cache shared across configurations
-        # extrapolates badly).
-        if step "$tmp" 90 "$bin" predict --device cuda --no-cache --model "$model" \
-            --seq "$seq" $knobs --json; then
-            printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/predictions.jsonl"
-        fi
-        rm -f "$tmp"
-    done
+    # The CUDA meter's test on this card (exact pool counters: a 256 MiB block reads as 256 MiB).
+    if [[ -f "$carry_dir/meter_cuda.xz" ]]; then
+        xz -dc "$carry_dir/meter_cuda.xz" > /tmp/meter_cuda && chmod +x /tmp/meter_cuda
+        step "$log" 60 /tmp/meter_cuda --nocapture --test-threads 1
+    fi
 
-    # 4. The tuner at a budget just under what the card gives this process, verified for real.
-    local budget_mib
-    budget_mib="$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); b=c.get("cuda_free_bytes_at_start") or c["nvidia_smi_total_bytes"]; print(int(b*0.97)>>20)' "$out/card.json")"
-    step "$out/tune.json" 150 "$bin" tune --device cuda --no-cache --model "$tune_model" \
-        --gpu-mem "${budget_mib}M" --seq "$tune_seq" --effective-batch "$tune_batch" \
-        --method full,lora --precision bf16,fp32 --verify --json
+    # 2. A smoke step: one short CUDA step of two layers. If the CUDA binary cannot train at all,
+    #    stop here, so the rest of the lease is not spent on steps that all fail the same way.
+    local smoke
+    smoke="$(mktemp)"
+    if ! step "$smoke" 120 "$bin" profile --device cuda --model "$model" --layers 2 --seq 128 \
+        --batch 2 --steps 1 --warmup 0 --json; then
+        say "the CUDA binary failed its first step; stopping"
+        exit 1
+    fi
+    say "smoke: $(tail -n 1 "$smoke")"
+    rm -f "$smoke"
 
-    # 5. PyTorch + peft on the same configurations (the CPU harness's flags, run on the GPU).
-    local peer="$carry_dir/peer/train_step.py"
+    # The PyTorch + peft harness (the CPU harness's flags, run on the GPU), for step 3.
+    local peer="$carry_dir/peer/train_step.py" arch="" wrapper=""
     if [[ -f "$peer" ]]; then
-        local arch
         arch="$(python3 - "$repo/$model_config" <<'EOF'
 import json, sys
 c = json.load(open(sys.argv[1]))
@@ -258,33 +260,81 @@ print(f"--layers {c['num_hidden_layers']} --hidden {c['hidden_size']} --heads {c
       f"--tie-embeddings {'on' if c.get('tie_word_embeddings') else 'off'}")
 EOF
 )"
-        local wrapper
         wrapper="$(mktemp --suffix=.py)"
         write_peer_wrapper "$wrapper"
-        n=0
-        for entry in "${combos[@]}"; do
-            n=$((n + 1))
-            if (( n > configs )); then break; fi
-            if (( SECONDS > 460 )); then say "time: no more PyTorch runs"; break; fi
-            IFS='|' read -r label knobs peer_flags <<< "$entry"
-            [[ "$peer_flags" == "-" ]] && continue
-            local tmp
-            tmp="$(mktemp)"
+    else
+        say "no $peer: PyTorch comparison skipped"
+    fi
+
+    # 3. Per configuration, side by side: memtune's full-depth profile, PyTorch + peft on the
+    #    same configuration, and memtune's prediction calibrated on GPU probes (a fresh calibration
+    #    each: a cache shared across configurations extrapolates badly, see prepare).
+    local n=0 entry label knobs peer_flags tmp
+    for entry in "${combos[@]}"; do
+        n=$((n + 1))
+        if (( n > configs )); then break; fi
+        if (( SECONDS > 170 )); then say "time: no more configurations after $((n - 1))"; break; fi
+        IFS='|' read -r label knobs peer_flags <<< "$entry"
+        tmp="$(mktemp)"
+        # shellcheck disable=SC2086
+        if step "$tmp" 60 "$bin" profile --device cuda --model "$model" --seq "$seq" $knobs \
+            --steps 3 --warmup 1 --json; then
+            printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/profiles.jsonl"
+        fi
+        : > "$tmp"
+        if [[ -n "$wrapper" && "$peer_flags" != "-" && "${GPU_CHECK_PEER:-1}" != 0 ]]; then
             # shellcheck disable=SC2086
-            if step "$tmp" 60 python3 "$wrapper" "$peer" $arch --seq "$seq" $peer_flags \
+            if step "$tmp" 45 python3 "$wrapper" "$peer" $arch --seq "$seq" $peer_flags \
                 --optim adamw --steps 3 --warmup 1 --profile-mem off; then
                 printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/peer.jsonl"
             fi
-            rm -f "$tmp"
-        done
-    else
-        say "no $peer: PyTorch comparison skipped"
+            : > "$tmp"
+        fi
+        # shellcheck disable=SC2086
+        if step "$tmp" 75 "$bin" predict --device cuda --cache "/tmp/gpu-cache/$label" \
+            --model "$model" --seq "$seq" $knobs --json; then
+            printf '{"label":"%s","result":%s}\n' "$label" "$(tail -n 1 "$tmp")" >> "$out/predictions.jsonl"
+        fi
+        rm -f "$tmp"
+    done
+
+    # The GPU probes behind those predictions (one calibration cache per configuration), to study
+    # the fits away from the card.
+    tar -czf "$out/gpu-probes.tar.gz" -C /tmp gpu-cache 2>> "$log"
+
+    # 4. The tuner for a 24 GiB budget (a common card's size; the H200 has far more, so the
+    #    measured peak is checked against the budget, not against the card), verified for real at
+    #    full depth: the no-OOM check.
+    step "$out/tune.json" 130 "$bin" tune --device cuda --no-cache --model "$tune_model" \
+        --gpu-mem "$tune_budget" --seq "$tune_seq" --effective-batch "$tune_batch" --verify --json
+
+    # 5. The pick the CPU-only machine planned for a card of the tune's budget (prepare), run on
+    #    this card at full depth: its planned peak against what the card measures.
+    if [[ -s "$carry_dir/tune-plan.json" ]]; then
+        local plan_flags
+        plan_flags="$(python3 - "$carry_dir/tune-plan.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))["chosen"]
+flags = [f"--method {c['method']}", f"--precision {c['precision']}", f"--batch {c['batch']}",
+         f"--accum {c['accum']}", f"--seq {c['seq']}", f"--optimizer {c['optimizer']}",
+         f"--loss {c['loss']}", f"--checkpointing {c['checkpointing']}"]
+if c["method"] != "full":
+    flags.append(f"--rank {c['lora']['rank']}")
+if c["method"] == "qlora":
+    flags.append(f"--quant {c['quant']}")
+print(" ".join(flags))
+EOF
+)"
+        # shellcheck disable=SC2086
+        step "$out/plan-measured.json" 60 "$bin" profile --device cuda --model "$tune_model" \
+            $plan_flags --steps 2 --warmup 1 --json
     fi
 
     # 6. The summary.
     python3 - "$out" "$carry_dir/plans.jsonl" "$card_key" > "$out/summary.txt" 2>> "$log" <<'EOF'
 import json, os, sys
 out, plans_path, card_key = sys.argv[1:4]
+carry = os.path.dirname(plans_path)
 def rows(name):
     path = os.path.join(out, name)
     if not os.path.exists(path):
@@ -299,7 +349,7 @@ if os.path.exists(plans_path):
 def err(pred, meas):
     return f"{100.0 * (pred - meas) / meas:+.1f}%" if pred and meas else "-"
 gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
-print(f"card: {open(os.path.join(out, 'card.json')).read().strip()}")
+print(f"card: {open('/tmp/gpu-check-card.json').read().strip()}")
 print("GPU peak (GiB): measured by memtune's CUDA meter (NVML, this process); predicted from GPU probes;")
 print("planned from CPU probes (--target-gpu, made before the run). tokens/s: memtune measured, roofline")
 print("estimate, PyTorch + peft measured (peak = torch max reserved + context not counted).")
@@ -327,6 +377,18 @@ if os.path.exists(tune_path) and os.path.getsize(tune_path):
         print(f"tune: unreadable output ({e})")
 else:
     print("tune: no output (see log.txt)")
+plan_path = os.path.join(carry, "tune-plan.json")
+measured_path = os.path.join(out, "plan-measured.json")
+if os.path.exists(plan_path) and os.path.exists(measured_path) and os.path.getsize(measured_path):
+    try:
+        plan = json.load(open(plan_path))
+        m = json.loads(open(measured_path).read().strip().splitlines()[-1])
+        pp, mp = plan["predicted"]["peak_bytes"], m.get("peak_bytes")
+        print(f"CPU-made plan for a {gib(plan.get('budget_bytes'))} GiB card: {json.dumps(plan.get('chosen'))}")
+        print(f"      planned peak {gib(pp)} GiB, measured on this card {gib(mp)} GiB (error {err(pp, mp)}); "
+              f"tokens/s estimated {plan['predicted'].get('tokens_per_s'):.0f}, measured {m.get('tokens_per_s')}")
+    except Exception as e:
+        print(f"plan: unreadable output ({e})")
 EOF
     cat "$out/summary.txt" >&2
 }

@@ -339,6 +339,8 @@ pub enum MeterError {
 /// Where [`CudaMeter::current_bytes`] got its figure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CudaUsageSource {
+    /// The device memory pool's counters of bytes in use (exact; candle's tensors only).
+    MemoryPool,
     /// NVML's used-memory figure for this process id on this device.
     NvmlProcess,
     /// NVML's device-wide used memory minus what was used before this meter created its context.
@@ -348,14 +350,22 @@ pub enum CudaUsageSource {
     DeviceDelta,
 }
 
-/// Reads a CUDA device's memory through the driver (free/total) and NVML (per-process use).
+/// Reads a CUDA device's memory.
 ///
-/// What it can see: all device memory this process holds, tensors or not: the CUDA context
-/// (hundreds of MiB), cuBLAS workspaces, and the blocks candle's allocator keeps cached.
-/// What it cannot see: which of those bytes are tensors (the engine says, through
-/// [`CudaMeter::set_tensor_bytes`], and the rest is `runtime_bytes`), and anything between two
-/// reads: the peak is the highest value read, so a spike between reads is missed, and
-/// `is_exact` is false. NVML's per-process figure is also coarse (it moves in driver pages).
+/// Tensors: candle allocates every tensor through cudarc's stream-ordered allocator, which draws
+/// from the device's current memory pool, and the pool counts the bytes in use and their high-water
+/// mark (`CU_MEMPOOL_ATTR_USED_MEM_CURRENT` / `_HIGH`, the counterpart of PyTorch's
+/// `memory_allocated` / `max_memory_allocated`). So `current_bytes` and `peak_bytes` are exact, as
+/// on the CPU: every allocation is seen, a spike between two reads too. Each read first waits for
+/// the device (`cuCtxSynchronize`), so a probe's marks also time the work before them, not just
+/// its launch.
+///
+/// The rest of what the process holds on the device (the CUDA context, loaded kernels, library
+/// workspaces) is `runtime_bytes`: NVML's figure for this process (or the device's used memory
+/// minus what other processes held before) less the pool's reserved bytes.
+///
+/// Where the driver has no memory pools, `current_bytes` falls back to that NVML figure, sampled:
+/// the peak is then the highest value read and `is_exact` is false.
 ///
 /// It retains the device's primary context, the same one candle uses, so it adds no context
 /// of its own.
@@ -372,8 +382,10 @@ pub struct CudaMeter {
     pid: u32,
     last_bytes: AtomicU64,
     peak_bytes: AtomicU64,
-    tensor_bytes: AtomicU64,
     used_delta_fallback: AtomicBool,
+    /// The device's current memory pool (a `CUmemoryPool` handle kept as an address, so the meter
+    /// stays `Send + Sync`), when the driver has pools.
+    pool: Option<usize>,
 }
 
 impl std::fmt::Debug for CudaMeter {
@@ -447,8 +459,8 @@ impl CudaMeter {
             pid: std::process::id(),
             last_bytes: AtomicU64::new(0),
             peak_bytes: AtomicU64::new(0),
-            tensor_bytes: AtomicU64::new(0),
             used_delta_fallback: AtomicBool::new(false),
+            pool: current_pool(ordinal),
         };
         meter.reset_peak();
         Ok(meter)
@@ -468,19 +480,11 @@ impl CudaMeter {
             })
     }
 
-    /// Tells the meter how many bytes the engine's live tensors hold, so that the rest of what
-    /// the process uses can be reported as `runtime_bytes`.
-    pub fn set_tensor_bytes(&self, bytes: u64) {
-        self.tensor_bytes.store(bytes, Ordering::Relaxed);
-    }
-
-    pub fn tensor_bytes(&self) -> u64 {
-        self.tensor_bytes.load(Ordering::Relaxed)
-    }
-
     /// Which source the last reading came from.
     pub fn usage_source(&self) -> CudaUsageSource {
-        if self.used_delta_fallback.load(Ordering::Relaxed) {
+        if self.pool.is_some() {
+            CudaUsageSource::MemoryPool
+        } else if self.used_delta_fallback.load(Ordering::Relaxed) {
             CudaUsageSource::DeviceDelta
         } else {
             CudaUsageSource::NvmlProcess
@@ -507,9 +511,10 @@ impl CudaMeter {
         device.memory_info().ok().map(|info| info.used)
     }
 
-    /// Reads the device and records the reading in the peak.
-    fn sample(&self) -> u64 {
-        let reading = match self.nvml_process_bytes() {
+    /// What the process holds on the device, from NVML: its per-process figure, or the device's
+    /// used memory minus other processes' (taken before this meter existed).
+    fn process_bytes(&self) -> Option<u64> {
+        match self.nvml_process_bytes() {
             Some(bytes) => {
                 self.used_delta_fallback.store(false, Ordering::Relaxed);
                 Some(bytes)
@@ -518,6 +523,48 @@ impl CudaMeter {
                 self.used_delta_fallback.store(true, Ordering::Relaxed);
                 used.saturating_sub(self.baseline_used_bytes)
             }),
+        }
+    }
+
+    /// Waits for the device's queued work, so that a reading (and the time it is taken at)
+    /// includes it.
+    fn synchronize(&self) {
+        // A failed wait leaves the reading as it is; the next kernel reports the error.
+        let _ = crate::device::guard_cudarc(|| self.context.synchronize());
+    }
+
+    /// One of the memory pool's counters.
+    fn pool_counter(&self, attribute: cudarc::driver::sys::CUmemPool_attribute) -> Option<u64> {
+        let pool = self.pool?;
+        let mut value: u64 = 0;
+        crate::device::guard_cudarc(|| {
+            // SAFETY: `pool` is the device's pool handle (pools live as long as the device) and
+            // the counters are 64-bit values.
+            unsafe {
+                cudarc::driver::sys::cuMemPoolGetAttribute(
+                    pool as cudarc::driver::sys::CUmemoryPool,
+                    attribute,
+                    (&mut value as *mut u64).cast(),
+                )
+                .result()
+            }
+        })
+        .ok()?;
+        Some(value)
+    }
+
+    /// The pool's bytes in use: candle's live tensors.
+    fn pool_used_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+        self.pool_counter(CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    /// Reads the device (after waiting for it) and records the reading in the peak.
+    fn sample(&self) -> u64 {
+        self.synchronize();
+        let reading = match self.pool_used_bytes() {
+            Some(bytes) => Some(bytes),
+            None => self.process_bytes(),
         };
         // A failed read repeats the last good one rather than reporting zero.
         let bytes = reading.unwrap_or_else(|| self.last_bytes.load(Ordering::Relaxed));
@@ -527,18 +574,63 @@ impl CudaMeter {
     }
 }
 
+/// The device's current memory pool, which cudarc's stream-ordered allocations draw from; `None`
+/// when the driver has no pools (cudarc then allocates with `cuMemAlloc`, which nothing counts).
+fn current_pool(ordinal: usize) -> Option<usize> {
+    use cudarc::driver::sys;
+    crate::device::guard_cudarc(|| {
+        let device = cudarc::driver::result::device::get(ordinal as i32)?;
+        let mut supported: std::ffi::c_int = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: both calls write one value through the pointer they are given.
+        unsafe {
+            sys::cuDeviceGetAttribute(
+                &mut supported,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+                device,
+            )
+            .result()?;
+            if supported == 0 {
+                return Ok(0);
+            }
+            sys::cuDeviceGetMemPool(&mut pool, device).result()?;
+        }
+        Ok(pool as usize)
+    })
+    .ok()
+    .filter(|&pool| pool != 0)
+}
+
 impl MemoryMeter for CudaMeter {
     fn current_bytes(&self) -> u64 {
         self.sample()
     }
 
     fn peak_bytes(&self) -> u64 {
-        self.sample();
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let now = self.sample();
+        if let Some(high) = self.pool_counter(CU_MEMPOOL_ATTR_USED_MEM_HIGH) {
+            self.peak_bytes.fetch_max(high.max(now), Ordering::Relaxed);
+        }
         self.peak_bytes.load(Ordering::Relaxed)
     }
 
     fn reset_peak(&self) {
         let now = self.sample();
+        if let Some(pool) = self.pool {
+            use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            let mut zero: u64 = 0;
+            // SAFETY: as in `pool_counter`; the high-water mark can only be reset to zero, after
+            // which it follows the bytes in use again.
+            let _ = crate::device::guard_cudarc(|| unsafe {
+                cudarc::driver::sys::cuMemPoolSetAttribute(
+                    pool as cudarc::driver::sys::CUmemoryPool,
+                    CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+                .result()
+            });
+        }
         self.peak_bytes.store(now, Ordering::Relaxed);
     }
 
@@ -546,14 +638,20 @@ impl MemoryMeter for CudaMeter {
         format!("cuda:{} ({})", self.ordinal, self.name)
     }
 
-    /// Everything this process holds on the device minus the tensor bytes the engine reported:
-    /// context, workspaces and the allocator's cached blocks.
+    /// With the pool's counters: what the process holds beyond the pool's reserved bytes (the
+    /// context, loaded kernels, library workspaces), which the readings leave out. Without them
+    /// the readings are already everything the process holds, so nothing is added.
     fn runtime_bytes(&self) -> u64 {
-        self.sample().saturating_sub(self.tensor_bytes())
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
+        self.synchronize();
+        match self.pool_counter(CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT) {
+            Some(reserved) => self.process_bytes().unwrap_or(0).saturating_sub(reserved),
+            None => 0,
+        }
     }
 
     fn is_exact(&self) -> bool {
-        false
+        self.pool.is_some()
     }
 }
 

@@ -170,10 +170,14 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
     let step_s = step_times[step_times.len() / 2];
 
     let above = |bytes: u64| bytes.saturating_sub(baseline);
-    let peak_bytes = above(peak);
+    // What the device holds besides the bytes the meter reads (a CUDA context, loaded kernels,
+    // library workspaces; nothing on the CPU) is part of the peak, and of every moment of the
+    // timeline, where the cost model finds it as part of what a step starts with.
+    let device_runtime = meter.runtime_bytes();
+    let peak_bytes = above(peak) + device_runtime;
     let weights = after_weights.saturating_sub(baseline);
     let optimizer = after_optimizer.saturating_sub(after_weights);
-    let runtime = resting.saturating_sub(after_optimizer) + meter.runtime_bytes();
+    let runtime = resting.saturating_sub(after_optimizer) + device_runtime;
     let components = attribute(
         &last_marks,
         resting,
@@ -189,9 +193,9 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
             phase: m.phase.to_string(),
             layer: m.layer,
             micro_batch: m.micro_batch,
-            current_bytes: above(m.current),
-            peak_bytes: above(m.peak),
-            segment_peak_bytes: above(m.segment_peak),
+            current_bytes: above(m.current) + device_runtime,
+            peak_bytes: above(m.peak) + device_runtime,
+            segment_peak_bytes: above(m.segment_peak) + device_runtime,
         })
         .collect();
     let tokens = knobs.batch * knobs.seq * knobs.accum;
