@@ -7,6 +7,7 @@ use memtune::config::{Knobs, Method, Precision};
 use memtune::data::random_batch;
 use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
 use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
+use memtune::engine::ops::swiglu as swiglu_any_device;
 use memtune::engine::ops::{
     LossTargets, causal_softmax, chunked_cross_entropy, full_cross_entropy, rms_norm,
 };
@@ -123,6 +124,40 @@ fn swiglu_matches_silu_times_up_in_value_and_gradients() {
     }
 }
 
+/// The paths a GPU takes (candle's ops inside one op with a hand-written backward, which keeps
+/// fewer tensors than candle's autograd would) against candle's autograd of the plain formula, run
+/// here on the CPU in f64 and f32.
+#[test]
+fn any_device_swiglu_and_softmax_match_candles_autograd() {
+    let shape = [2, 3, 19, 19];
+    let (g, u, w) = (randn(&shape, 31), randn(&shape, 32), randn(&shape, 33));
+    let (want, want_grads) = value_and_grads(&[g.clone(), u.clone()], &w, DType::F64, |t| {
+        (t[0].silu().unwrap() * &t[1]).unwrap()
+    });
+    let mask = causal_mask(19, &Device::Cpu).unwrap();
+    let scale = 0.3;
+    let plain_softmax = |t: &[Tensor]| {
+        let m = mask.to_dtype(t[0].dtype()).unwrap();
+        candle_nn::ops::softmax(
+            &(&t[0] * scale).unwrap().broadcast_add(&m).unwrap(),
+            candle_core::D::Minus1,
+        )
+        .unwrap()
+    };
+    let (want_p, want_p_grads) =
+        value_and_grads(std::slice::from_ref(&g), &w, DType::F64, plain_softmax);
+    for dtype in [DType::F64, DType::F32] {
+        let (got, got_grads) = value_and_grads(&[g.clone(), u.clone()], &w, dtype, |t| {
+            swiglu_any_device(&t[0], &t[1]).unwrap()
+        });
+        assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
+        let (got, got_grads) = value_and_grads(std::slice::from_ref(&g), &w, dtype, |t| {
+            causal_softmax(&t[0], &mask.to_dtype(dtype).unwrap(), scale).unwrap()
+        });
+        assert_all_close(dtype, (&got, &got_grads), (&want_p, &want_p_grads));
+    }
+}
+
 #[test]
 fn rms_norm_input_gradient_matches_the_composite() {
     // A frozen weight takes the fused input gradient: 37 rows of 896 cross the 16 Ki-element
@@ -196,7 +231,7 @@ fn check_causal_softmax(shape: [usize; 4], dtypes: &[DType]) {
     for &dtype in dtypes {
         let xd = x.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
         let (want, want_grads) = value_and_grads(std::slice::from_ref(&xd), &w, DType::F64, |t| {
-            causal_softmax(&(&t[0] * scale).unwrap(), &mask).unwrap()
+            causal_softmax(&t[0], &mask, scale).unwrap()
         });
         let (got, got_grads) = value_and_grads(&[xd], &w, dtype, |t| {
             scaled_causal_softmax(&t[0], &mask.to_dtype(dtype).unwrap(), scale).unwrap()

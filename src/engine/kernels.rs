@@ -5,8 +5,10 @@
 //! ten ops; its forward is candle-nn's fused kernel already). Here each is one pass forward and
 //! one backward, computed in f32 whatever the storage dtype (f32, bf16, f16), and the forward
 //! keeps only what backward needs. The public functions take the fused path for contiguous CPU
-//! tensors of those dtypes and candle's own ops everywhere else (CUDA, f64): f64 is the engine's
-//! reference precision, so the tests compare the two paths.
+//! tensors of those dtypes and candle's own ops everywhere else: f64 is the engine's reference
+//! precision, so the tests compare the two paths; on a GPU candle's ops run inside one op with
+//! a hand-written backward ([`super::ops::swiglu`], [`super::ops::causal_softmax`]), so that a
+//! step keeps the same tensors as on the CPU and CPU probes plan GPU memory.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -210,8 +212,11 @@ impl CustomOp3 for SwiGluBackward {
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fusable(&[gate, up]) && gate.shape() == up.shape() {
         gate.apply_op2(up, SwiGlu)
-    } else {
+    } else if gate.device().is_cpu() {
+        // f64, the tests' reference precision: candle's own autograd.
         gate.silu()? * up
+    } else {
+        super::ops::swiglu(gate, up)
     }
 }
 
@@ -350,7 +355,7 @@ pub fn scaled_causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
             scale: scale as f32,
         });
     }
-    super::ops::causal_softmax(&(scores * scale)?, mask)
+    super::ops::causal_softmax(scores, mask, scale)
 }
 
 /// The input gradient of RMSNorm `y = x · r · w` (r = 1/√(mean(x²) + ε) per row of the last

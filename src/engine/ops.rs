@@ -220,25 +220,48 @@ impl FrozenWeight {
     }
 }
 
-/// Softmax over the last dimension of attention scores `[b, h, s, s]` under a causal mask
-/// (`mask`: `[s, s]`, 0 or −∞), computed in fp32 (f64 for f64 scores) and returned in the scores'
-/// dtype. Only the probabilities are kept for backward.
-pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// Softmax over the last dimension of `scale · scores` (`[b, h, s, s]`) under a causal mask
+/// (`mask`: `[s, s]`, 0 or −∞), computed in fp32 (f64 for f64 scores) with candle's ops (any
+/// device) and returned in the scores' dtype. Backward keeps the scores and the probabilities only,
+/// as the CPU's fused kernel does: the scale is applied inside the op, so no scaled copy of the
+/// scores is kept as well (on a GPU that copy was one more scores-sized tensor per layer).
+pub fn causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let dtype = scores.dtype();
     let wide = wide(dtype);
     let value = candle_nn::ops::softmax_last_dim(
         &scores
             .detach()
             .to_dtype(wide)?
+            .affine(scale, 0.0)?
             .broadcast_add(&mask.to_dtype(wide)?)?,
     )?
     .to_dtype(dtype)?;
     with_backward(scores, value, "causal-softmax", move |_, probs, grad| {
-        // dx = p ⊙ (g − Σ_j g_j p_j); masked positions have p = 0.
+        // dx = scale · p ⊙ (g − Σ_j g_j p_j); masked positions have p = 0.
         let p = probs.to_dtype(wide)?;
         let g = grad.to_dtype(wide)?;
         let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-        (p * g.broadcast_sub(&dot)?)?.to_dtype(dtype)
+        (p * g.broadcast_sub(&dot)?)?
+            .affine(scale, 0.0)?
+            .to_dtype(dtype)
+    })
+}
+
+/// `silu(gate) · up`, SwiGLU's product, with candle's ops (any device), as one op whose backward
+/// keeps only its two inputs, as the CPU's fused kernel does, rather than `silu(gate)` as well (on
+/// a GPU one more intermediate-sized tensor per layer). The gradients are computed in fp32 (f64
+/// for f64 inputs): with σ = sigmoid(g), d/dg = d · u · σ · (1 + g · (1 − σ)), d/du = d · g · σ.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let value = (gate.detach().silu()? * up.detach())?;
+    with_backward2(gate, up, value, "swiglu", |g, u, _, d| {
+        let dtype = g.dtype();
+        let wide = wide(dtype);
+        let (g, u, d) = (g.to_dtype(wide)?, u.to_dtype(wide)?, d.to_dtype(wide)?);
+        let sigma = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let slope = ((&g * sigma.affine(-1.0, 1.0)?)? + 1.0)?;
+        let dg = ((&d * &u)? * (&sigma * slope)?)?.to_dtype(dtype)?;
+        let du = (d * (g * sigma)?)?.to_dtype(dtype)?;
+        Ok((dg, du))
     })
 }
 
