@@ -7,29 +7,35 @@
 #                                     --release-build) and strips its debug info,
 #                                  2. plans every configuration checked below for the H100 and the
 #                                     H200 from CPU probes (memtune predict --target-gpu, the normal
-#                                     CPU build), which the GPU half then holds against what the card
-#                                     measures,
+#                                     CPU build), and the tuner's pick for a 24 GiB card, which the
+#                                     GPU half then holds against what the card measures,
 #                                  3. stages all that, and the PyTorch + peft harness
 #                                     (../shared/peer/train_step.py) if present, in .gpu-carry/
 #                                     (git-ignored), checking it is under the 64 MiB a device call
 #                                     carries.
 #   scripts/gpu-check.sh run       THERE, on the GPU machine, from the repo root, with .gpu-carry
-#                                  carried. At most 9 min (see below); every step has its own
-#                                  timeout and a failed step is logged, not fatal. It writes under
-#                                  $OUT (8 files at most, which is what a device call brings back):
-#                                    (card: the card as the driver and PyTorch see it, in summary.txt)
-#                                                          (catalog check: memory, usable memory)
+#                                  carried. At most 9 min (see below); after a smoke step (one
+#                                  short CUDA step; if it fails, the run stops there) every step
+#                                  has its own timeout and a failed step is logged, not fatal. It
+#                                  writes under $OUT (8 files at most, which is what a device call
+#                                  brings back):
 #                                    profiles.jsonl        memtune profile --device cuda, full depth,
 #                                                          one line per configuration
+#                                    peer.jsonl            PyTorch + peft on the same configurations,
+#                                                          each run right after memtune's profile
 #                                    predictions.jsonl     memtune predict --device cuda (calibrated
 #                                                          on GPU probes at reduced depth: the full-
 #                                                          depth configuration is held out)
-#                                    tune.json             memtune tune --device cuda --verify at a
-#                                                          budget just under the card's free memory
-#                                    peer.jsonl            PyTorch + peft on the same configurations
-#                                    summary.txt           measured vs predicted vs planned, tokens/s
-#                                                          vs PyTorch
-#                                    log.txt               every command and its stderr tail
+#                                    gpu-probes.tar.gz     those GPU probes (one calibration cache
+#                                                          per configuration), to study the fits here
+#                                    tune.json             memtune tune --device cuda --verify for a
+#                                                          24 GiB budget (the no-OOM check)
+#                                    plan-measured.json    the CPU-made plan for a 24 GiB card
+#                                                          (prepare), profiled on the card
+#                                    summary.txt           the card; measured vs predicted vs
+#                                                          planned; tokens/s vs PyTorch
+#                                    log.txt               every command and its stderr tail, and
+#                                                          the CUDA meter's test (tests/meter_cuda.rs)
 #
 # With the device tool (one call, nothing else needed):
 #   run(command="bash scripts/gpu-check.sh run", carry=[".gpu-carry"], timeout_s=540)
@@ -37,11 +43,12 @@
 # Settings (environment, both halves): GPU_CHECK_MODEL (catalog name, default
 # HuggingFaceTB/SmolLM2-135M) with GPU_CHECK_MODEL_CONFIG (its config.json, for the PyTorch side),
 # GPU_CHECK_SEQ (512), GPU_CHECK_TUNE_MODEL (HuggingFaceTB/SmolLM2-360M), GPU_CHECK_TUNE_SEQ
-# (2048), GPU_CHECK_TUNE_BATCH (effective batch, 64), GPU_CHECK_CONFIGS (run: how many of the
-# configurations below, in order, default all 8). The run keeps under 9 minutes whatever happens:
-# 90 s at most per profile and per prediction, no new configuration after 150 s, 150 s for the
-# tuner, 60 s per PyTorch run and none started after 460 s. A fresh machine also pays the driver's
-# JIT of candle's PTX once (it caches it for the later processes).
+# (1024), GPU_CHECK_TUNE_BATCH (effective batch, 16), GPU_CHECK_TUNE_BUDGET (24G); run only:
+# GPU_CHECK_CONFIGS (how many of the configurations below, in order, default all 8) and
+# GPU_CHECK_PEER=0 (skip PyTorch). On an H200 the whole run took 80 s without PyTorch and 190 s
+# with it (eighth session); the caps keep it under 9 minutes whatever happens: 60 s per profile,
+# 45 s per PyTorch run, 75 s per prediction, no new configuration after 170 s, 130 s for the
+# tuner, 60 s for the plan's profile.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -350,9 +357,9 @@ def err(pred, meas):
     return f"{100.0 * (pred - meas) / meas:+.1f}%" if pred and meas else "-"
 gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
 print(f"card: {open('/tmp/gpu-check-card.json').read().strip()}")
-print("GPU peak (GiB): measured by memtune's CUDA meter (NVML, this process); predicted from GPU probes;")
+print("GPU peak (GiB): measured by memtune's CUDA meter (memory pool + runtime); predicted from GPU probes;")
 print("planned from CPU probes (--target-gpu, made before the run). tokens/s: memtune measured, roofline")
-print("estimate, PyTorch + peft measured (peak = torch max reserved + context not counted).")
+print("estimate, PyTorch + peft measured (pt-peak = torch max reserved; its context not counted).")
 head = ["config", "measured", "gpu-pred", "err", "cpu-plan", "err", "tok/s", "roofline", "pytorch", "pt-peak"]
 print(" ".join(f"{h:>12}" for h in head))
 for label in dict.fromkeys(list(measured) + list(predicted) + list(plans)):

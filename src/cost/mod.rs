@@ -59,8 +59,10 @@ pub trait Prober {
 /// 8: bf16 products on the CPU widen tiles, not whole operands (`engine::matmul`). 9: so do f16
 /// products, and gemm ran its AVX-512 kernels. 10: gemm back on its AVX2 kernels. 11: a tiled
 /// product makes every worker's buffers before its tiles run. 12: bf16 products run natively on
-/// AVX512-BF16. 13: RMSNorm's input gradient is one fused pass.)
-pub const COST_MODEL_VERSION: u32 = 13;
+/// AVX512-BF16. 13: RMSNorm's input gradient is one fused pass. 14: excess fits keep shape
+/// coefficients non-negative and the head's growing piece logits-sized; the CUDA meter reads the
+/// memory pool, and the GPU path keeps the CPU's tensors.)
+pub const COST_MODEL_VERSION: u32 = 14;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

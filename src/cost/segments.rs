@@ -414,11 +414,17 @@ fn dot(c: &[f64], x: &[f64]) -> f64 {
 }
 
 /// Fits the excess as one line, or — when one line leaves rows unexplained — as the larger of a line
-/// fitted to the smaller rows and a second line through zero (its constant held at 0) fitted to the
-/// larger ones, trying every split by size (the first shape feature) and keeping the one that
-/// explains the rows best. Returns (line, growing piece; empty when one line suffices).
-fn fit_two_pieces(rows: &[(Vec<f64>, f64, f64)]) -> Result<(Vec<f64>, Vec<f64>), nnls::FitError> {
-    let one = fit_signed(rows)?;
+/// fitted to the smaller rows and a second line through zero fitted to the larger ones, over the
+/// features `growing` allows only (the head's logits-sized tensors: the rows of the chunked loss
+/// saturate, so a second line free to grow with the tokens too, fitted to the one or two probes
+/// past the split, could not tell the two apart and took the jump for a per-token cost). Tries every
+/// split by size (the first shape feature) and keeps the one that explains the rows best. Returns
+/// (line, growing piece; empty when one line suffices).
+fn fit_two_pieces(
+    rows: &[(Vec<f64>, f64, f64)],
+    growing: &[bool],
+) -> Result<(Vec<f64>, Vec<f64>), nnls::FitError> {
+    let one = fit_excess(rows)?;
     let worst = |a: &[f64], b: &[f64]| {
         rows.iter()
             .map(|(x, t, w)| {
@@ -450,12 +456,15 @@ fn fit_two_pieces(rows: &[(Vec<f64>, f64, f64)]) -> Result<(Vec<f64>, Vec<f64>),
             .iter()
             .filter(|(x, _, _)| size(x) >= split)
             .map(|(x, t, w)| {
-                let mut x = x.clone();
-                x[0] = 0.0;
+                let x = x
+                    .iter()
+                    .zip(growing)
+                    .map(|(&v, &allowed)| if allowed { v } else { 0.0 })
+                    .collect();
                 (x, *t, *w)
             })
             .collect();
-        let (a, b) = (fit_signed(&line)?, fit_signed(&rising)?);
+        let (a, b) = (fit_excess(&line)?, fit_excess(&rising)?);
         let err = worst(&a, &b);
         // A second piece must explain the rows much better than one line, not just a little.
         if err < best.0 && err < 0.5 * single {
@@ -469,20 +478,40 @@ fn fit_two_pieces(rows: &[(Vec<f64>, f64, f64)]) -> Result<(Vec<f64>, Vec<f64>),
 /// probe's peak, so every probe counts alike whatever its size.
 fn fit_signed(rows: &[(Vec<f64>, f64, f64)]) -> Result<Vec<f64>, nnls::FitError> {
     let width = rows.first().map_or(0, |r| r.0.len());
+    fit_with_signs(rows, width)
+}
+
+/// Fits an excess: how far above its start a segment goes can only grow with the shapes, so only
+/// the constant (the first feature) may be negative. Signed shape coefficients let two nearly
+/// collinear features (tokens × hidden and the chunked loss's logit rows × vocabulary, equal up to
+/// the one probe that saturates the chunk) cancel: a bf16-pure head's backward was fitted at
+/// +3930 B per token × hidden and −44 B per logit, and predicted 8 GiB of transient at 4096 tokens
+/// where 0.25 GiB was measured.
+fn fit_excess(rows: &[(Vec<f64>, f64, f64)]) -> Result<Vec<f64>, nnls::FitError> {
+    fit_with_signs(rows, 1)
+}
+
+/// Fits coefficients whose first `signed` features may take either sign (as a column and its
+/// negation, both non-negative) and the rest only positive ones.
+fn fit_with_signs(
+    rows: &[(Vec<f64>, f64, f64)],
+    signed: usize,
+) -> Result<Vec<f64>, nnls::FitError> {
+    let width = rows.first().map_or(0, |r| r.0.len());
+    let signed = signed.min(width);
     let a: Vec<Vec<f64>> = rows
         .iter()
         .map(|(x, _, w)| {
             x.iter()
-                .chain(x.iter())
-                .enumerate()
-                .map(|(i, v)| if i < width { v * w } else { -v * w })
+                .map(|v| v * w)
+                .chain(x[..signed].iter().map(|v| -v * w))
                 .collect()
         })
         .collect();
     let b: Vec<f64> = rows.iter().map(|(_, t, w)| t * w).collect();
-    let solution = nnls::fit_nonnegative(&a, &b, &vec![0.0; 2 * width], RIDGE)?;
+    let solution = nnls::fit_nonnegative(&a, &b, &vec![0.0; width + signed], RIDGE)?;
     Ok((0..width)
-        .map(|i| solution[i] - solution[width + i])
+        .map(|i| solution[i] - if i < signed { solution[width + i] } else { 0.0 })
         .collect())
 }
 
@@ -551,9 +580,11 @@ impl SegmentModel {
             let (excess, excess_growing) = if d.excesses.is_empty() {
                 (vec![0.0; width], Vec::new())
             } else if matches!(kind, Kind::Loss | Kind::HeadBwd) {
-                fit_two_pieces(&d.excesses)?
+                let growing: Vec<bool> =
+                    kind.features().iter().map(|&f| f == Feat::Logits).collect();
+                fit_two_pieces(&d.excesses, &growing)?
             } else {
-                (fit_signed(&d.excesses)?, Vec::new())
+                (fit_excess(&d.excesses)?, Vec::new())
             };
             classes.insert(
                 class,
