@@ -90,7 +90,7 @@ prepare() {
     meter_test="$(eval "$("$repo/scripts/check-cuda.sh" --env --link)" && cd "$repo" \
         && cargo test --release --no-default-features --features cuda --test meter_cuda \
             --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')"
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m.get("target", {}).get("name") == "meter_cuda"][-1])')"
     objcopy --strip-debug "$meter_test" "$carry_dir/meter_cuda"
     xz -6 -f -T1 "$carry_dir/meter_cuda"
 

@@ -31,6 +31,11 @@ pub trait MemoryMeter: Send + Sync {
     }
     /// Whether every allocation is seen (the peak is the true peak), or the figures are samples.
     fn is_exact(&self) -> bool;
+    /// Whether each reading waits for the device's queued work first (a GPU's), so that reading at
+    /// every mark of a step also slows the step down.
+    fn waits_for_device(&self) -> bool {
+        false
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,6 +657,10 @@ impl MemoryMeter for CudaMeter {
 
     fn is_exact(&self) -> bool {
         self.pool.is_some()
+    }
+
+    fn waits_for_device(&self) -> bool {
+        true
     }
 }
 
