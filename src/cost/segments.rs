@@ -534,9 +534,9 @@ impl SegmentModel {
                 continue;
             };
             let weight = 1.0 / probe.peak_bytes.max(1) as f64;
-            // A GPU's marks do not time their segments: its kernels run asynchronously, and
-            // its meter reads device memory without waiting for them (the whole-step fit of
-            // `Coefficients::time` serves there).
+            // A GPU's segment times are not fitted: its marks wait for the device, but its
+            // probes are so small that kernel launches, not the shapes, set their times (the
+            // whole-step fit of `Coefficients::time` serves there).
             let timed =
                 probe.step_s > 0.0 && probe.step_s.is_finite() && !probe.device.starts_with("cuda");
             for o in obs {
