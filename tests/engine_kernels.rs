@@ -271,7 +271,7 @@ fn chunked_and_full_losses_on_fused_kernels_match_the_f64_full_loss() {
             Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap(),
         );
         let loss = if chunked {
-            chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true).unwrap()
+            chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true, None).unwrap()
         } else {
             let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
             full_cross_entropy(&logits, &targets).unwrap()
@@ -390,5 +390,56 @@ fn fp32_model_on_fused_kernels_matches_the_f64_model() {
         let (ga, gb) = (ga.expect("fp32 gradient"), gb.expect("f64 gradient"));
         let e = rel_err(ga, gb);
         assert!(e < 1e-4, "{}: relative gradient error {e}", a.name);
+    }
+}
+
+/// The chunked loss told the upstream gradient makes its gradients in the forward pass; backward
+/// then rescales them to the gradient it brings. They must equal the ones backward recomputes when
+/// forward was not told: told right (1 and 8, as a loss scale), and told wrong (1, then 8 brought).
+#[test]
+fn chunked_loss_gradients_made_in_forward_match_those_recomputed_in_backward() {
+    let (rows, hidden, vocab) = (23, 12, 301);
+    let (h, w) = (randn(&[rows, hidden], 16), randn(&[vocab, hidden], 17));
+    let ids: Vec<u32> = (0..rows as u32)
+        .map(|r| (r * 41 + 3) % vocab as u32)
+        .collect();
+    let mask: Vec<f32> = (0..rows).map(|r| if r == 7 { 0.0 } else { 1.0 }).collect();
+    let targets = LossTargets {
+        ids: Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(),
+        mask: Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
+        normalizer: 22.0,
+    };
+    let run = |dtype: DType, told: Option<f64>, brought: f64| {
+        let (hv, wv) = (
+            Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap(),
+            Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap(),
+        );
+        let loss =
+            chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true, told).unwrap();
+        let grads = loss.affine(brought, 0.0).unwrap().backward().unwrap();
+        let value = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let gh = grads.get(hv.as_tensor()).unwrap().clone();
+        let gw = grads.get(wv.as_tensor()).unwrap().clone();
+        (value, gh, gw)
+    };
+    for dtype in [DType::F64, DType::F32, DType::BF16] {
+        let tol = match dtype {
+            DType::F64 => 1e-12,
+            DType::F32 => 1e-6,
+            _ => 1e-2,
+        };
+        for (told, brought) in [(1.0, 1.0), (8.0, 8.0), (1.0, 8.0)] {
+            let (want, want_h, want_w) = run(dtype, None, brought);
+            let (got, got_h, got_w) = run(dtype, Some(told), brought);
+            let what = format!("{dtype:?}, told {told}, brought {brought}");
+            assert_eq!(got, want, "{what}: loss");
+            assert_eq!(got_h.dtype(), dtype, "{what}");
+            assert!(rel_err(&got_h, &want_h) < tol, "{what}: h gradient");
+            assert!(rel_err(&got_w, &want_w) < tol, "{what}: w gradient");
+        }
     }
 }

@@ -61,8 +61,9 @@ pub trait Prober {
 /// product makes every worker's buffers before its tiles run. 12: bf16 products run natively on
 /// AVX512-BF16. 13: RMSNorm's input gradient is one fused pass. 14: excess fits keep shape
 /// coefficients non-negative and the head's growing piece logits-sized; the CUDA meter reads the
-/// memory pool, and the GPU path keeps the CPU's tensors.)
-pub const COST_MODEL_VERSION: u32 = 14;
+/// memory pool, and the GPU path keeps the CPU's tensors. 15: a training step's chunked loss
+/// makes its gradients in the forward pass.)
+pub const COST_MODEL_VERSION: u32 = 15;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -580,8 +580,15 @@ impl Model {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Final norm, head and next-token loss for hidden states `x`: `[b, s, h]`.
-    pub fn head_loss(&self, x: &Tensor, targets: &LossTargets) -> Result<Tensor> {
+    /// Final norm, head and next-token loss for hidden states `x`: `[b, s, h]`. `upstream`: the
+    /// gradient backward will bring, when a training step will ask for one (the chunked loss then
+    /// makes its gradients in the forward pass; see [`ops::chunked_cross_entropy`]).
+    pub fn head_loss(
+        &self,
+        x: &Tensor,
+        targets: &LossTargets,
+        upstream: Option<f64>,
+    ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let xn = self.rms_norm(x, &self.norm)?.reshape((b * s, h))?;
         let head = self.head_weight();
@@ -595,6 +602,7 @@ impl Model {
                     targets,
                     loss_chunk_rows(self.spec.vocab_size),
                     trainable,
+                    upstream,
                 )
             }
             LossMode::Full => {

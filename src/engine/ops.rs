@@ -423,37 +423,69 @@ struct ChunkedCrossEntropy {
     /// f32, or f64 for an f64 model.
     dtype: DType,
     weight_trainable: bool,
+    /// The gradients the forward pass made while each chunk's logits existed, when it was told
+    /// the upstream gradient; backward takes them instead of recomputing the logits.
+    early: std::sync::Mutex<Option<EarlyGrads>>,
 }
 
-impl ChunkedCrossEntropy {
-    /// candle's ops for one chunk's `d loss / d logits` (f64 models, and off the CPU).
-    fn composite_logits_grad(
-        &self,
-        logits: Tensor,
-        start: usize,
-        len: usize,
-        upstream: f64,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let wide = logits.dtype();
-        let probs = logits
-            .broadcast_sub(&self.lse.narrow(0, start, len)?)?
-            .exp()?;
-        drop(logits);
-        let row_scale = (self.targets.mask.narrow(0, start, len)?.to_dtype(wide)?
-            * (upstream / self.targets.normalizer))?
-            .unsqueeze(1)?;
-        let d_logits = probs.broadcast_mul(&row_scale)?;
-        drop(probs);
-        let ids = self
-            .targets
-            .ids
-            .narrow(0, start, len)?
-            .unsqueeze(1)?
-            .contiguous()?;
-        d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
-        d_logits.to_dtype(dtype)
+/// Gradients of a chunked loss made in its forward pass, for an upstream gradient of `upstream`.
+struct EarlyGrads {
+    h: Tensor,
+    w: Option<Tensor>,
+    upstream: f64,
+}
+
+/// Adds one chunk's gradients, from its `d loss / d logits`: the input's rows `d · W`, and, for a
+/// trainable weight, `dᵀ · h` summed over chunks (in f32, f64 for an f64 model).
+#[allow(clippy::too_many_arguments)]
+fn add_chunk_grads(
+    d_logits: &Tensor,
+    h: &Tensor,
+    w: &Tensor,
+    start: usize,
+    weight_trainable: bool,
+    wide: DType,
+    grad_h: &mut Vec<Tensor>,
+    grad_w: &mut Option<Tensor>,
+) -> Result<()> {
+    grad_h.push(mm(d_logits, w)?);
+    if weight_trainable {
+        let h_chunk = h.narrow(0, start, d_logits.dim(0)?)?;
+        let gw = mm(&d_logits.t()?, &h_chunk)?.to_dtype(wide)?;
+        *grad_w = Some(match grad_w.take() {
+            Some(total) => (total + gw)?,
+            None => gw,
+        });
     }
+    Ok(())
+}
+
+/// candle's ops for one chunk's `d loss / d logits` times `upstream` (f64 models, bf16/f16
+/// activations, and off the CPU), from the chunk's logits and per-row log-sum-exp `[len, 1]`.
+fn composite_logits_grad(
+    logits: Tensor,
+    lse: &Tensor,
+    targets: &LossTargets,
+    start: usize,
+    upstream: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let wide = logits.dtype();
+    let len = logits.dim(0)?;
+    let probs = logits.broadcast_sub(lse)?.exp()?;
+    drop(logits);
+    let row_scale = (targets.mask.narrow(0, start, len)?.to_dtype(wide)?
+        * (upstream / targets.normalizer))?
+        .unsqueeze(1)?;
+    let d_logits = probs.broadcast_mul(&row_scale)?;
+    drop(probs);
+    let ids = targets
+        .ids
+        .narrow(0, start, len)?
+        .unsqueeze(1)?
+        .contiguous()?;
+    d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
+    d_logits.to_dtype(dtype)
 }
 
 impl CustomOp2 for ChunkedCrossEntropy {
@@ -504,6 +536,23 @@ impl CustomOp2 for ChunkedCrossEntropy {
         // Detached, as in `Precomputed::bwd`: otherwise every chunk's logits stay alive in a graph.
         let (h, w) = (&h.detach(), &w.detach());
         let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let early = self.early.lock().ok().and_then(|mut early| early.take());
+        if let Some(early) = early {
+            let factor = upstream / early.upstream;
+            let rescale = |t: Tensor| {
+                if factor == 1.0 {
+                    Ok(t)
+                } else {
+                    t.affine(factor, 0.0)
+                }
+            };
+            let grad_h = rescale(early.h)?.to_dtype(h.dtype())?;
+            let grad_w = early
+                .w
+                .map(|g| rescale(g)?.to_dtype(w.dtype()))
+                .transpose()?;
+            return Ok((Some(grad_h), grad_w));
+        }
         let n = h.dim(0)?;
         let wide = wide(h.dtype());
         let mut grad_h = Vec::new();
@@ -544,17 +593,25 @@ impl CustomOp2 for ChunkedCrossEntropy {
                     drop(logits);
                     d
                 }
-                None => self.composite_logits_grad(logits, start, len, upstream, h.dtype())?,
+                None => composite_logits_grad(
+                    logits,
+                    &self.lse.narrow(0, start, len)?,
+                    &self.targets,
+                    start,
+                    upstream,
+                    h.dtype(),
+                )?,
             };
-            grad_h.push(mm(&d_logits, w)?);
-            if self.weight_trainable {
-                let h_chunk = h.narrow(0, start, len)?;
-                let gw = mm(&d_logits.t()?, &h_chunk)?.to_dtype(wide)?;
-                grad_w = Some(match grad_w {
-                    Some(total) => (total + gw)?,
-                    None => gw,
-                });
-            }
+            add_chunk_grads(
+                &d_logits,
+                h,
+                w,
+                start,
+                self.weight_trainable,
+                wide,
+                &mut grad_h,
+                &mut grad_w,
+            )?;
             start += len;
         }
         let grad_h = Tensor::cat(&grad_h, 0)?;
@@ -565,12 +622,20 @@ impl CustomOp2 for ChunkedCrossEntropy {
 
 /// Mean next-token loss of `h Wᵀ` (`h`: `[n, hidden]`, `w`: `[vocab, hidden]`), `chunk` rows at a
 /// time. `weight_trainable` says whether `w` needs a gradient (false for a frozen head under LoRA).
+///
+/// `upstream`: the gradient backward will bring (the loss scale a training step multiplies the
+/// loss by), when one will be asked for. Each chunk's gradients are then made in the forward pass,
+/// while its logits exist (as Liger's fused linear cross-entropy does), and backward only hands
+/// them on: two passes over the vocabulary matrix per chunk instead of three (backward would
+/// otherwise recompute the logits). Without it (evaluation, or a caller that does not know),
+/// forward keeps each row's log-sum-exp only and backward recomputes.
 pub fn chunked_cross_entropy(
     h: &Tensor,
     w: &Tensor,
     targets: &LossTargets,
     chunk: usize,
     weight_trainable: bool,
+    upstream: Option<f64>,
 ) -> Result<Tensor> {
     let n = h.dim(0)?;
     let (h_detached, w_detached) = (h.detach(), w.detach());
@@ -582,6 +647,8 @@ pub fn chunked_cross_entropy(
     } else {
         None
     };
+    let upstream = upstream.filter(|_| h.track_op() || (weight_trainable && w.track_op()));
+    let (mut grad_h, mut grad_w) = (Vec::new(), None);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
@@ -591,14 +658,59 @@ pub fn chunked_cross_entropy(
                 .map(|(lse, nll)| (lse, host.masked_sum(start, &nll))),
             None => None,
         };
-        let (lse, nll_sum) = match fused {
-            Some((lse, sum)) => (Tensor::from_vec(lse, (len, 1), h.device())?, sum),
-            None => composite_lse_nll(&logits, targets, start, len)?,
+        let (lse_rows, lse, nll_sum) = match fused {
+            Some((rows, sum)) => {
+                let lse = Tensor::from_slice(&rows, (len, 1), h.device())?;
+                (Some(rows), lse, sum)
+            }
+            None => {
+                let (lse, sum) = composite_lse_nll(&logits, targets, start, len)?;
+                (None, lse, sum)
+            }
         };
         total += nll_sum;
+        if let Some(upstream) = upstream {
+            // d nll / d logits = softmax − one_hot(target), each row weighted by its mask.
+            // The fused kernel for f32 activations only, as in backward (see there).
+            let fused = match (&host, &lse_rows) {
+                (Some(host), Some(rows)) if h.dtype() == DType::F32 => {
+                    let scale: Vec<f32> = host.mask[start..start + len]
+                        .iter()
+                        .map(|&m| (m * upstream / targets.normalizer) as f32)
+                        .collect();
+                    super::kernels::cross_entropy_grad(&logits, rows, host.ids(start, len), &scale)?
+                }
+                _ => None,
+            };
+            let d_logits = match fused {
+                Some(d) => {
+                    drop(logits);
+                    d
+                }
+                None => composite_logits_grad(logits, &lse, targets, start, upstream, h.dtype())?,
+            };
+            add_chunk_grads(
+                &d_logits,
+                &h_detached,
+                &w_detached,
+                start,
+                weight_trainable,
+                wide,
+                &mut grad_h,
+                &mut grad_w,
+            )?;
+        }
         lse_parts.push(lse);
         start += len;
     }
+    let early = match upstream {
+        Some(upstream) => Some(EarlyGrads {
+            h: Tensor::cat(&grad_h, 0)?,
+            w: grad_w,
+            upstream,
+        }),
+        None => None,
+    };
     let op = ChunkedCrossEntropy {
         targets: targets.clone(),
         chunk,
@@ -606,6 +718,7 @@ pub fn chunked_cross_entropy(
         value: total / targets.normalizer,
         dtype: wide,
         weight_trainable,
+        early: std::sync::Mutex::new(early),
     };
     h.apply_op2(w, op)
 }

@@ -148,7 +148,7 @@ fn forward_backward_keeping(
     }
     let top = Var::from_tensor(&x)?;
     drop(x);
-    let loss = model.head_loss(top.as_tensor(), &targets)?;
+    let loss = model.head_loss(top.as_tensor(), &targets, Some(loss_scale))?;
     observer.mark("loss", None, micro_batch);
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let head_grads = loss.affine(loss_scale, 0.0)?.backward()?;
