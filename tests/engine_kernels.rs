@@ -249,22 +249,45 @@ fn check_causal_softmax(shape: [usize; 4], dtypes: &[DType]) {
     }
 }
 
-#[test]
-fn chunked_and_full_losses_on_fused_kernels_match_the_f64_full_loss() {
-    // 23 rows in chunks of 5 (the last one short), a head of 301 tokens; rows 3 and 11 masked.
+/// A head's input `[23, 12]` and vocabulary matrix `[301, 12]` drawn from `seed` (and `seed + 1`),
+/// and targets whose rows `masked` do not count (the normalizer counts the others).
+fn head_case(seed: u64, masked: &[usize]) -> (Tensor, Tensor, LossTargets) {
     let (rows, hidden, vocab) = (23, 12, 301);
-    let (h, w) = (randn(&[rows, hidden], 6), randn(&[vocab, hidden], 7));
+    let (h, w) = (
+        randn(&[rows, hidden], seed),
+        randn(&[vocab, hidden], seed + 1),
+    );
     let ids: Vec<u32> = (0..rows as u32)
         .map(|r| (r * 37 + 5) % vocab as u32)
         .collect();
     let mask: Vec<f32> = (0..rows)
-        .map(|r| if r == 3 || r == 11 { 0.0 } else { 1.0 })
+        .map(|r| if masked.contains(&r) { 0.0 } else { 1.0 })
         .collect();
     let targets = LossTargets {
         ids: Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(),
         mask: Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
-        normalizer: 21.0,
+        normalizer: (rows - masked.len()) as f64,
     };
+    (h, w, targets)
+}
+
+/// A loss's value, and the gradients of `h` and `w` when `brought · loss` is differentiated.
+fn value_and_head_grads(loss: &Tensor, h: &Var, w: &Var, brought: f64) -> (f64, Tensor, Tensor) {
+    let grads = loss.affine(brought, 0.0).unwrap().backward().unwrap();
+    let value = loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let gh = grads.get(h.as_tensor()).unwrap().clone();
+    let gw = grads.get(w.as_tensor()).unwrap().clone();
+    (value, gh, gw)
+}
+
+#[test]
+fn chunked_and_full_losses_on_fused_kernels_match_the_f64_full_loss() {
+    // 23 rows in chunks of 5 (the last one short), a head of 301 tokens; rows 3 and 11 masked.
+    let (h, w, targets) = head_case(6, &[3, 11]);
     let loss_and_grads = |dtype: DType, chunked: bool| {
         let (hv, wv) = (
             Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap(),
@@ -276,15 +299,7 @@ fn chunked_and_full_losses_on_fused_kernels_match_the_f64_full_loss() {
             let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
             full_cross_entropy(&logits, &targets).unwrap()
         };
-        let grads = loss.backward().unwrap();
-        let value = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let gh = grads.get(hv.as_tensor()).unwrap().clone();
-        let gw = grads.get(wv.as_tensor()).unwrap().clone();
-        (value, gh, gw)
+        value_and_head_grads(&loss, &hv, &wv, 1.0)
     };
     // f64 runs candle's composite full loss; f32 the fused kernels, chunked and full.
     let (want, want_h, want_w) = loss_and_grads(DType::F64, false);
@@ -398,17 +413,7 @@ fn fp32_model_on_fused_kernels_matches_the_f64_model() {
 /// forward was not told: told right (1 and 8, as a loss scale), and told wrong (1, then 8 brought).
 #[test]
 fn chunked_loss_gradients_made_in_forward_match_those_recomputed_in_backward() {
-    let (rows, hidden, vocab) = (23, 12, 301);
-    let (h, w) = (randn(&[rows, hidden], 16), randn(&[vocab, hidden], 17));
-    let ids: Vec<u32> = (0..rows as u32)
-        .map(|r| (r * 41 + 3) % vocab as u32)
-        .collect();
-    let mask: Vec<f32> = (0..rows).map(|r| if r == 7 { 0.0 } else { 1.0 }).collect();
-    let targets = LossTargets {
-        ids: Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(),
-        mask: Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
-        normalizer: 22.0,
-    };
+    let (h, w, targets) = head_case(16, &[7]);
     let run = |dtype: DType, told: Option<f64>, brought: f64| {
         let (hv, wv) = (
             Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap(),
@@ -416,15 +421,7 @@ fn chunked_loss_gradients_made_in_forward_match_those_recomputed_in_backward() {
         );
         let loss =
             chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true, told).unwrap();
-        let grads = loss.affine(brought, 0.0).unwrap().backward().unwrap();
-        let value = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let gh = grads.get(hv.as_tensor()).unwrap().clone();
-        let gw = grads.get(wv.as_tensor()).unwrap().clone();
-        (value, gh, gw)
+        value_and_head_grads(&loss, &hv, &wv, brought)
     };
     for dtype in [DType::F64, DType::F32, DType::BF16] {
         let tol = match dtype {
