@@ -488,6 +488,27 @@ fn composite_logits_grad(
     d_logits.to_dtype(dtype)
 }
 
+/// One chunk's `d loss / d logits` times `upstream` (softmax − one-hot target, each row weighted by
+/// its mask): the fused kernel where `host` holds the chunk's rows on the host (their log-sum-exp,
+/// target ids and scales; f32 activations on the CPU), candle's ops otherwise. The logits go as
+/// soon as their gradient exists: the matmuls after it widen it.
+fn logits_grad(
+    logits: Tensor,
+    host: Option<(&[f32], &[u32], &[f32])>,
+    lse: &Tensor,
+    targets: &LossTargets,
+    start: usize,
+    upstream: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    if let Some((lse_rows, ids, scale)) = host
+        && let Some(d) = super::kernels::cross_entropy_grad(&logits, lse_rows, ids, scale)?
+    {
+        return Ok(d);
+    }
+    composite_logits_grad(logits, lse, targets, start, upstream, dtype)
+}
+
 impl CustomOp2 for ChunkedCrossEntropy {
     fn name(&self) -> &'static str {
         "chunked-cross-entropy"
@@ -576,32 +597,20 @@ impl CustomOp2 for ChunkedCrossEntropy {
         };
         while start < n {
             let len = self.chunk.min(n - start);
-            // d nll / d logits = softmax − one_hot(target), each row weighted by its mask.
             let logits = chunk_logits(h, w, start, len)?;
-            let fused = match &host {
-                Some((ids, lse, scale)) => super::kernels::cross_entropy_grad(
-                    &logits,
-                    &lse[start..start + len],
-                    &ids[start..start + len],
-                    &scale[start..start + len],
-                )?,
-                None => None,
-            };
-            // The logits go as soon as their gradient exists: the matmuls below widen it.
-            let d_logits = match fused {
-                Some(d) => {
-                    drop(logits);
-                    d
-                }
-                None => composite_logits_grad(
-                    logits,
-                    &self.lse.narrow(0, start, len)?,
-                    &self.targets,
-                    start,
-                    upstream,
-                    h.dtype(),
-                )?,
-            };
+            let rows = host.as_ref().map(|(ids, lse, scale)| {
+                let r = start..start + len;
+                (&lse[r.clone()], &ids[r.clone()], &scale[r])
+            });
+            let d_logits = logits_grad(
+                logits,
+                rows,
+                &self.lse.narrow(0, start, len)?,
+                &self.targets,
+                start,
+                upstream,
+                h.dtype(),
+            )?;
             add_chunk_grads(
                 &d_logits,
                 h,
@@ -670,25 +679,21 @@ pub fn chunked_cross_entropy(
         };
         total += nll_sum;
         if let Some(upstream) = upstream {
-            // d nll / d logits = softmax − one_hot(target), each row weighted by its mask.
             // The fused kernel for f32 activations only, as in backward (see there).
-            let fused = match (&host, &lse_rows) {
-                (Some(host), Some(rows)) if h.dtype() == DType::F32 => {
+            let fused_rows = match (&host, &lse_rows) {
+                (Some(host), Some(lse_rows)) if h.dtype() == DType::F32 => {
                     let scale: Vec<f32> = host.mask[start..start + len]
                         .iter()
                         .map(|&m| (m * upstream / targets.normalizer) as f32)
                         .collect();
-                    super::kernels::cross_entropy_grad(&logits, rows, host.ids(start, len), &scale)?
+                    Some((lse_rows, host.ids(start, len), scale))
                 }
                 _ => None,
             };
-            let d_logits = match fused {
-                Some(d) => {
-                    drop(logits);
-                    d
-                }
-                None => composite_logits_grad(logits, &lse, targets, start, upstream, h.dtype())?,
-            };
+            let rows = fused_rows
+                .as_ref()
+                .map(|(lse_rows, ids, scale)| (lse_rows.as_slice(), *ids, scale.as_slice()));
+            let d_logits = logits_grad(logits, rows, &lse, targets, start, upstream, h.dtype())?;
             add_chunk_grads(
                 &d_logits,
                 &h_detached,
