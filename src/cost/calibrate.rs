@@ -109,6 +109,14 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
     } else {
         (cap(64), cap(128))
     };
+    // The full loss's head peaks and takes its time over every token at once: its one-layer probe
+    // keeps the long plan's tokens when only the vocabulary shortened the others, so that the
+    // head's time per token is not set by 128 tokens and two shorter probes.
+    let full_loss_seq = if large_head && !large {
+        cap(2 * s1)
+    } else {
+        s1
+    };
     let deep = spec.num_hidden_layers.min(2);
     // The chunk probe also doubles the longest other probe's tokens (2 × s1 at least).
     let (chunk_batch, chunk_seq) = chunk_probe(spec.vocab_size);
@@ -203,7 +211,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                     add(deep, 1, s1, 1, &knobs);
                     // Twice the tokens at one layer: the full loss's head peaks at its logits
                     // beyond some length, at a widened weight below it.
-                    add(1, 2, s1, 1, &knobs);
+                    add(1, 2, full_loss_seq, 1, &knobs);
                 }
                 // The update sees only trainable tensors: LoRA and QLoRA share its probes.
                 let first_frozen = method != Method::Full
@@ -788,7 +796,7 @@ mod tests {
         let mut seqs: Vec<usize> = plan.iter().map(|(_, k)| k.seq).collect();
         seqs.sort();
         seqs.dedup();
-        assert_eq!(seqs, vec![32, 64, 87]);
+        assert_eq!(seqs, vec![32, 64, 87, 128]);
         // The chunk probe keeps two layers: its layers are the fit's fourth shape.
         assert!(
             plan.iter()
