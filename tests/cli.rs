@@ -1,22 +1,10 @@
 //! End-to-end tests of the `memtune` binary on the tiny model, in temporary folders.
 
+#[path = "common/bin.rs"]
+mod bin;
+
+use bin::{last_json, memtune, stderr, stdout};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn memtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memtune"))
-        .args(args)
-        .output()
-        .expect("run memtune")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn text_file(dir: &Path) -> String {
     let path = dir.join("data.txt");
@@ -24,15 +12,6 @@ fn text_file(dir: &Path) -> String {
     let text: String = (0..40).map(|i| format!("{para}{i}\n\n")).collect();
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_string()
-}
-
-fn json_of(o: &Output) -> serde_json::Value {
-    let out = stdout(o);
-    let line = out
-        .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no output; stderr: {}", stderr(o)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
 #[test]
@@ -86,7 +65,7 @@ fn train_lowers_the_loss_with_every_memory_knob_at_once() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let j = json_of(&o);
+    let j = last_json(&o);
     let (initial, fin) = (
         j["initial_loss"].as_f64().unwrap(),
         j["final_loss"].as_f64().unwrap(),
@@ -211,7 +190,7 @@ fn profile_json_and_csv_append() {
             tl.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let j = json_of(&o);
+        let j = last_json(&o);
         let peak = j["peak_bytes"].as_u64().unwrap();
         let parts: u64 = j["components"]
             .as_object()

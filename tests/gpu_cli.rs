@@ -1,31 +1,10 @@
 //! End-to-end tests of `memtune gpus` and `--target-gpu` on the tiny model: planning for a GPU from
 //! CPU probes, with every figure labelled measured or estimated.
 
-use std::process::{Command, Output};
+#[path = "common/bin.rs"]
+mod bin;
 
-fn memtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memtune"))
-        .args(args)
-        .output()
-        .expect("run memtune")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn last_json(o: &Output) -> serde_json::Value {
-    let out = stdout(o);
-    let line = out
-        .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no output; stderr: {}", stderr(o)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
+use bin::{last_json, memtune, stderr, stdout};
 
 #[test]
 fn gpus_lists_the_catalog() {

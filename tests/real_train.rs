@@ -2,15 +2,12 @@
 //! resume, the PEFT adapter and merged-weights folders, generation from them, `--config` files, and
 //! the errors for bad inputs.
 
-use std::path::Path;
-use std::process::{Command, Output};
+#[path = "common/bin.rs"]
+mod bin;
 
-fn memtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memtune"))
-        .args(args)
-        .output()
-        .expect("run memtune")
-}
+use bin::{last_json, memtune, stderr};
+use std::path::Path;
+use std::process::Output;
 
 fn ok(o: Output) -> Output {
     assert!(
@@ -19,16 +16,6 @@ fn ok(o: Output) -> Output {
         String::from_utf8_lossy(&o.stderr)
     );
     o
-}
-
-fn json_of(o: &Output) -> serde_json::Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let line = out.lines().last().expect("output");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A small instruction file: the model learns to answer with the word reversed.
@@ -100,7 +87,7 @@ fn a_killed_and_resumed_run_ends_with_the_same_losses() {
         ]
         .concat(),
     ));
-    assert_eq!(json_of(&stopped)["steps"], 10);
+    assert_eq!(last_json(&stopped)["steps"], 10);
     assert!(
         !parts.join("adapter").exists(),
         "a stopped run writes no final results"
@@ -108,7 +95,7 @@ fn a_killed_and_resumed_run_ends_with_the_same_losses() {
     let b = ok(train(
         &[&common[..], &["--resume", parts.to_str().unwrap()]].concat(),
     ));
-    let (a, b) = (json_of(&a), json_of(&b));
+    let (a, b) = (last_json(&a), last_json(&b));
     assert_eq!(b["resumed_from_step"], 10);
     assert_eq!(b["steps"], 20);
     // Bit for bit: the same floating-point numbers, not merely close ones.
@@ -176,7 +163,7 @@ fn full_then_lora_outputs_load_back_and_generate_alike() {
     let base = dir.path().join("base");
     let tuned = dir.path().join("tuned");
     // A full fine-tune leaves a Hugging Face folder: the base for a LoRA run on real weights.
-    let full = json_of(&ok(train(&[
+    let full = last_json(&ok(train(&[
         "--data",
         &data,
         "--steps",
@@ -191,7 +178,7 @@ fn full_then_lora_outputs_load_back_and_generate_alike() {
     for file in ["config.json", "model.safetensors"] {
         assert!(merged.join(file).is_file());
     }
-    let lora = json_of(&ok(memtune(&[
+    let lora = last_json(&ok(memtune(&[
         "train",
         "--json",
         "--model",
@@ -238,7 +225,7 @@ fn full_then_lora_outputs_load_back_and_generate_alike() {
             "6",
         ];
         all.extend_from_slice(args);
-        json_of(&ok(memtune(&all)))["completion_ids"].clone()
+        last_json(&ok(memtune(&all)))["completion_ids"].clone()
     };
     let with_adapter = generate(&[
         "--model",
@@ -267,7 +254,7 @@ fn config_file_sets_the_run_and_flags_override_it() {
         ),
     )
     .unwrap();
-    let o = json_of(&ok(memtune(&[
+    let o = last_json(&ok(memtune(&[
         "train",
         "--json",
         "--config",
