@@ -10,7 +10,8 @@
 //!     target/release/examples/bench_vs_pytorch --python /work/peer-venv/bin/python [--quick]
 //!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16]
 //!
-//! `--dtype` keeps only that precision's half of the matrix.
+//! `--dtype` keeps only that precision's half of the matrix (with `--quick`, its four rows: fp32's by
+//! default).
 //!
 //! memtune's memory is its exact allocator peak above the pre-model baseline (and the OS high-water
 //! mark); PyTorch's is the peer's ΔRSS (peak RSS minus RSS after imports) and its profiler peak.
@@ -32,7 +33,7 @@ struct Config {
     dtype: &'static str,
 }
 
-fn configs(quick: bool) -> Vec<Config> {
+fn configs(quick: bool, quick_dtype: &str) -> Vec<Config> {
     let mut out = Vec::new();
     let models: &[(&str, usize, usize, usize, usize, usize)] = &[
         ("L2 h256 V4k", 2, 256, 8, 688, 4096),
@@ -48,7 +49,7 @@ fn configs(quick: bool) -> Vec<Config> {
             for method in ["full", "lora"] {
                 for checkpointing in [false, true] {
                     for dtype in ["fp32", "bf16"] {
-                        if quick && (checkpointing || dtype == "bf16") {
+                        if quick && (checkpointing || dtype != quick_dtype) {
                             continue;
                         }
                         out.push(Config {
@@ -207,7 +208,7 @@ fn main() {
         "|---|---|---|---|---|---|---|---|---|---|---|{}",
         if before.is_some() { "---|---|" } else { "" }
     );
-    for c in configs(quick)
+    for c in configs(quick, only_dtype.as_deref().unwrap_or("fp32"))
         .into_iter()
         .filter(|c| only_dtype.as_deref().is_none_or(|d| d == c.dtype))
     {

@@ -62,8 +62,10 @@ pub trait Prober {
 /// AVX512-BF16. 13: RMSNorm's input gradient is one fused pass. 14: excess fits keep shape
 /// coefficients non-negative and the head's growing piece logits-sized; the CUDA meter reads the
 /// memory pool, and the GPU path keeps the CPU's tensors. 15: a training step's chunked loss
-/// makes its gradients in the forward pass.)
-pub const COST_MODEL_VERSION: u32 = 15;
+/// makes its gradients in the forward pass. 16: the backward pass keeps a tensor's first gradient
+/// instead of adding it to zeros (vendor/candle-core/MEMTUNE.md); the step-time fit down-weights
+/// slowed segments.)
+pub const COST_MODEL_VERSION: u32 = 16;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
