@@ -216,3 +216,68 @@ fn profile_json_and_csv_append() {
         "{timeline}"
     );
 }
+
+#[test]
+fn tune_writes_a_config_that_trains_and_says_what_is_closest_when_nothing_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned");
+    let tune = |budget: &str, json: bool| {
+        let mut args = vec![
+            "tune",
+            "--model",
+            "tiny",
+            "--gpu-mem",
+            budget,
+            "--seq",
+            "32",
+            "--effective-batch",
+            "2",
+            "--no-cache",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        memtune(&args)
+    };
+    let o = tune("64M", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["budget_bytes"].as_u64(), Some(64 << 20));
+    let chosen = &j["chosen"];
+    assert_eq!(
+        chosen["batch"].as_u64().unwrap() * chosen["accum"].as_u64().unwrap(),
+        2,
+        "{chosen}"
+    );
+    let peak = j["predicted"]["peak_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak < 64 << 20, "{peak}");
+    assert!(j["candidates_evaluated"].as_u64().unwrap() >= 2);
+    let csv = std::fs::read_to_string(out.join("candidates.csv")).unwrap();
+    assert!(csv.lines().count() > 2, "{csv}");
+
+    // The pick runs as it is.
+    let run = dir.path().join("run");
+    let o = memtune(&[
+        "train",
+        "--config",
+        out.join("tuned.toml").to_str().unwrap(),
+        "--data",
+        &text_file(dir.path()),
+        "--steps",
+        "2",
+        "--output",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(run.join("adapter").exists());
+
+    // Too small for anything: the closest configuration and by how much it is over, not a panic.
+    let o = tune("200K", false);
+    assert!(!o.status.success());
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(text.contains("Nothing fits. Closest:"), "{text}");
+    assert!(text.contains("over budget by"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
