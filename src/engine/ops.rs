@@ -366,6 +366,15 @@ impl HostTargets {
         &self.ids[start..start + len]
     }
 
+    /// The fused gradient kernel's per-row scales `mask · factor` of rows `[start, start + len)`
+    /// (`factor`: the upstream gradient over the loss's normalizer).
+    fn scales(&self, start: usize, len: usize, factor: f64) -> Vec<f32> {
+        self.mask[start..start + len]
+            .iter()
+            .map(|&m| (m * factor) as f32)
+            .collect()
+    }
+
     /// `Σ mask · nll` over the rows from `start` on, one per value of `nll`.
     fn masked_sum(&self, start: usize, nll: &[f32]) -> f64 {
         nll.iter()
@@ -460,16 +469,25 @@ fn add_chunk_grads(
     Ok(())
 }
 
-/// candle's ops for one chunk's `d loss / d logits` times `upstream` (f64 models, bf16/f16
-/// activations, and off the CPU), from the chunk's logits and per-row log-sum-exp `[len, 1]`.
-fn composite_logits_grad(
+/// One chunk's `d loss / d logits` times `upstream` (softmax − one-hot target, each row weighted by
+/// its mask), from the chunk's logits and per-row log-sum-exp `lse` (`[len, 1]`): the fused kernel
+/// where `host` holds the chunk's rows on the host (their log-sum-exp, target ids and scales; f32
+/// activations on the CPU), candle's ops otherwise (f64 models, bf16/f16 activations, and off the
+/// CPU). The logits go as soon as their gradient exists: the matmuls after it widen it.
+fn logits_grad(
     logits: Tensor,
+    host: Option<(&[f32], &[u32], &[f32])>,
     lse: &Tensor,
     targets: &LossTargets,
     start: usize,
     upstream: f64,
     dtype: DType,
 ) -> Result<Tensor> {
+    if let Some((lse_rows, ids, scale)) = host
+        && let Some(d) = super::kernels::cross_entropy_grad(&logits, lse_rows, ids, scale)?
+    {
+        return Ok(d);
+    }
     let wide = logits.dtype();
     let len = logits.dim(0)?;
     let probs = logits.broadcast_sub(lse)?.exp()?;
@@ -486,27 +504,6 @@ fn composite_logits_grad(
         .contiguous()?;
     d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
     d_logits.to_dtype(dtype)
-}
-
-/// One chunk's `d loss / d logits` times `upstream` (softmax − one-hot target, each row weighted by
-/// its mask): the fused kernel where `host` holds the chunk's rows on the host (their log-sum-exp,
-/// target ids and scales; f32 activations on the CPU), candle's ops otherwise. The logits go as
-/// soon as their gradient exists: the matmuls after it widen it.
-fn logits_grad(
-    logits: Tensor,
-    host: Option<(&[f32], &[u32], &[f32])>,
-    lse: &Tensor,
-    targets: &LossTargets,
-    start: usize,
-    upstream: f64,
-    dtype: DType,
-) -> Result<Tensor> {
-    if let Some((lse_rows, ids, scale)) = host
-        && let Some(d) = super::kernels::cross_entropy_grad(&logits, lse_rows, ids, scale)?
-    {
-        return Ok(d);
-    }
-    composite_logits_grad(logits, lse, targets, start, upstream, dtype)
 }
 
 impl CustomOp2 for ChunkedCrossEntropy {
@@ -586,22 +583,25 @@ impl CustomOp2 for ChunkedCrossEntropy {
         // the rows grow and the fit missed held-out runs by 4% (tests/cost_real_engine.rs).
         let host = if h.device().is_cpu() && h.dtype() == DType::F32 {
             Some((
-                self.targets.ids.to_vec1::<u32>()?,
+                HostTargets::new(&self.targets)?,
                 self.lse.flatten_all()?.to_vec1::<f32>()?,
-                (self.targets.mask.to_dtype(DType::F64)? * (upstream / self.targets.normalizer))?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
             ))
         } else {
             None
         };
+        let factor = upstream / self.targets.normalizer;
         while start < n {
             let len = self.chunk.min(n - start);
             let logits = chunk_logits(h, w, start, len)?;
-            let rows = host.as_ref().map(|(ids, lse, scale)| {
-                let r = start..start + len;
-                (&lse[r.clone()], &ids[r.clone()], &scale[r])
-            });
+            let scale = host
+                .as_ref()
+                .map(|(host, _)| host.scales(start, len, factor));
+            let rows = host
+                .as_ref()
+                .zip(scale.as_deref())
+                .map(|((host, lse), scale)| {
+                    (&lse[start..start + len], host.ids(start, len), scale)
+                });
             let d_logits = logits_grad(
                 logits,
                 rows,
@@ -682,10 +682,7 @@ pub fn chunked_cross_entropy(
             // The fused kernel for f32 activations only, as in backward (see there).
             let fused_rows = match (&host, &lse_rows) {
                 (Some(host), Some(lse_rows)) if h.dtype() == DType::F32 => {
-                    let scale: Vec<f32> = host.mask[start..start + len]
-                        .iter()
-                        .map(|&m| (m * upstream / targets.normalizer) as f32)
-                        .collect();
+                    let scale = host.scales(start, len, upstream / targets.normalizer);
                     Some((lse_rows, host.ids(start, len), scale))
                 }
                 _ => None,
@@ -751,7 +748,7 @@ pub fn full_cross_entropy(logits: &Tensor, targets: &LossTargets) -> Result<Tens
             )?;
             return with_backward(&logits, value, "full-cross-entropy", move |l, _, grad| {
                 let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / normalizer;
-                let scale: Vec<f32> = host.mask.iter().map(|&m| (m * upstream) as f32).collect();
+                let scale = host.scales(0, host.mask.len(), upstream);
                 super::kernels::cross_entropy_grad(l, &lse, &host.ids, &scale)?.ok_or_else(|| {
                     candle_core::Error::Msg("full cross entropy: logits left the CPU".into())
                 })
