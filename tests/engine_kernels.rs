@@ -440,3 +440,45 @@ fn chunked_loss_gradients_made_in_forward_match_those_recomputed_in_backward() {
         }
     }
 }
+
+/// candle's bf16 addition (patched in vendor/candle-core: 16 lanes with AVX512-BF16 where the CPU
+/// has it) rounds every element's f32 sum to nearest even, exactly as `half` does one at a time:
+/// whole tensors, a row broadcast and a single-element broadcast, with lengths that leave tails.
+#[test]
+fn bf16_addition_rounds_every_f32_sum_to_nearest() {
+    for n in [5usize, 53, 40_003] {
+        let a = randn(&[n], 11).to_dtype(DType::BF16).unwrap();
+        let b = (randn(&[n], 12) * 1e-2)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let want = |x: &[half::bf16], y: &dyn Fn(usize) -> half::bf16| -> Vec<half::bf16> {
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| half::bf16::from_f32(v.to_f32() + y(i).to_f32()))
+                .collect()
+        };
+        let (av, bv) = (
+            a.to_vec1::<half::bf16>().unwrap(),
+            b.to_vec1::<half::bf16>().unwrap(),
+        );
+        let sum = (&a + &b).unwrap().to_vec1::<half::bf16>().unwrap();
+        assert_eq!(sum, want(&av, &|i| bv[i]), "a + b, {n} elements");
+        let one = b.narrow(0, 0, 1).unwrap();
+        let scalar = a
+            .broadcast_add(&one)
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap();
+        assert_eq!(scalar, want(&av, &|_| bv[0]), "a + b[0], {n} elements");
+        let rows = a.reshape((1, n)).unwrap().repeat((3, 1)).unwrap();
+        let row = b.reshape((1, n)).unwrap();
+        let broadcast = rows.broadcast_add(&row).unwrap().flatten_all().unwrap();
+        let expected: Vec<_> = (0..3).flat_map(|_| want(&av, &|i| bv[i])).collect();
+        assert_eq!(
+            broadcast.to_vec1::<half::bf16>().unwrap(),
+            expected,
+            "rows + row, {n} columns"
+        );
+    }
+}

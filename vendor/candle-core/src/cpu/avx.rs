@@ -331,8 +331,51 @@ pub(crate) unsafe fn vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f
     }
 }
 
+/// Whether this CPU converts between bf16 and f32 natively (`vcvtneps2bf16`).
+fn native_bf16() -> bool {
+    is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vl")
+}
+
+/// `c = a + b` (when `scalar`, `c = a + scalar` and `b_row` is unused) on 16 lanes, with the
+/// conversions inlined: `CurrentCpuBF16`'s `load` and `vec_store` check the CPU's features and
+/// call the conversion intrinsics out of line for every 8 elements.
+#[target_feature(enable = "avx2,avx512f,avx512bf16,avx512vl")]
+unsafe fn vec_add_bf16_native(
+    a_row: *const bf16,
+    b_row: *const bf16,
+    scalar: Option<bf16>,
+    c: *mut bf16,
+    k: usize,
+) {
+    let load = |p: *const bf16| {
+        _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+            p as *const __m256i,
+        )))
+    };
+    let sv = _mm512_set1_ps(scalar.map_or(0.0, |s| s.to_f32()));
+    let mut i = 0;
+    while i + 16 <= k {
+        let b = match scalar {
+            Some(_) => sv,
+            None => load(b_row.add(i)),
+        };
+        let sum = _mm512_add_ps(load(a_row.add(i)), b);
+        _mm256_storeu_si256(
+            c.add(i) as *mut __m256i,
+            transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(sum)),
+        );
+        i += 16;
+    }
+    for j in i..k {
+        *c.add(j) = *a_row.add(j) + scalar.unwrap_or_else(|| *b_row.add(j));
+    }
+}
+
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
+    if native_bf16() {
+        return vec_add_bf16_native(a_row, b_row, None, c, k);
+    }
     let mut i = 0;
     while i + CurrentCpuBF16::STEP <= k {
         for j in 0..CurrentCpuBF16::ARR {
@@ -371,6 +414,9 @@ pub(crate) unsafe fn vec_scalar_add_f16(scalar: f16, xs: *const f16, ys: *mut f1
 
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn vec_scalar_add_bf16(scalar: bf16, xs: *const bf16, ys: *mut bf16, k: usize) {
+    if native_bf16() {
+        return vec_add_bf16_native(xs, xs, Some(scalar), ys, k);
+    }
     let sv = CurrentCpuBF16::from_f32(scalar.to_f32());
     let mut i = 0;
     while i + CurrentCpuBF16::STEP <= k {
