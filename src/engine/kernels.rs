@@ -9,6 +9,10 @@
 //! precision, so the tests compare the two paths; on a GPU candle's ops run inside one op with
 //! a hand-written backward ([`super::ops::swiglu`], [`super::ops::causal_softmax`]), so that a
 //! step keeps the same tensors as on the CPU and CPU probes plan GPU memory.
+//!
+//! The loops are written to vectorise (no libm call: [`exp`]; reductions in independent lanes;
+//! blocks with constant indices) and run compiled for the CPU's widest vector unit
+//! (`vectorized`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -98,15 +102,55 @@ fn map_elementwise<const N: usize>(
                 }
             }
             // One chunk of GRAIN elements starting at `at`, into one or two outputs.
-            let chunk = |at: usize, o0: &mut [$t], mut o1: Option<&mut [$t]>| {
-                for i in 0..o0.len() {
-                    let x: [f32; N] = std::array::from_fn(|k| ins[k][at + i].get());
-                    let ys = kernel.apply(x);
-                    o0[i] = <$t>::put(ys[0]);
-                    if let Some(o1) = o1.as_deref_mut() {
-                        o1[i] = <$t>::put(ys[1]);
+            let chunk = |at: usize, o0: &mut [$t], o1: Option<&mut [$t]>| {
+                let len = o0.len();
+                let xs: [&[$t]; N] = std::array::from_fn(|k| &ins[k][at..at + len]);
+                // Blocks of LANES elements with constant indices (no bounds checks, so the loop
+                // vectorises), then the tail one by one.
+                let block = |from: usize, o0: &mut [$t], mut o1: Option<&mut [$t]>| {
+                    for (i, o) in o0.iter_mut().enumerate() {
+                        let ys = kernel.apply(std::array::from_fn(|k| xs[k][from + i].get()));
+                        *o = <$t>::put(ys[0]);
+                        if let Some(o1) = o1.as_deref_mut() {
+                            o1[i] = <$t>::put(ys[1]);
+                        }
                     }
-                }
+                };
+                let full = len / LANES * LANES;
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (head0, tail0) = o0.split_at_mut(full);
+                        let (mut head1, tail1) = match o1 {
+                            Some(o1) => {
+                                let (h, t) = o1.split_at_mut(full);
+                                (Some(h), Some(t))
+                            }
+                            None => (None, None),
+                        };
+                        for (b, o0) in head0.chunks_exact_mut(LANES).enumerate() {
+                            let from = b * LANES;
+                            let xb: [&[$t; LANES]; N] = std::array::from_fn(|k| {
+                                xs[k][from..from + LANES].try_into().expect("a block")
+                            });
+                            let mut y = [[0f32; LANES]; 2];
+                            for lane in 0..LANES {
+                                let ys = kernel.apply(std::array::from_fn(|k| xb[k][lane].get()));
+                                y[0][lane] = ys[0];
+                                y[1][lane] = ys[1];
+                            }
+                            for (o, &v) in o0.iter_mut().zip(&y[0]) {
+                                *o = <$t>::put(v);
+                            }
+                            if let Some(h) = head1.as_deref_mut() {
+                                for (o, &v) in h[from..from + LANES].iter_mut().zip(&y[1]) {
+                                    *o = <$t>::put(v);
+                                }
+                            }
+                        }
+                        block(full, tail0, tail1);
+                    },
+                )
             };
             let mut out = vec![<$t>::put(0.0); outputs * n];
             if outputs == 1 {
@@ -138,6 +182,7 @@ trait KernelFn<const N: usize>: Sync {
 }
 
 impl<const N: usize, F: Fn([f32; N]) -> [f32; 2] + Sync> KernelFn<N> for F {
+    #[inline(always)]
     fn apply(&self, x: [f32; N]) -> [f32; 2] {
         self(x)
     }
@@ -145,7 +190,155 @@ impl<const N: usize, F: Fn([f32; N]) -> [f32; 2] + Sync> KernelFn<N> for F {
 
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
+}
+
+/// Runs `f` compiled for the widest vector unit this CPU has (AVX-512, else AVX2 with FMA, else
+/// the baseline), so that the loops it inlines are vectorised for that unit: the release build
+/// targets baseline x86-64 (SSE2), whose 4 lanes are a quarter of an AVX-512 register. Call it
+/// inside each parallel task (rayon's workers run their closures outside it), with the closure
+/// marked `#[inline(always)]` (else it stays a baseline function of its own).
+/// `MEMTUNE_NO_SIMD=1` keeps the baseline, for side-by-side timing.
+#[inline(always)]
+fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static UNIT: OnceLock<u8> = OnceLock::new();
+        let unit = *UNIT.get_or_init(|| {
+            if std::env::var_os("MEMTUNE_NO_SIMD").is_some() {
+                0
+            } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                2
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                1
+            } else {
+                0
+            }
+        });
+        // SAFETY: each branch runs only where the CPU has the features it enables.
+        match unit {
+            2 => return unsafe { on_avx512(f) },
+            1 => return unsafe { on_avx2(f) },
+            _ => {}
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `e^x` in f32 without a libm call, so that loops over it vectorise: Cephes' `expf` (range
+/// reduction by ln 2 in two parts, a degree-7 polynomial), within 2 ulp of the rounded value for
+/// normal results; results below f32's normal range are 0, above it +∞; NaN stays NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LO: f32 = -87.3;
+    const HI: f32 = 88.3;
+    // 1.5 · 2²³: adding it rounds to an integer, which lands in the low bits of the sum's bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(LO, HI);
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * r
+        * r
+        + r
+        + 1.0;
+    let pow2 = f32::from_bits(((t.to_bits() as i32 - 0x4b40_0000 + 127) << 23) as u32);
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        p * pow2
+    }
+}
+
+/// Lanes of the reductions below: independent partial results vectorise, one running sum does not.
+const LANES: usize = 16;
+
+/// `Σ f(x)` over `xs`, in [`LANES`] partial sums.
+#[inline(always)]
+fn sum_by<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f32 {
+    sums_by(xs, xs, xs, |x, _, _| [f(x)])[0]
+}
+
+/// `Σ f(a_i, b_i, c_i)` over `a`, `b` and `c` (equal lengths), `K` sums at once, each in
+/// [`LANES`] partial sums.
+#[inline(always)]
+fn sums_by<A: Copy, B: Copy, C: Copy, const K: usize>(
+    a: &[A],
+    b: &[B],
+    c: &[C],
+    f: impl Fn(A, B, C) -> [f32; K],
+) -> [f32; K] {
+    let mut acc = [[0f32; LANES]; K];
+    let (ac, bc, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let mut total = [0f32; K];
+    let tails = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .zip(cc.remainder());
+    for ((&x, &y), &z) in tails {
+        let v = f(x, y, z);
+        for k in 0..K {
+            total[k] += v[k];
+        }
+    }
+    for ((ac, bc), cc) in ac.zip(bc).zip(cc) {
+        let ac: &[A; LANES] = ac.try_into().expect("chunks of LANES");
+        let bc: &[B; LANES] = bc.try_into().expect("chunks of LANES");
+        let cc: &[C; LANES] = cc.try_into().expect("chunks of LANES");
+        for lane in 0..LANES {
+            let v = f(ac[lane], bc[lane], cc[lane]);
+            for k in 0..K {
+                acc[k][lane] += v[k];
+            }
+        }
+    }
+    for k in 0..K {
+        total[k] += acc[k].iter().sum::<f32>();
+    }
+    total
+}
+
+/// `max f(x)` over `xs` (−∞ when empty), in [`LANES`] partial maxima.
+#[inline(always)]
+fn max_by<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            let v = f(x);
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(f(x)));
+    acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
 struct SwiGlu;
@@ -246,18 +439,21 @@ fn softmax_rows<T: Elem>(x: &[T], s: usize, scale: f32) -> Vec<T> {
         .for_each_init(
             || vec![0f32; s],
             |e, (r, (o, x))| {
-                let x = &x[..r % s + 1];
-                let max = x
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v.get() * scale));
-                let e = &mut e[..x.len()];
-                for (e, &v) in e.iter_mut().zip(x) {
-                    *e = (v.get() * scale - max).exp();
-                }
-                let inv = 1.0 / e.iter().sum::<f32>();
-                for (o, e) in o.iter_mut().zip(e.iter()) {
-                    *o = T::put(e * inv);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let x = &x[..r % s + 1];
+                        let max = max_by(x, |v| v.get() * scale);
+                        let e = &mut e[..x.len()];
+                        for (e, &v) in e.iter_mut().zip(x) {
+                            *e = exp(v.get() * scale - max);
+                        }
+                        let inv = 1.0 / sum_by(e, |v| v);
+                        for (o, e) in o.iter_mut().zip(e.iter()) {
+                            *o = T::put(e * inv);
+                        }
+                    },
+                )
             },
         );
     out
@@ -269,15 +465,17 @@ fn softmax_backward_rows<T: Elem>(p: &[T], g: &[T], s: usize, scale: f32) -> Vec
         .zip(p.par_chunks(s).zip(g.par_chunks(s)))
         .enumerate()
         .for_each(|(r, (o, (p, g)))| {
-            let seen = r % s + 1;
-            let dot: f32 = p[..seen]
-                .iter()
-                .zip(&g[..seen])
-                .map(|(p, g)| p.get() * g.get())
-                .sum();
-            for ((o, p), g) in o.iter_mut().zip(&p[..seen]).zip(&g[..seen]) {
-                *o = T::put(scale * p.get() * (g.get() - dot));
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let seen = r % s + 1;
+                    let (p, g) = (&p[..seen], &g[..seen]);
+                    let [dot] = sums_by(p, g, g, |p, g, _| [p.get() * g.get()]);
+                    for ((o, p), g) in o.iter_mut().zip(p).zip(g) {
+                        *o = T::put(scale * p.get() * (g.get() - dot));
+                    }
+                },
+            )
         });
     out
 }
@@ -374,21 +572,24 @@ fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32) -> Vec<T> {
         .enumerate()
         .for_each(|(c, o)| {
             let at = c * rows_per_task * h;
-            for (r, dst) in o.chunks_mut(h).enumerate() {
-                let xs = &x[at + r * h..at + (r + 1) * h];
-                let gs = &g[at + r * h..at + (r + 1) * h];
-                let (mut sq, mut dot) = (0f32, 0f32);
-                for ((&xv, &gv), &wv) in xs.iter().zip(gs).zip(w) {
-                    let xv = xv.get();
-                    sq += xv * xv;
-                    dot += gv.get() * wv * xv;
-                }
-                let inv = 1.0 / (sq / h as f32 + eps).sqrt();
-                let k = inv * inv * inv * dot / h as f32;
-                for (((d, &xv), &gv), &wv) in dst.iter_mut().zip(xs).zip(gs).zip(w) {
-                    *d = T::put(inv * gv.get() * wv - xv.get() * k);
-                }
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, dst) in o.chunks_mut(h).enumerate() {
+                        let xs = &x[at + r * h..at + (r + 1) * h];
+                        let gs = &g[at + r * h..at + (r + 1) * h];
+                        let [sq, dot] = sums_by(xs, gs, w, |x, g, w| {
+                            let x = x.get();
+                            [x * x, g.get() * w * x]
+                        });
+                        let inv = 1.0 / (sq / h as f32 + eps).sqrt();
+                        let k = inv * inv * inv * dot / h as f32;
+                        for (((d, &xv), &gv), &wv) in dst.iter_mut().zip(xs).zip(gs).zip(w) {
+                            *d = T::put(inv * gv.get() * wv - xv.get() * k);
+                        }
+                    }
+                },
+            )
         });
     out
 }
@@ -484,10 +685,14 @@ pub fn log_sum_exp_nll(logits: &Tensor, ids: &[u32]) -> Result<Option<(Vec<f32>,
         l.par_chunks(vocab.max(1))
             .zip(ids.par_iter())
             .map(|(row, &id)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-                let lse = max + sum.ln();
-                (lse, lse - row[id as usize])
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let max = max_by(row, |v| v);
+                        let lse = max + sum_by(row, |v| exp(v - max)).ln();
+                        (lse, lse - row[id as usize])
+                    },
+                )
             })
             .unzip()
     }))
@@ -513,11 +718,16 @@ pub fn cross_entropy_grad(
             .enumerate()
             .for_each(|(r, (o, row))| {
                 let (lse, s) = (lse[r], scale[r]);
-                for (o, &v) in o.iter_mut().zip(row) {
-                    *o = (v - lse).exp() * s;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (o, &v) in o.iter_mut().zip(row) {
+                            *o = exp(v - lse) * s;
+                        }
+                    },
+                );
                 let id = ids[r] as usize;
-                o[id] = ((row[id] - lse).exp() - 1.0) * s;
+                o[id] = (exp(row[id] - lse) - 1.0) * s;
             });
         out
     });
