@@ -14,8 +14,10 @@
 //! summed in f32, rounded once. `examples/matmul_bf16.rs` times the two side by side.
 //!
 //! On a CPU with AVX512-BF16 a bf16 tile skips the widening: `dot` packs pairs of bf16 and
-//! multiplies them with `vdpbf16ps` (exact products, f32 sums, bf16's subnormals as zero).
-//! `MEMTUNE_NO_BF16_DOT=1` turns it off, for side-by-side timing.
+//! multiplies them with `vdpbf16ps` (exact products, f32 sums, bf16's subnormals as zero), and on
+//! one with AMX (Intel Xeon since Sapphire Rapids) with its tile unit's `tdpbf16ps`, the same
+//! arithmetic on 16 × 32 tiles. `MEMTUNE_NO_BF16_DOT=1` turns both off, `MEMTUNE_NO_AMX=1` the
+//! second, for side-by-side timing.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -172,7 +174,11 @@ const K_BLOCK: usize = 4096;
 
 /// Which 16-bit product kernels this CPU runs: part of the calibration cache's key.
 pub fn cpu_kernels() -> &'static str {
-    if bf16::native_dot() { "+bf16dot" } else { "" }
+    match (bf16::native_dot(), dot::amx()) {
+        (true, true) => "+bf16amx",
+        (true, false) => "+bf16dot",
+        _ => "",
+    }
 }
 
 /// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 and
@@ -516,7 +522,8 @@ mod dot {
 
     /// Pairs a tile of `rows` rows packs per block.
     pub fn lhs_len(rows: usize) -> usize {
-        rows.div_ceil(MR) * MR * KC / 2
+        let align = if amx() { 2 * AMX_ROWS } else { MR };
+        rows.div_ceil(align) * align * KC / 2
     }
 
     /// Pairs a tile of `cols` columns packs per block.
@@ -531,8 +538,21 @@ mod dot {
     /// One row (or column) whose inner elements are contiguous, as lane `lane` of a micro-panel
     /// `width` lanes wide: its pairs are 32-bit words (a missing last one is zero).
     fn pack_run(src: &[u16], panel: &mut [u32], width: usize, lane: usize) {
-        for (p, two) in src.chunks(2).enumerate() {
-            panel[p * width + lane] = pair(two[0], two.get(1).copied().unwrap_or(0));
+        let whole = src.chunks_exact(2);
+        let last = whole.remainder().first().map(|&lo| pair(lo, 0));
+        let pairs = whole.len();
+        if width == 1 {
+            // A row of its own: the pairs are consecutive words.
+            for (d, two) in panel[..pairs].iter_mut().zip(whole) {
+                *d = pair(two[0], two[1]);
+            }
+        } else {
+            for (d, two) in panel[lane..].iter_mut().step_by(width).zip(whole) {
+                *d = pair(two[0], two[1]);
+            }
+        }
+        if let Some(v) = last {
+            panel[pairs * width + lane] = v;
         }
     }
 
@@ -540,6 +560,7 @@ mod dot {
     /// micro-panels `[panel][pair][W]`: 32-bit pairs of consecutive inner elements, a missing
     /// last one zero. `base` is the batch entry's start; `lane_stride` and `inner_stride` are the
     /// operand's strides along the lanes and along the inner dimension.
+    #[allow(clippy::too_many_arguments)]
     fn pack<const W: usize>(
         data: &[u16],
         base: usize,
@@ -547,13 +568,15 @@ mod dot {
         lane_stride: usize,
         ks: std::ops::Range<usize>,
         inner_stride: usize,
+        pitch: usize,
         out: &mut Vec<u32>,
     ) {
         let kp = ks.len().div_ceil(2);
+        debug_assert!(pitch >= kp);
         out.clear();
-        out.resize(lanes.len().div_ceil(W) * kp * W, 0);
+        out.resize(lanes.len().div_ceil(W) * pitch * W, 0);
         for (ip, l0) in lanes.clone().step_by(W).enumerate() {
-            let panel = &mut out[ip * kp * W..(ip + 1) * kp * W];
+            let panel = &mut out[ip * pitch * W..(ip + 1) * pitch * W];
             let width = W.min(lanes.end - l0);
             if inner_stride == 1 {
                 // Each lane's inner elements are contiguous (a row of activations, a transposed
@@ -608,6 +631,10 @@ mod dot {
         rhs: &mut Vec<u32>,
         dst: &mut [f32],
     ) {
+        if amx() {
+            // SAFETY: `amx()` held: the CPU has AMX-BF16 and the kernel lets this process use it.
+            return unsafe { amx_tile(a, b, bi, rows, cols, lhs, rhs, dst) };
+        }
         let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
         dst.fill(0.0);
         let mut block = [0f32; MR * NR];
@@ -623,6 +650,7 @@ mod dot {
                 a.row_stride,
                 ks.clone(),
                 a.col_stride,
+                kp,
                 lhs,
             );
             pack::<NR>(
@@ -632,6 +660,7 @@ mod dot {
                 b.col_stride,
                 ks,
                 b.row_stride,
+                kp,
                 rhs,
             );
             for (jp, j0) in (0..nc).step_by(NR).enumerate() {
@@ -688,6 +717,183 @@ mod dot {
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn kernel(_: usize, _: *const u32, _: *const u32, _: &mut [f32; MR * NR]) {
         unreachable!("the native bf16 path is x86-64 only")
+    }
+
+    /// Rows of an AMX tile (and pairs of the inner dimension it holds: 64 bytes a row).
+    const AMX_ROWS: usize = 16;
+
+    /// Whether bf16 tiles run on AMX (Intel's tile unit: `tdpbf16ps` multiplies a 16 × 32 by a
+    /// 32 × 16 bf16 tile into 16 × 16 f32 sums, the same arithmetic as `vdpbf16ps`): the CPU has
+    /// AMX-TILE and AMX-BF16, [`available`] holds, `MEMTUNE_NO_AMX` is unset, and Linux grants
+    /// this process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`).
+    pub fn amx() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *HAS.get_or_init(|| {
+                let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+                let (tile, bf16) = (leaf7.edx & (1 << 24) != 0, leaf7.edx & (1 << 22) != 0);
+                if !(tile && bf16 && available()) || std::env::var_os("MEMTUNE_NO_AMX").is_some() {
+                    return false;
+                }
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                // SAFETY: a plain system call with integer arguments; it fails cleanly (non-zero)
+                // on kernels or machines without AMX.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_arch_prctl,
+                        ARCH_REQ_XCOMP_PERM,
+                        XFEATURE_XTILEDATA,
+                    ) == 0
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// [`tile`] on AMX. Per block of [`KC`] inner elements, the left operand is packed as rows of
+    /// pairs (`pitch` pairs a row, a multiple of 16, zero-padded; rows padded to 32) and the right
+    /// one as [`tile`]'s micro-panels of [`NR`] columns with the same pitch; each 32 × 32 block of
+    /// the output is four accumulator tiles (tmm0–3) fed by two left tiles (tmm4–5) and two right
+    /// ones (tmm6–7), 16 pairs at a time.
+    ///
+    /// # Safety
+    /// [`amx`] holds.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn amx_tile<T: Half>(
+        a: &Operand<T>,
+        b: &Operand<T>,
+        bi: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        lhs: &mut Vec<u32>,
+        rhs: &mut Vec<u32>,
+        dst: &mut [f32],
+    ) {
+        use std::arch::asm;
+        let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
+        dst.fill(0.0);
+        let rows_pad = mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS;
+        // Palette 1; eight tiles of 16 rows × 64 bytes.
+        let mut config = [0u8; 64];
+        config[0] = 1;
+        for t in 0..8 {
+            config[16 + 2 * t] = 64;
+            config[48 + t] = AMX_ROWS as u8;
+        }
+        let mut block = [0f32; 2 * AMX_ROWS * NR];
+        let (a_bits, b_bits) = (bits(a.data), bits(b.data));
+        let (a_at, b_at) = (a.starts[bi], b.starts[bi]);
+        // SAFETY: `amx()` held; the configuration is a valid palette-1 layout.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack)) };
+        for k0 in (0..k).step_by(KC) {
+            let ks = k0..(k0 + KC).min(k);
+            let pitch = ks.len().div_ceil(2 * AMX_ROWS) * AMX_ROWS;
+            pack::<1>(
+                a_bits,
+                a_at,
+                rows.clone(),
+                a.row_stride,
+                ks.clone(),
+                a.col_stride,
+                pitch,
+                lhs,
+            );
+            lhs.resize(rows_pad * pitch, 0);
+            pack::<NR>(
+                b_bits,
+                b_at,
+                cols.clone(),
+                b.col_stride,
+                ks,
+                b.row_stride,
+                pitch,
+                rhs,
+            );
+            let (a_stride, b_stride) = (pitch * 4, NR * 4);
+            for (jp, j0) in (0..nc).step_by(NR).enumerate() {
+                let width = NR.min(nc - j0);
+                let b_panel = rhs[jp * pitch * NR..].as_ptr();
+                for i0 in (0..mr).step_by(2 * AMX_ROWS) {
+                    let height = (2 * AMX_ROWS).min(mr - i0);
+                    let a_rows = lhs[i0 * pitch..].as_ptr();
+                    // SAFETY: every load reads 16 rows of 64 bytes at the given stride inside
+                    // `lhs` (rows_pad × pitch pairs) or `rhs` (a panel of pitch × NR pairs);
+                    // the stores write `block` (32 rows × NR f32).
+                    unsafe {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                        for q in 0..pitch / AMX_ROWS {
+                            let a0 = a_rows.add(q * AMX_ROWS);
+                            let a1 = a0.add(AMX_ROWS * pitch);
+                            let b0 = b_panel.add(q * AMX_ROWS * NR);
+                            let b1 = b0.add(AMX_ROWS);
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {sa}*1]",
+                                "tileloadd tmm5, [{a1} + {sa}*1]",
+                                "tileloadd tmm6, [{b0} + {sb}*1]",
+                                "tileloadd tmm7, [{b1} + {sb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0,
+                                a1 = in(reg) a1,
+                                b0 = in(reg) b0,
+                                b1 = in(reg) b1,
+                                sa = in(reg) a_stride,
+                                sb = in(reg) b_stride,
+                                options(nostack, readonly)
+                            );
+                        }
+                        let c = block.as_mut_ptr();
+                        asm!(
+                            "tilestored [{c0} + {s}*1], tmm0",
+                            "tilestored [{c1} + {s}*1], tmm1",
+                            "tilestored [{c2} + {s}*1], tmm2",
+                            "tilestored [{c3} + {s}*1], tmm3",
+                            c0 = in(reg) c,
+                            c1 = in(reg) c.add(AMX_ROWS),
+                            c2 = in(reg) c.add(AMX_ROWS * NR),
+                            c3 = in(reg) c.add(AMX_ROWS * NR + AMX_ROWS),
+                            s = in(reg) NR * 4,
+                            options(nostack)
+                        );
+                    }
+                    for i in 0..height {
+                        let out = &mut dst[(i0 + i) * nc + j0..(i0 + i) * nc + j0 + width];
+                        for (o, v) in out.iter_mut().zip(&block[i * NR..i * NR + width]) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: releases this thread's tile state (the configuration above).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn amx_tile<T: Half>(
+        _: &Operand<T>,
+        _: &Operand<T>,
+        _: usize,
+        _: std::ops::Range<usize>,
+        _: std::ops::Range<usize>,
+        _: &mut Vec<u32>,
+        _: &mut Vec<u32>,
+        _: &mut [f32],
+    ) {
+        unreachable!("AMX is x86-64 only")
     }
 }
 
@@ -855,6 +1061,10 @@ mod tests {
             assert_eq!(bf16::native_dot(), has);
         }
         assert!(!f16::native_dot());
+        // AMX only with the native path, and the calibration cache's key says which ran.
+        assert!(!dot::amx() || bf16::native_dot());
+        let key = if dot::amx() { "+bf16amx" } else { "+bf16dot" };
+        assert_eq!(cpu_kernels(), if bf16::native_dot() { key } else { "" });
     }
 
     #[test]
