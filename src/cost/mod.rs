@@ -64,8 +64,9 @@ pub trait Prober {
 /// memory pool, and the GPU path keeps the CPU's tensors. 15: a training step's chunked loss
 /// makes its gradients in the forward pass. 16: the backward pass keeps a tensor's first gradient
 /// instead of adding it to zeros (vendor/candle-core/MEMTUNE.md); the step-time fit down-weights
-/// slowed segments.)
-pub const COST_MODEL_VERSION: u32 = 16;
+/// slowed segments. 17: gemm's AVX-512 kernels where the CPU runs them at full width, bf16
+/// products on AMX, vectorised fused kernels and bf16 additions: faster steps, same bytes.)
+pub const COST_MODEL_VERSION: u32 = 17;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
