@@ -23,10 +23,10 @@ use rayon::prelude::*;
 
 /// Elements per parallel task: small enough to split a layer's tensor between the cores, large
 /// enough that scheduling stays negligible.
-const GRAIN: usize = 16 * 1024;
+pub(crate) const GRAIN: usize = 16 * 1024;
 
 /// A storage element the kernels read and write, computing in f32.
-trait Elem: Copy + Send + Sync + 'static {
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn get(self) -> f32;
     fn put(v: f32) -> Self;
 }
@@ -200,7 +200,7 @@ fn sigmoid(x: f32) -> f32 {
 /// marked `#[inline(always)]` (else it stays a baseline function of its own).
 /// `MEMTUNE_NO_SIMD=1` keeps the baseline, for side-by-side timing.
 #[inline(always)]
-fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -275,7 +275,7 @@ const LANES: usize = 16;
 
 /// `Σ f(x)` over `xs`, in [`LANES`] partial sums.
 #[inline(always)]
-fn sum_by<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f32 {
+pub(crate) fn sum_by<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f32 {
     sums_by(xs, xs, xs, |x, _, _| [f(x)])[0]
 }
 

@@ -1,16 +1,162 @@
 //! AdamW (Loshchilov & Hutter) as `torch.optim.AdamW`: decoupled weight decay applied first, bias
-//! corrected moments, moments stored in the parameter's dtype. Written with candle tensor ops and
-//! `Var::set`, so it runs on any device. Each update is a chain of reassigned temporaries, so at most
-//! two parameter-sized working tensors are alive at once (beyond the state itself).
+//! corrected moments, moments stored in the parameter's dtype. On the CPU each update is three
+//! in-place passes (the two moments, then the parameter; `InPlace`), with no temporaries; elsewhere
+//! it is written with candle tensor ops and `Var::set`, a chain of reassigned temporaries, so at
+//! most two parameter-sized working tensors are alive at once (beyond the state itself). Both do
+//! the same f32 operations in the same order, rounding to the stored dtype at the same points.
 
 use super::{
     ADAM_BETA1, ADAM_BETA2, ADAM_EPS, Optimizer, Param, STEP_STATE, load_vars, read_step,
     step_tensor, validate, working,
 };
 use crate::config::Hyper;
+use crate::engine::kernels::{Elem, GRAIN, vectorized};
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::HashMap;
+
+/// One in-place pass of the CPU update over contiguous storage (see the module docs).
+#[derive(Clone, Copy)]
+enum InPlace {
+    /// `m ← (g − m)·c + m` with c = 1 − β1 (source: g).
+    FirstMoment { c: f32 },
+    /// `v ← (g² − v)·c + v` with c = 1 − β2 (source: g).
+    SecondMoment { c: f32 },
+    /// `p ← round(p·decay)` (when decay ≠ 1), then `p ← p − (m / (√v·k + eps))·step_size`
+    /// (sources: m, v).
+    Param {
+        decay: f32,
+        k: f32,
+        eps: f32,
+        step_size: f32,
+    },
+}
+
+impl InPlace {
+    /// The pass over one run: `dst` and its sources, element by element.
+    fn run<T: Elem>(self, dst: &mut [T], a: &[T], b: &[T]) {
+        dst.par_chunks_mut(GRAIN)
+            .zip(a.par_chunks(GRAIN))
+            .zip(b.par_chunks(GRAIN))
+            .for_each(|((dst, a), b)| {
+                vectorized(
+                    #[inline(always)]
+                    || match self {
+                        InPlace::FirstMoment { c } => {
+                            for (m, g) in dst.iter_mut().zip(a) {
+                                let m0 = m.get();
+                                *m = T::put(((g.get() - m0) * c + 0.0) + m0);
+                            }
+                        }
+                        InPlace::SecondMoment { c } => {
+                            for (v, g) in dst.iter_mut().zip(a) {
+                                let (v0, g) = (v.get(), g.get());
+                                *v = T::put(((g * g - v0) * c + 0.0) + v0);
+                            }
+                        }
+                        InPlace::Param {
+                            decay,
+                            k,
+                            eps,
+                            step_size,
+                        } => {
+                            for ((p, m), v) in dst.iter_mut().zip(a).zip(b) {
+                                let update =
+                                    (m.get() / (v.get().sqrt() * k + eps)) * step_size + 0.0;
+                                let p0 = if decay != 1.0 {
+                                    T::put(p.get() * decay + 0.0).get()
+                                } else {
+                                    p.get()
+                                };
+                                *p = T::put(p0 - update);
+                            }
+                        }
+                    },
+                )
+            });
+    }
+}
+
+/// The contiguous elements of `storage` under `layout`, as `T`.
+fn elements<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("adamw: non-contiguous state"),
+    }
+}
+
+impl InPlace {
+    /// The pass over `dst` (contiguous CPU storage) with sources `a` and `b` of its dtype.
+    fn on_storage(
+        self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        (a, al): (&CpuStorage, &Layout),
+        (b, bl): (&CpuStorage, &Layout),
+    ) -> Result<()> {
+        let Some((start, end)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("adamw: non-contiguous parameter or state");
+        };
+        match (dst, a, b) {
+            (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                self.run(&mut d[start..end], elements(a, al)?, elements(b, bl)?)
+            }
+            (CpuStorage::BF16(d), CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                self.run(&mut d[start..end], elements(a, al)?, elements(b, bl)?)
+            }
+            (CpuStorage::F16(d), CpuStorage::F16(a), CpuStorage::F16(b)) => {
+                self.run(&mut d[start..end], elements(a, al)?, elements(b, bl)?)
+            }
+            (d, ..) => candle_core::bail!(
+                "adamw: state of mixed or unsupported dtypes ({:?})",
+                d.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for InPlace {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, a: &CpuStorage, al: &Layout) -> Result<()> {
+        self.on_storage(d, dl, (a, al), (a, al))
+    }
+}
+
+impl InplaceOp3 for InPlace {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        d: &mut CpuStorage,
+        dl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        self.on_storage(d, dl, (a, al), (b, bl))
+    }
+}
+
+/// Whether the in-place CPU passes apply: every tensor on the CPU, contiguous, of one dtype the
+/// kernels store.
+fn in_place(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| {
+        t.device().is_cpu()
+            && t.is_contiguous()
+            && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            && t.dtype() == ts[0].dtype()
+            && t.elem_count() == ts[0].elem_count()
+    })
+}
 
 struct Slot {
     param: Param,
@@ -47,53 +193,108 @@ impl AdamW {
     }
 }
 
-impl Optimizer for AdamW {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+/// One step's constants.
+#[derive(Clone, Copy)]
+struct Consts {
+    bias_correction2: f64,
+    step_size: f64,
+    decay: f64,
+}
+
+impl Slot {
+    /// The CPU's in-place update (see the module docs): three passes, no temporaries.
+    fn update_in_place(&self, grad: &Tensor, c: Consts) -> Result<()> {
+        let (m, v) = (self.exp_avg.as_tensor(), self.exp_avg_sq.as_tensor());
+        // The same f32 constants as candle's affine in `update_with_ops` (f64 rounded to f32).
+        let first = InPlace::FirstMoment {
+            c: (1.0 - ADAM_BETA1) as f32,
+        };
+        let second = InPlace::SecondMoment {
+            c: (1.0 - ADAM_BETA2) as f32,
+        };
+        m.inplace_op2(grad, &first)?;
+        v.inplace_op2(grad, &second)?;
+        let param = InPlace::Param {
+            decay: c.decay as f32,
+            k: (1.0 / c.bias_correction2.sqrt()) as f32,
+            eps: ADAM_EPS as f32,
+            step_size: c.step_size as f32,
+        };
+        self.param.var.as_tensor().inplace_op3(m, v, &param)
+    }
+
+    /// The update with candle's ops, on any device.
+    fn update_with_ops(&self, grad: &Tensor, c: Consts) -> Result<()> {
+        let var = &self.param.var;
+        let dtype = var.dtype();
+        let g = working(grad)?;
+
+        // m ← m + (1 − β1)(g − m)   (torch's lerp_)
+        let m = working(self.exp_avg.as_tensor())?;
+        let mut next = (&g - &m)?;
+        next = next.affine(1.0 - ADAM_BETA1, 0.0)?;
+        next = (next + m)?;
+        self.exp_avg.set(&next.to_dtype(dtype)?)?;
+        drop(next);
+
+        // v ← v + (1 − β2)(g² − v)
+        let mut next = g.sqr()?;
+        drop(g);
+        let v = working(self.exp_avg_sq.as_tensor())?;
+        next = (next - &v)?;
+        next = next.affine(1.0 - ADAM_BETA2, 0.0)?;
+        next = (next + v)?;
+        self.exp_avg_sq.set(&next.to_dtype(dtype)?)?;
+        drop(next);
+
+        // update = (lr / bc1) · m / (√v / √bc2 + eps), from the stored (rounded) moments.
+        let mut update = working(self.exp_avg_sq.as_tensor())?.sqrt()?;
+        update = update.affine(1.0 / c.bias_correction2.sqrt(), ADAM_EPS)?;
+        update = (working(self.exp_avg.as_tensor())? / update)?;
+        update = update.affine(c.step_size, 0.0)?;
+
+        // p ← p·(1 − lr·wd), then p ← p − update: torch's order and roundings.
+        if c.decay != 1.0 {
+            let decayed = working(var.as_tensor())?.affine(c.decay, 0.0)?;
+            var.set(&decayed.to_dtype(dtype)?)?;
+        }
+        let next = (working(var.as_tensor())? - update)?;
+        var.set(&next.to_dtype(dtype)?)
+    }
+}
+
+impl AdamW {
+    /// The step's constants, after counting the step.
+    fn next_consts(&mut self, lr: f64) -> Consts {
         self.step += 1;
         let t = self.step as f64;
         let bias_correction1 = 1.0 - ADAM_BETA1.powf(t);
-        let bias_correction2 = 1.0 - ADAM_BETA2.powf(t);
-        let step_size = lr / bias_correction1;
-        let decay = 1.0 - lr * self.weight_decay;
+        Consts {
+            bias_correction2: 1.0 - ADAM_BETA2.powf(t),
+            step_size: lr / bias_correction1,
+            decay: 1.0 - lr * self.weight_decay,
+        }
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let c = self.next_consts(lr);
         for slot in &self.slots {
             let Some(grad) = grads.get(slot.param.var.as_tensor()) else {
                 continue;
             };
-            let var = &slot.param.var;
-            let dtype = var.dtype();
-            let g = working(grad)?;
-
-            // m ← m + (1 − β1)(g − m)   (torch's lerp_)
-            let m = working(slot.exp_avg.as_tensor())?;
-            let mut next = (&g - &m)?;
-            next = next.affine(1.0 - ADAM_BETA1, 0.0)?;
-            next = (next + m)?;
-            slot.exp_avg.set(&next.to_dtype(dtype)?)?;
-            drop(next);
-
-            // v ← v + (1 − β2)(g² − v)
-            let mut next = g.sqr()?;
-            drop(g);
-            let v = working(slot.exp_avg_sq.as_tensor())?;
-            next = (next - &v)?;
-            next = next.affine(1.0 - ADAM_BETA2, 0.0)?;
-            next = (next + v)?;
-            slot.exp_avg_sq.set(&next.to_dtype(dtype)?)?;
-            drop(next);
-
-            // update = (lr / bc1) · m / (√v / √bc2 + eps), from the stored (rounded) moments.
-            let mut update = working(slot.exp_avg_sq.as_tensor())?.sqrt()?;
-            update = update.affine(1.0 / bias_correction2.sqrt(), ADAM_EPS)?;
-            update = (working(slot.exp_avg.as_tensor())? / update)?;
-            update = update.affine(step_size, 0.0)?;
-
-            // p ← p·(1 − lr·wd), then p ← p − update: torch's order and roundings.
-            if decay != 1.0 {
-                let decayed = working(var.as_tensor())?.affine(decay, 0.0)?;
-                var.set(&decayed.to_dtype(dtype)?)?;
+            let state = [
+                slot.param.var.as_tensor(),
+                slot.exp_avg.as_tensor(),
+                slot.exp_avg_sq.as_tensor(),
+                grad,
+            ];
+            if in_place(&state) {
+                slot.update_in_place(grad, c)?;
+            } else {
+                slot.update_with_ops(grad, c)?;
             }
-            let next = (working(var.as_tensor())? - update)?;
-            var.set(&next.to_dtype(dtype)?)?;
         }
         Ok(())
     }
@@ -215,6 +416,53 @@ mod tests {
             "{v:?}"
         );
         assert_eq!(state[STEP_STATE].to_vec1::<i64>()?, vec![1]);
+        Ok(())
+    }
+
+    /// The CPU's in-place passes and candle's ops give the same bits, step after step, in f32
+    /// and bf16, with weight decay: parameters and both moments.
+    #[test]
+    fn in_place_update_matches_the_ops_bit_for_bit() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let make = || -> Result<AdamW> {
+                let p = Tensor::randn(0f32, 1.0, (3, 700), &Device::Cpu)?;
+                let params = vec![Param {
+                    name: "p".into(),
+                    var: Var::from_tensor(&p.to_dtype(dtype)?)?,
+                }];
+                let hyper = Hyper {
+                    weight_decay: 0.1,
+                    ..Hyper::default()
+                };
+                AdamW::new(params, &hyper)
+            };
+            let (mut fused, mut ops) = (make()?, make()?);
+            ops.slots[0]
+                .param
+                .var
+                .set(fused.slots[0].param.var.as_tensor())?;
+            for step in 0..4 {
+                let g = (Tensor::randn(0f32, 1.0, (3, 700), &Device::Cpu)? * 10f64.powi(-step))?
+                    .to_dtype(dtype)?;
+                let c = fused.next_consts(1e-2);
+                assert!(in_place(&[fused.slots[0].param.var.as_tensor(), &g]));
+                fused.slots[0].update_in_place(&g, c)?;
+                let c = ops.next_consts(1e-2);
+                ops.slots[0].update_with_ops(&g, c)?;
+                let bits = |t: &Tensor| -> Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+                };
+                for (a, b) in [
+                    (&fused.slots[0].param.var, &ops.slots[0].param.var),
+                    (&fused.slots[0].exp_avg, &ops.slots[0].exp_avg),
+                    (&fused.slots[0].exp_avg_sq, &ops.slots[0].exp_avg_sq),
+                ] {
+                    let (a, b) = (bits(a.as_tensor())?, bits(b.as_tensor())?);
+                    let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{dtype:?} step {step}: the two updates differ");
+                }
+            }
+        }
         Ok(())
     }
 
