@@ -508,3 +508,27 @@ fn kernel_exp_is_within_two_ulp_of_the_rounded_exponential() {
     assert!(exp(f32::NAN).is_nan());
     assert_eq!(exp(0.0), 1.0);
 }
+
+/// The fused RoPE against candle-nn's kernel in f64, in f32, bf16 and f16, and its backward
+/// (the opposite rotation) undoing it.
+#[test]
+fn fused_rope_matches_candle_nn_and_rotates_back() {
+    use memtune::engine::kernels::rope;
+    let (s, d) = (37, 16);
+    let x = randn(&[2, 3, s, d], 21);
+    let angles = (randn(&[s, d / 2], 22) * 2.0).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let want = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let (xd, cd, sd) = (cast(&x), cast(&cos), cast(&sin));
+        let got = rope(&xd, &cd, &sd, 1.0).unwrap().expect("the fused path applies");
+        let err = rel_err(&got, &want);
+        assert!(err < tolerance(dtype), "{dtype:?}: relative error {err}");
+        let back = rope(&got, &cd, &sd, -1.0).unwrap().unwrap();
+        let err = rel_err(&back, &x);
+        assert!(err < 2.0 * tolerance(dtype), "{dtype:?}: rotating back, {err}");
+    }
+    // f64 is the reference precision: candle-nn's kernel runs it.
+    assert!(rope(&x, &cos, &sin, 1.0).unwrap().is_none());
+}

@@ -556,6 +556,105 @@ pub fn scaled_causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     super::ops::causal_softmax(scores, mask, scale)
 }
 
+/// Hugging Face's rotate-half RoPE of `x` (`[b, h, s, d]`) by the angles whose cosines and sines
+/// are `cos` and `sin` (`[s, d/2]`), turned by `sign` (−1 rotates back: the backward pass):
+/// `y₁ = x₁·cos − sign·x₂·sin`, `y₂ = x₂·cos + sign·x₁·sin` for the two halves of each row, in f32
+/// and rounded once (candle-nn's kernel rounds a 16-bit type after every operation).
+struct Rope {
+    sign: f32,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        cos: &CpuStorage,
+        cl: &Layout,
+        sin: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, s, d) = xl.shape().dims4()?;
+        if d % 2 != 0 || cl.dims() != [s, d / 2] || sl.dims() != [s, d / 2] {
+            candle_core::bail!("rope: x {:?} against tables {:?}", xl.dims(), cl.dims());
+        }
+        fn rows<T: Elem>(x: &[T], cos: &[T], sin: &[T], s: usize, d: usize, sign: f32) -> Vec<T> {
+            let half = d / 2;
+            let mut out = vec![T::put(0.0); x.len()];
+            let rows_per_task = (GRAIN / d.max(1)).max(1);
+            out.par_chunks_mut(rows_per_task * d)
+                .zip(x.par_chunks(rows_per_task * d))
+                .enumerate()
+                .for_each(|(c, (o, x))| {
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for (r, (o, x)) in
+                                o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate()
+                            {
+                                let t = (c * rows_per_task + r) % s;
+                                let (cs, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                                let (o1, o2) = o.split_at_mut(half);
+                                let (x1, x2) = x.split_at(half);
+                                let it = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
+                                for (((o1, o2), (x1, x2)), (c, sn)) in it.zip(cs.iter().zip(sn)) {
+                                    let (a, b) = (x1.get(), x2.get());
+                                    let (c, sn) = (c.get(), sign * sn.get());
+                                    *o1 = T::put(a * c - b * sn);
+                                    *o2 = T::put(b * c + a * sn);
+                                }
+                            }
+                        },
+                    )
+                });
+            out
+        }
+        let storage = match (x, cos, sin) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => CpuStorage::F32(rows(
+                slice(x, xl)?,
+                slice(c, cl)?,
+                slice(sn, sl)?,
+                s,
+                d,
+                self.sign,
+            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(sn)) => {
+                CpuStorage::BF16(rows(
+                    slice(x, xl)?,
+                    slice(c, cl)?,
+                    slice(sn, sl)?,
+                    s,
+                    d,
+                    self.sign,
+                ))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(sn)) => CpuStorage::F16(rows(
+                slice(x, xl)?,
+                slice(c, cl)?,
+                slice(sn, sl)?,
+                s,
+                d,
+                self.sign,
+            )),
+            _ => candle_core::bail!("rope: tables of another dtype"),
+        };
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+/// [`Rope`] (no gradient: the caller's op supplies it) for contiguous CPU `x`, `cos` and `sin` of
+/// one dtype; `None` where candle-nn's kernel applies (CUDA, f64, other layouts).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Option<Tensor>> {
+    if !(fusable(&[x, cos, sin]) && x.rank() == 4) {
+        return Ok(None);
+    }
+    x.apply_op3_no_bwd(cos, sin, &Rope { sign }).map(Some)
+}
+
 /// The input gradient of RMSNorm `y = x · r · w` (r = 1/√(mean(x²) + ε) per row of the last
 /// dimension): `dx = r · (g ⊙ w) − x · r³ · mean(g ⊙ w ⊙ x)`, one pass per row in f32. candle's
 /// composite runs about ten ops over the whole tensor, in f32 copies of x and g.

@@ -266,13 +266,21 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// Hugging Face's rotate-half RoPE on `x`: `[b, h, s, d]` with tables `[s, d/2]` of x's dtype.
+/// On the CPU it runs [`super::kernels::rope`], elsewhere candle-nn's kernel.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let value = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
+    let value = match super::kernels::rope(&x.detach(), cos, sin, 1.0)? {
+        Some(value) => value,
+        None => candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?,
+    };
     let (cos, sin) = (cos.clone(), sin.clone());
     with_backward(&x, value, "rope", move |_, _, grad| {
         // A rotation's transpose is the rotation by the opposite angle.
-        candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &sin.neg()?)
+        let grad = grad.contiguous()?;
+        match super::kernels::rope(&grad, &cos, &sin, -1.0)? {
+            Some(back) => Ok(back),
+            None => candle_nn::rotary_emb::rope(&grad, &cos, &sin.neg()?),
+        }
     })
 }
 
