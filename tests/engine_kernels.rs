@@ -522,13 +522,50 @@ fn fused_rope_matches_candle_nn_and_rotates_back() {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
         let (xd, cd, sd) = (cast(&x), cast(&cos), cast(&sin));
-        let got = rope(&xd, &cd, &sd, 1.0).unwrap().expect("the fused path applies");
+        let got = rope(&xd, &cd, &sd, 1.0)
+            .unwrap()
+            .expect("the fused path applies");
         let err = rel_err(&got, &want);
         assert!(err < tolerance(dtype), "{dtype:?}: relative error {err}");
         let back = rope(&got, &cd, &sd, -1.0).unwrap().unwrap();
         let err = rel_err(&back, &x);
-        assert!(err < 2.0 * tolerance(dtype), "{dtype:?}: rotating back, {err}");
+        assert!(
+            err < 2.0 * tolerance(dtype),
+            "{dtype:?}: rotating back, {err}"
+        );
     }
     // f64 is the reference precision: candle-nn's kernel runs it.
     assert!(rope(&x, &cos, &sin, 1.0).unwrap().is_none());
+}
+
+/// A trainable weight (full fine-tuning) takes the fused pass for both gradients when the weight
+/// has x's dtype: value, input gradient and weight gradient against the f64 composite.
+#[test]
+fn rms_norm_weight_gradient_matches_the_composite() {
+    let (x, c) = (randn(&[37, 896], 31), randn(&[37, 896], 32));
+    let w = (randn(&[896], 33) * 0.5).unwrap().affine(1.0, 1.0).unwrap();
+    let eps = 1e-6;
+    let norm = |t: &[Tensor]| rms_norm(&t[0], &t[1], eps, true).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Inputs rounded to the dtype first, so both runs see the same values.
+        let round = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+        let inputs = [round(&x), round(&w)];
+        let (want, want_grads) = value_and_grads(&inputs, &c, DType::F64, norm);
+        let (got, got_grads) = value_and_grads(&inputs, &c, dtype, norm);
+        assert_eq!(got_grads.len(), 2);
+        assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
+    }
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let g = randn(&[37, 896], 34);
+    let (dx, dw) = memtune::engine::kernels::rms_norm_grads(&f32s(&x), &f32s(&w), &f32s(&g), eps)
+        .unwrap()
+        .expect("fusable");
+    assert_eq!((dx.dims(), dw.dims()), (&[37, 896][..], &[896][..]));
+    // A weight of another dtype than x keeps the composite (its gradient stays in its own).
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    assert!(
+        memtune::engine::kernels::rms_norm_grads(&bf(&x), &f32s(&w), &bf(&g), eps)
+            .unwrap()
+            .is_none()
+    );
 }

@@ -660,17 +660,23 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Option<
 /// composite runs about ten ops over the whole tensor, in f32 copies of x and g.
 struct RmsNormInputGrad {
     eps: f32,
+    /// Whether the weight's gradient `dw = Σ_rows g ⊙ x · r` follows `dx` in the output (flat:
+    /// `dx` then `dw`, both of x's dtype).
+    want_w: bool,
 }
 
 /// `dx` for rows of `h` elements of `x` and `g`, with the weight `w` in f32.
-fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32) -> Vec<T> {
+fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32, want_w: bool) -> Vec<T> {
     let h = w.len();
-    let mut out = vec![T::put(0.0); x.len()];
+    let n = x.len();
+    let mut out = vec![T::put(0.0); n + if want_w { h } else { 0 }];
     let rows_per_task = (GRAIN / h.max(1)).max(1);
-    out.par_chunks_mut(rows_per_task * h)
+    let partials: Vec<Vec<f32>> = out[..n]
+        .par_chunks_mut(rows_per_task * h)
         .enumerate()
-        .for_each(|(c, o)| {
+        .map(|(c, o)| {
             let at = c * rows_per_task * h;
+            let mut dw = vec![0f32; if want_w { h } else { 0 }];
             vectorized(
                 #[inline(always)]
                 || {
@@ -686,10 +692,28 @@ fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32) -> Vec<T> {
                         for (((d, &xv), &gv), &wv) in dst.iter_mut().zip(xs).zip(gs).zip(w) {
                             *d = T::put(inv * gv.get() * wv - xv.get() * k);
                         }
+                        if want_w {
+                            for ((s, &xv), &gv) in dw.iter_mut().zip(xs).zip(gs) {
+                                *s += gv.get() * (xv.get() * inv);
+                            }
+                        }
                     }
                 },
-            )
-        });
+            );
+            dw
+        })
+        .collect();
+    if want_w {
+        let mut dw = vec![0f32; h];
+        for part in &partials {
+            for (s, p) in dw.iter_mut().zip(part) {
+                *s += p;
+            }
+        }
+        for (o, s) in out[n..].iter_mut().zip(dw) {
+            *o = T::put(s);
+        }
+    }
     out
 }
 
@@ -714,6 +738,7 @@ impl CustomOp3 for RmsNormInputGrad {
             other => candle_core::bail!("rms-norm gradient: weight dtype {:?}", other.dtype()),
         };
         let h = w.len();
+        let want_w = self.want_w;
         if h == 0 || xl.shape().dims().last() != Some(&h) {
             candle_core::bail!(
                 "rms-norm gradient: rows of {:?} against a weight of {h}",
@@ -721,18 +746,35 @@ impl CustomOp3 for RmsNormInputGrad {
             );
         }
         let storage = match (x, g) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(g)) => {
-                CpuStorage::F16(rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(rms_norm_dx_rows(
+                slice(x, xl)?,
+                slice(g, gl)?,
+                &w,
+                self.eps,
+                want_w,
+            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => CpuStorage::BF16(rms_norm_dx_rows(
+                slice(x, xl)?,
+                slice(g, gl)?,
+                &w,
+                self.eps,
+                want_w,
+            )),
+            (CpuStorage::F16(x), CpuStorage::F16(g)) => CpuStorage::F16(rms_norm_dx_rows(
+                slice(x, xl)?,
+                slice(g, gl)?,
+                &w,
+                self.eps,
+                want_w,
+            )),
             _ => candle_core::bail!("rms-norm gradient: mismatched dtypes"),
         };
-        Ok((storage, xl.shape().clone()))
+        let shape = if want_w {
+            Shape::from(xl.shape().elem_count() + h)
+        } else {
+            xl.shape().clone()
+        };
+        Ok((storage, shape))
     }
 }
 
@@ -745,15 +787,44 @@ pub fn rms_norm_input_grad(
     grad: &Tensor,
     eps: f64,
 ) -> Result<Option<Tensor>> {
+    if !rms_norm_fusable(x, w, grad) {
+        return Ok(None);
+    }
+    let op = RmsNormInputGrad {
+        eps: eps as f32,
+        want_w: false,
+    };
+    x.apply_op3_no_bwd(w, grad, &op).map(Some)
+}
+
+/// RMSNorm's input and weight gradients in one fused pass, for a weight of x's dtype (else the
+/// weight's gradient would be rounded to x's); `None` where the caller's composite applies.
+pub fn rms_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !rms_norm_fusable(x, w, grad) || w.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let op = RmsNormInputGrad {
+        eps: eps as f32,
+        want_w: true,
+    };
+    let both = x.apply_op3_no_bwd(w, grad, &op)?;
+    let n = x.elem_count();
+    let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = both.narrow(0, n, w.elem_count())?;
+    Ok(Some((dx, dw)))
+}
+
+fn rms_norm_fusable(x: &Tensor, w: &Tensor, grad: &Tensor) -> bool {
     let w_ok = w.device().is_cpu()
         && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && w.is_contiguous()
         && w.rank() == 1;
-    if !(fusable(&[x, grad]) && w_ok && x.dims() == grad.dims()) {
-        return Ok(None);
-    }
-    x.apply_op3_no_bwd(w, grad, &RmsNormInputGrad { eps: eps as f32 })
-        .map(Some)
+    fusable(&[x, grad]) && w_ok && x.dims() == grad.dims()
 }
 
 /// The elements of a contiguous f32 CPU tensor; `None` for anything else.

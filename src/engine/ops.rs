@@ -306,11 +306,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, w_trainable: bool) -> Result<T
                       grad: &Tensor,
                       want_w: bool|
           -> Result<(Tensor, Option<Tensor>)> {
-        if !want_w
-            && let Some(dx) = super::kernels::rms_norm_input_grad(x, w, &grad.contiguous()?, eps)?
-        {
+        let grad_c = grad.contiguous()?;
+        if !want_w && let Some(dx) = super::kernels::rms_norm_input_grad(x, w, &grad_c, eps)? {
             return Ok((dx, None));
         }
+        if want_w && let Some((dx, dw)) = super::kernels::rms_norm_grads(x, w, &grad_c, eps)? {
+            return Ok((dx, Some(dw)));
+        }
+        drop(grad_c);
         let (x, g, w32) = (x.to_dtype(wide)?, grad.to_dtype(wide)?, w.to_dtype(wide)?);
         let r = ((x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?).recip()?;
         let u = g.broadcast_mul(&w32)?;
