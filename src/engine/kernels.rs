@@ -270,6 +270,31 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// `e^t` element-wise, as candle's `Tensor::exp` (a new tensor of the same shape and dtype, no
+/// gradient), with [`exp`] vectorised on a contiguous f32 CPU tensor; candle's op elsewhere.
+pub fn exp_tensor(t: &Tensor) -> Result<Tensor> {
+    let out = with_f32_slice(t, |x| {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(GRAIN)
+            .zip(x.par_chunks(GRAIN))
+            .for_each(|(o, x)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = exp(x);
+                        }
+                    },
+                )
+            });
+        out
+    });
+    match out {
+        Some(out) => Tensor::from_vec(out, t.shape(), t.device()),
+        None => t.exp(),
+    }
+}
+
 /// Lanes of the reductions below: independent partial results vectorise, one running sum does not.
 const LANES: usize = 16;
 

@@ -429,7 +429,9 @@ fn composite_lse_nll(
 /// Per-row log-sum-exp of `logits` `[rows, vocab]` → `[rows, 1]`.
 fn log_sum_exp(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?;
-    let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let sum = super::kernels::exp_tensor(&shifted)?.sum_keepdim(D::Minus1)?;
+    drop(shifted);
     max + sum.log()?
 }
 
@@ -501,7 +503,7 @@ fn logits_grad(
     }
     let wide = logits.dtype();
     let len = logits.dim(0)?;
-    let probs = logits.broadcast_sub(lse)?.exp()?;
+    let probs = super::kernels::exp_tensor(&logits.broadcast_sub(lse)?)?;
     drop(logits);
     let row_scale = (targets.mask.narrow(0, start, len)?.to_dtype(wide)?
         * (upstream / targets.normalizer))?
