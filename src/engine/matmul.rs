@@ -775,7 +775,10 @@ mod dot {
     ) {
         use std::arch::asm;
         let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
-        dst.fill(0.0);
+        if k == 0 {
+            dst.fill(0.0);
+            return;
+        }
         let rows_pad = mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS;
         // Palette 1; eight tiles of 16 rows × 64 bytes.
         let mut config = [0u8; 64];
@@ -870,8 +873,14 @@ mod dot {
                     }
                     for i in 0..height {
                         let out = &mut dst[(i0 + i) * nc + j0..(i0 + i) * nc + j0 + width];
-                        for (o, v) in out.iter_mut().zip(&block[i * NR..i * NR + width]) {
-                            *o += v;
+                        let sums = &block[i * NR..i * NR + width];
+                        if k0 == 0 {
+                            // The first block writes every element of `dst` (no zero fill).
+                            out.copy_from_slice(sums);
+                        } else {
+                            for (o, v) in out.iter_mut().zip(sums) {
+                                *o += v;
+                            }
                         }
                     }
                 }
@@ -1049,6 +1058,10 @@ mod tests {
                 &right,
             );
             check(&randn(&[3, 1], 12), &randn(&[1, 5], 13));
+            // An empty inner dimension: a zero product (every output element written).
+            let empty = matmul(&randn(&[3, 0], 14), &randn(&[0, 5], 15)).unwrap();
+            assert_eq!(max_abs(&up(&empty)), 0.0);
+            assert_eq!(empty.dims(), &[3, 5]);
         }
     }
 
