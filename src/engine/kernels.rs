@@ -62,7 +62,7 @@ half_elem!(bf16);
 half_elem!(f16);
 
 /// Whether the fused path applies: CPU, a dtype the kernels store, contiguous.
-fn fusable(ts: &[&Tensor]) -> bool {
+pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| {
         t.device().is_cpu()
             && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
@@ -71,7 +71,7 @@ fn fusable(ts: &[&Tensor]) -> bool {
 }
 
 /// The contiguous elements of a storage under `layout`.
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("fused kernel: non-contiguous input"),
@@ -106,17 +106,17 @@ fn map_elementwise<const N: usize>(
                 let len = o0.len();
                 let xs: [&[$t]; N] = std::array::from_fn(|k| &ins[k][at..at + len]);
                 // Blocks of LANES elements with constant indices (no bounds checks, so the loop
-                // vectorises), then the tail one by one.
-                let block = |from: usize, o0: &mut [$t], mut o1: Option<&mut [$t]>| {
+                // vectorises), then the tail, from `full` on, one by one.
+                let full = len / LANES * LANES;
+                let tail = |o0: &mut [$t], mut o1: Option<&mut [$t]>| {
                     for (i, o) in o0.iter_mut().enumerate() {
-                        let ys = kernel.apply(std::array::from_fn(|k| xs[k][from + i].get()));
+                        let ys = kernel.apply(std::array::from_fn(|k| xs[k][full + i].get()));
                         *o = <$t>::put(ys[0]);
                         if let Some(o1) = o1.as_deref_mut() {
                             o1[i] = <$t>::put(ys[1]);
                         }
                     }
                 };
-                let full = len / LANES * LANES;
                 vectorized(
                     #[inline(always)]
                     || {
@@ -148,7 +148,7 @@ fn map_elementwise<const N: usize>(
                                 }
                             }
                         }
-                        block(full, tail0, tail1);
+                        tail(tail0, tail1);
                     },
                 )
             };

@@ -631,6 +631,7 @@ mod dot {
         rhs: &mut Vec<u32>,
         dst: &mut [f32],
     ) {
+        #[cfg(target_arch = "x86_64")]
         if amx() {
             // SAFETY: `amx()` held: the CPU has AMX-BF16 and the kernel lets this process use it.
             return unsafe { amx_tile(a, b, bi, rows, cols, lhs, rhs, dst) };
@@ -888,21 +889,6 @@ mod dot {
         }
         // SAFETY: releases this thread's tile state (the configuration above).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn amx_tile<T: Half>(
-        _: &Operand<T>,
-        _: &Operand<T>,
-        _: usize,
-        _: std::ops::Range<usize>,
-        _: std::ops::Range<usize>,
-        _: &mut Vec<u32>,
-        _: &mut Vec<u32>,
-        _: &mut [f32],
-    ) {
-        unreachable!("AMX is x86-64 only")
     }
 }
 

@@ -10,10 +10,10 @@ use super::{
     step_tensor, validate, working,
 };
 use crate::config::Hyper;
-use crate::engine::kernels::{Elem, GRAIN, vectorized};
+use crate::engine::kernels::{Elem, GRAIN, fusable, slice, vectorized};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -79,14 +79,6 @@ impl InPlace {
     }
 }
 
-/// The contiguous elements of `storage` under `layout`, as `T`.
-fn elements<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("adamw: non-contiguous state"),
-    }
-}
-
 impl InPlace {
     /// The pass over `dst` (contiguous CPU storage) with sources `a` and `b` of its dtype.
     fn on_storage(
@@ -101,13 +93,13 @@ impl InPlace {
         };
         match (dst, a, b) {
             (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                self.run(&mut d[start..end], elements(a, al)?, elements(b, bl)?)
+                self.run(&mut d[start..end], slice(a, al)?, slice(b, bl)?)
             }
             (CpuStorage::BF16(d), CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-                self.run(&mut d[start..end], elements(a, al)?, elements(b, bl)?)
+                self.run(&mut d[start..end], slice(a, al)?, slice(b, bl)?)
             }
             (CpuStorage::F16(d), CpuStorage::F16(a), CpuStorage::F16(b)) => {
-                self.run(&mut d[start..end], elements(a, al)?, elements(b, bl)?)
+                self.run(&mut d[start..end], slice(a, al)?, slice(b, bl)?)
             }
             (d, ..) => candle_core::bail!(
                 "adamw: state of mixed or unsupported dtypes ({:?})",
@@ -146,16 +138,10 @@ impl InplaceOp3 for InPlace {
     }
 }
 
-/// Whether the in-place CPU passes apply: every tensor on the CPU, contiguous, of one dtype the
-/// kernels store.
+/// Whether the in-place CPU passes apply: the fused kernels' conditions (CPU, contiguous, one
+/// dtype they store), over tensors of one size.
 fn in_place(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| {
-        t.device().is_cpu()
-            && t.is_contiguous()
-            && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
-            && t.dtype() == ts[0].dtype()
-            && t.elem_count() == ts[0].elem_count()
-    })
+    fusable(ts) && ts.iter().all(|t| t.elem_count() == ts[0].elem_count())
 }
 
 struct Slot {
