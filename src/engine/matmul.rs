@@ -78,6 +78,7 @@ impl Half for bf16 {
             *d = widen(s);
         }
     }
+    #[inline(always)]
     fn narrow_run(src: &[f32], dst: &mut [Self]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = narrow(s);
@@ -329,6 +330,12 @@ fn tiled<T: Half>(
     let mut dims = l1.dims().to_vec();
     let last = dims.len() - 1;
     dims[last] = n;
+    #[cfg(target_arch = "x86_64")]
+    if T::native_dot() && dot::amx() {
+        // SAFETY: `amx()` held.
+        let out = unsafe { dot::amx_product(&a, &b) };
+        return Ok((T::storage(out), Shape::from(dims)));
+    }
     let mut out = vec![T::ZERO; batches * m * n];
     if m == 0 || n == 0 {
         return Ok((T::storage(out), Shape::from(dims)));
@@ -497,7 +504,7 @@ impl CustomOp2 for Tiled {
 /// rules); otherwise the sums are f32 sums of the exact products, in another order than the
 /// widened path's.
 mod dot {
-    use super::{Half, Operand, bits};
+    use super::{Half, Operand, Output, PANEL_ELEMENTS, ROW_BLOCK, bits};
 
     /// Rows of a micro-panel of the left operand.
     pub const MR: usize = 12;
@@ -522,8 +529,7 @@ mod dot {
 
     /// Pairs a tile of `rows` rows packs per block.
     pub fn lhs_len(rows: usize) -> usize {
-        let align = if amx() { 2 * AMX_ROWS } else { MR };
-        rows.div_ceil(align) * align * KC / 2
+        rows.div_ceil(MR) * MR * KC / 2
     }
 
     /// Pairs a tile of `cols` columns packs per block.
@@ -542,7 +548,22 @@ mod dot {
         let last = whole.remainder().first().map(|&lo| pair(lo, 0));
         let pairs = whole.len();
         if width == 1 {
-            // A row of its own: the pairs are consecutive words.
+            // A row of its own: the pairs are consecutive words, the same bytes as the run's
+            // (the low half of a word is its first element on a little-endian CPU).
+            #[cfg(target_endian = "little")]
+            {
+                let dst = &mut panel[..pairs];
+                // SAFETY: `dst` holds `pairs` words, `src` at least 2 × `pairs` halves; the
+                // buffers are distinct and the copy is bytewise.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr() as *const u8,
+                        dst.as_mut_ptr() as *mut u8,
+                        pairs * 4,
+                    )
+                };
+            }
+            #[cfg(not(target_endian = "little"))]
             for (d, two) in panel[..pairs].iter_mut().zip(whole) {
                 *d = pair(two[0], two[1]);
             }
@@ -573,11 +594,46 @@ mod dot {
     ) {
         let kp = ks.len().div_ceil(2);
         debug_assert!(pitch >= kp);
-        out.clear();
-        out.resize(lanes.len().div_ceil(W) * pitch * W, 0);
+        // Every element is written below (pairs, or zeros for the padding), so a reused buffer
+        // is not cleared first.
+        let len = lanes.len().div_ceil(W) * pitch * W;
+        if out.len() < len {
+            out.resize(len, 0);
+        }
+        out.truncate(len);
+        if W == 1 && lane_stride == 1 && inner_stride != 1 {
+            // Rows of a transposed matrix: a pair's two inner elements are two runs along the
+            // rows, each element going to its own row of `out`.
+            let nl = lanes.len();
+            for p in 0..kp {
+                let kk = ks.start + 2 * p;
+                let lo_at = base + kk * inner_stride + lanes.start;
+                let lo = &data[lo_at..lo_at + nl];
+                if kk + 1 < ks.end {
+                    let hi = &data[lo_at + inner_stride..lo_at + inner_stride + nl];
+                    for (j, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                        out[j * pitch + p] = pair(l, h);
+                    }
+                } else {
+                    for (j, &l) in lo.iter().enumerate() {
+                        out[j * pitch + p] = pair(l, 0);
+                    }
+                }
+            }
+            for row in out.chunks_exact_mut(pitch) {
+                row[kp..].fill(0);
+            }
+            return;
+        }
         for (ip, l0) in lanes.clone().step_by(W).enumerate() {
             let panel = &mut out[ip * pitch * W..(ip + 1) * pitch * W];
             let width = W.min(lanes.end - l0);
+            panel[kp * W..].fill(0);
+            if width < W {
+                for p in 0..kp {
+                    panel[p * W + width..(p + 1) * W].fill(0);
+                }
+            }
             if inner_stride == 1 {
                 // Each lane's inner elements are contiguous (a row of activations, a transposed
                 // weight's column): its pairs are 32-bit words.
@@ -631,11 +687,6 @@ mod dot {
         rhs: &mut Vec<u32>,
         dst: &mut [f32],
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if amx() {
-            // SAFETY: `amx()` held: the CPU has AMX-BF16 and the kernel lets this process use it.
-            return unsafe { amx_tile(a, b, bi, rows, cols, lhs, rhs, dst) };
-        }
         let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
         dst.fill(0.0);
         let mut block = [0f32; MR * NR];
@@ -754,141 +805,231 @@ mod dot {
         false
     }
 
-    /// [`tile`] on AMX. Per block of [`KC`] inner elements, the left operand is packed as rows of
-    /// pairs (`pitch` pairs a row, a multiple of 16, zero-padded; rows padded to 32) and the right
-    /// one as [`tile`]'s micro-panels of [`NR`] columns with the same pitch; each 32 × 32 block of
-    /// the output is four accumulator tiles (tmm0–3) fed by two left tiles (tmm4–5) and two right
-    /// ones (tmm6–7), 16 pairs at a time.
+    /// The whole product `a · b` on AMX, written straight into a new output. Each task takes
+    /// one batch entry's columns `panel` wide (a multiple of [`NR`]) by a chunk of its rows, packs
+    /// its right operand's columns once for the whole inner dimension (as [`tile`]'s micro-panels
+    /// of [`NR`] columns, `pitch` pairs each, a multiple of 16, zero-padded), and then, per
+    /// [`ROW_BLOCK`] rows, packs those rows of the left operand as rows of pairs (rows padded to
+    /// 32). Each 32 × 32 block of the output is four accumulator tiles (tmm0–3) fed by two left
+    /// tiles (tmm4–5) and two right ones (tmm6–7), 16 pairs at a time over the whole inner
+    /// dimension; its sums are rounded into the output as they leave the tiles, so nothing is
+    /// zero-filled, copied or added twice. Chunks are as few as keep every thread busy: each
+    /// chunk packs its columns again.
     ///
     /// # Safety
     /// [`amx`] holds.
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn amx_tile<T: Half>(
-        a: &Operand<T>,
-        b: &Operand<T>,
-        bi: usize,
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
-        lhs: &mut Vec<u32>,
-        rhs: &mut Vec<u32>,
-        dst: &mut [f32],
-    ) {
+    pub unsafe fn amx_product<T: Half>(a: &Operand<T>, b: &Operand<T>) -> Vec<T> {
+        use rayon::prelude::*;
         use std::arch::asm;
-        let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
-        if k == 0 {
-            dst.fill(0.0);
-            return;
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let batches = a.starts.len();
+        let len = batches * m * n;
+        if len == 0 || k == 0 {
+            return vec![T::ZERO; len];
         }
-        let rows_pad = mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS;
-        // Palette 1; eight tiles of 16 rows × 64 bytes.
-        let mut config = [0u8; 64];
-        config[0] = 1;
-        for t in 0..8 {
-            config[16 + 2 * t] = 64;
-            config[48 + t] = AMX_ROWS as u8;
+        let block = 2 * AMX_ROWS;
+        let pitch = k.div_ceil(block) * AMX_ROWS;
+        let mut panel = (PANEL_ELEMENTS / k / NR * NR).clamp(NR, n.div_ceil(NR) * NR);
+        let threads = rayon::current_num_threads().max(1);
+        if batches * n.div_ceil(panel) < threads && a.col_stride == 1 {
+            // Too few tasks for the threads: split the columns rather than the rows, where the
+            // left operand's rows are contiguous: packing them is a copy, while the right
+            // operand's columns would be packed again for every chunk of rows.
+            panel = panel.min(n.div_ceil(threads).div_ceil(NR) * NR);
         }
-        let mut block = [0f32; 2 * AMX_ROWS * NR];
+        let units = batches * n.div_ceil(panel);
+        let blocks = m.div_ceil(block);
+        // Row chunks: enough that the tasks share out evenly among the threads (or at least
+        // four a thread), and no more.
+        let mut chunks = 1;
+        while !(units * chunks).is_multiple_of(threads)
+            && units * chunks < 4 * threads
+            && chunks < blocks
+        {
+            chunks += 1;
+        }
+        let chunk_rows = blocks.div_ceil(chunks) * block;
+        let tiles: Vec<(usize, usize, usize)> = (0..batches)
+            .flat_map(|bi| {
+                (0..m)
+                    .step_by(chunk_rows)
+                    .flat_map(move |r0| (0..n).step_by(panel).map(move |c0| (bi, r0, c0)))
+            })
+            .collect();
+        let workers = threads.min(tiles.len());
+        let mut out = Vec::<T>::with_capacity(len);
+        let output = Output(out.as_mut_ptr());
         let (a_bits, b_bits) = (bits(a.data), bits(b.data));
-        let (a_at, b_at) = (a.starts[bi], b.starts[bi]);
-        // SAFETY: `amx()` held; the configuration is a valid palette-1 layout.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack)) };
-        for k0 in (0..k).step_by(KC) {
-            let ks = k0..(k0 + KC).min(k);
-            let pitch = ks.len().div_ceil(2 * AMX_ROWS) * AMX_ROWS;
-            pack::<1>(
-                a_bits,
-                a_at,
-                rows.clone(),
-                a.row_stride,
-                ks.clone(),
-                a.col_stride,
-                pitch,
-                lhs,
-            );
-            lhs.resize(rows_pad * pitch, 0);
-            pack::<NR>(
-                b_bits,
-                b_at,
-                cols.clone(),
-                b.col_stride,
-                ks,
-                b.row_stride,
-                pitch,
-                rhs,
-            );
-            let (a_stride, b_stride) = (pitch * 4, NR * 4);
-            for (jp, j0) in (0..nc).step_by(NR).enumerate() {
-                let width = NR.min(nc - j0);
-                let b_panel = rhs[jp * pitch * NR..].as_ptr();
-                for i0 in (0..mr).step_by(2 * AMX_ROWS) {
-                    let height = (2 * AMX_ROWS).min(mr - i0);
-                    let a_rows = lhs[i0 * pitch..].as_ptr();
-                    // SAFETY: every load reads 16 rows of 64 bytes at the given stride inside
-                    // `lhs` (rows_pad × pitch pairs) or `rhs` (a panel of pitch × NR pairs);
-                    // the stores write `block` (32 rows × NR f32).
-                    unsafe {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack, nomem)
-                        );
-                        for q in 0..pitch / AMX_ROWS {
-                            let a0 = a_rows.add(q * AMX_ROWS);
-                            let a1 = a0.add(AMX_ROWS * pitch);
-                            let b0 = b_panel.add(q * AMX_ROWS * NR);
-                            let b1 = b0.add(AMX_ROWS);
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {sa}*1]",
-                                "tileloadd tmm5, [{a1} + {sa}*1]",
-                                "tileloadd tmm6, [{b0} + {sb}*1]",
-                                "tileloadd tmm7, [{b1} + {sb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0,
-                                a1 = in(reg) a1,
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b1,
-                                sa = in(reg) a_stride,
-                                sb = in(reg) b_stride,
-                                options(nostack, readonly)
-                            );
+        // Each worker's buffers are made before any task runs (see `tiled`).
+        let rows_max = ROW_BLOCK.min(chunk_rows);
+        let mut scratch: Vec<(Vec<u32>, Vec<u32>)> = (0..workers)
+            .map(|_| {
+                (
+                    Vec::with_capacity(rows_max * pitch),
+                    Vec::with_capacity(panel.min(n.div_ceil(NR) * NR) * pitch),
+                )
+            })
+            .collect();
+        scratch
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(w, (lhs, rhs))| {
+                crate::engine::kernels::vectorized(
+                    #[inline(always)]
+                    || {
+                        // Palette 1; eight tiles of 16 rows × 64 bytes.
+                        let mut config = [0u8; 64];
+                        config[0] = 1;
+                        for t in 0..8 {
+                            config[16 + 2 * t] = 64;
+                            config[48 + t] = AMX_ROWS as u8;
                         }
-                        let c = block.as_mut_ptr();
-                        asm!(
-                            "tilestored [{c0} + {s}*1], tmm0",
-                            "tilestored [{c1} + {s}*1], tmm1",
-                            "tilestored [{c2} + {s}*1], tmm2",
-                            "tilestored [{c3} + {s}*1], tmm3",
-                            c0 = in(reg) c,
-                            c1 = in(reg) c.add(AMX_ROWS),
-                            c2 = in(reg) c.add(AMX_ROWS * NR),
-                            c3 = in(reg) c.add(AMX_ROWS * NR + AMX_ROWS),
-                            s = in(reg) NR * 4,
-                            options(nostack)
-                        );
-                    }
-                    for i in 0..height {
-                        let out = &mut dst[(i0 + i) * nc + j0..(i0 + i) * nc + j0 + width];
-                        let sums = &block[i * NR..i * NR + width];
-                        if k0 == 0 {
-                            // The first block writes every element of `dst` (no zero fill).
-                            out.copy_from_slice(sums);
-                        } else {
-                            for (o, v) in out.iter_mut().zip(sums) {
-                                *o += v;
+                        // SAFETY: `amx()` held; the configuration is a valid palette-1 layout.
+                        unsafe {
+                            asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack))
+                        };
+                        let mut sums = [0f32; 2 * AMX_ROWS * NR];
+                        for &(bi, r0, c0) in tiles.iter().skip(w).step_by(workers) {
+                            let cs = c0..(c0 + panel).min(n);
+                            let rs_end = (r0 + chunk_rows).min(m);
+                            pack::<NR>(
+                                b_bits,
+                                b.starts[bi],
+                                cs.clone(),
+                                b.col_stride,
+                                0..k,
+                                b.row_stride,
+                                pitch,
+                                rhs,
+                            );
+                            for rb in (r0..rs_end).step_by(ROW_BLOCK) {
+                                let rs = rb..(rb + ROW_BLOCK).min(rs_end);
+                                let mr = rs.len();
+                                pack::<1>(
+                                    a_bits,
+                                    a.starts[bi],
+                                    rs,
+                                    a.row_stride,
+                                    0..k,
+                                    a.col_stride,
+                                    pitch,
+                                    lhs,
+                                );
+                                lhs.resize(mr.div_ceil(block) * block * pitch, 0);
+                                let at = (bi * m + rb) * n + c0;
+                                // SAFETY: `amx()` held and the tiles are configured; the
+                                // buffers are packed as `blocks_into` reads them; rows `rs` ×
+                                // columns `cs` of entry `bi` are this task's alone.
+                                unsafe {
+                                    blocks_into(
+                                        lhs,
+                                        rhs,
+                                        pitch,
+                                        mr,
+                                        cs.len(),
+                                        &mut sums,
+                                        |i, j, v| {
+                                            let dst = std::slice::from_raw_parts_mut(
+                                                output.at(at + i * n + j),
+                                                v.len(),
+                                            );
+                                            T::narrow_run(v, dst);
+                                        },
+                                    )
+                                };
                             }
                         }
+                        // SAFETY: releases this thread's tile state (the configuration above).
+                        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+                    },
+                )
+            });
+        // SAFETY: the tasks wrote every element: their tiles cover every batch entry's rows and
+        // columns, and `blocks_into` hands every row × column of its block to the writer.
+        unsafe { out.set_len(len) };
+        out
+    }
+
+    /// The `mr × nc` product of `lhs` (rows of `pitch` pairs, padded to a multiple of 32 rows)
+    /// and `rhs` (micro-panels of [`NR`] columns × `pitch` pairs), block by 32 × 32 block: `put(i,
+    /// j, sums)` receives row `i`'s sums for columns `j..j + sums.len()`.
+    ///
+    /// # Safety
+    /// [`amx`] holds and this thread's tiles are configured as in [`amx_product`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn blocks_into(
+        lhs: &[u32],
+        rhs: &[u32],
+        pitch: usize,
+        mr: usize,
+        nc: usize,
+        sums: &mut [f32; 2 * AMX_ROWS * NR],
+        mut put: impl FnMut(usize, usize, &[f32]),
+    ) {
+        use std::arch::asm;
+        debug_assert!(lhs.len() >= mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS * pitch);
+        debug_assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
+        let (a_stride, b_stride) = (pitch * 4, NR * 4);
+        for (jp, j0) in (0..nc).step_by(NR).enumerate() {
+            let width = NR.min(nc - j0);
+            let b_panel = rhs[jp * pitch * NR..].as_ptr();
+            for i0 in (0..mr).step_by(2 * AMX_ROWS) {
+                let height = (2 * AMX_ROWS).min(mr - i0);
+                let a_rows = lhs[i0 * pitch..].as_ptr();
+                // SAFETY: every load reads 16 rows of 64 bytes at the given stride inside `lhs`
+                // or `rhs` (see the contract above); the stores write `sums` (32 rows × NR f32).
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                    for q in 0..pitch / AMX_ROWS {
+                        let a0 = a_rows.add(q * AMX_ROWS);
+                        let a1 = a0.add(AMX_ROWS * pitch);
+                        let b0 = b_panel.add(q * AMX_ROWS * NR);
+                        let b1 = b0.add(AMX_ROWS);
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {sa}*1]",
+                            "tileloadd tmm5, [{a1} + {sa}*1]",
+                            "tileloadd tmm6, [{b0} + {sb}*1]",
+                            "tileloadd tmm7, [{b1} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0,
+                            a1 = in(reg) a1,
+                            b0 = in(reg) b0,
+                            b1 = in(reg) b1,
+                            sa = in(reg) a_stride,
+                            sb = in(reg) b_stride,
+                            options(nostack, readonly)
+                        );
                     }
+                    let c = sums.as_mut_ptr();
+                    asm!(
+                        "tilestored [{c0} + {s}*1], tmm0",
+                        "tilestored [{c1} + {s}*1], tmm1",
+                        "tilestored [{c2} + {s}*1], tmm2",
+                        "tilestored [{c3} + {s}*1], tmm3",
+                        c0 = in(reg) c,
+                        c1 = in(reg) c.add(AMX_ROWS),
+                        c2 = in(reg) c.add(AMX_ROWS * NR),
+                        c3 = in(reg) c.add(AMX_ROWS * NR + AMX_ROWS),
+                        s = in(reg) NR * 4,
+                        options(nostack)
+                    );
+                }
+                for i in 0..height {
+                    put(i0 + i, j0, &sums[i * NR..i * NR + width]);
                 }
             }
         }
-        // SAFETY: releases this thread's tile state (the configuration above).
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 }
 
