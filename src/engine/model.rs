@@ -174,8 +174,16 @@ impl Linear {
             };
             let a = lora.a.as_tensor().to_dtype(dtype)?;
             let b = lora.b.as_tensor().to_dtype(dtype)?;
-            let delta = mm(&mm(&x_in, &a.t()?)?, &b.t()?)?;
-            y = (y + delta.affine(lora.scale, 0.0)?)?;
+            // The scale multiplies the rank-wide intermediate rather than the output: the same
+            // product (exactly so for a power-of-two scale), one pass over `[n, r]` instead of
+            // over `[n, out]` forward and backward.
+            let down = mm(&x_in, &a.t()?)?;
+            let down = if lora.scale == 1.0 {
+                down
+            } else {
+                down.affine(lora.scale, 0.0)?
+            };
+            y = (y + mm(&down, &b.t()?)?)?;
         }
         Ok(y)
     }
