@@ -42,24 +42,30 @@ impl Elem for f32 {
     }
 }
 
-/// The half-precision storage types: widened and rounded by the `half` crate.
-macro_rules! half_elem {
-    ($t:ty) => {
-        impl Elem for $t {
-            #[inline(always)]
-            fn get(self) -> f32 {
-                self.to_f32()
-            }
-            #[inline(always)]
-            fn put(v: f32) -> Self {
-                <$t>::from_f32(v)
-            }
-        }
-    };
+/// f16: widened and rounded by the `half` crate.
+impl Elem for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        f16::from_f32(v)
+    }
 }
 
-half_elem!(bf16);
-half_elem!(f16);
+/// bf16 by the branch-free conversions of the tiled product (the same values as `half`'s, NaN
+/// aside: a NaN stays a NaN), so that loops over them vectorise.
+impl Elem for bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        crate::engine::matmul::widen(self)
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        crate::engine::matmul::narrow(v)
+    }
+}
 
 /// Whether the fused path applies: CPU, a dtype the kernels store, contiguous.
 pub(crate) fn fusable(ts: &[&Tensor]) -> bool {

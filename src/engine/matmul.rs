@@ -280,14 +280,14 @@ impl<'a, T: Half> Operand<'a, T> {
 
 /// bf16 → f32: the 16 bits are the f32's upper half (exact).
 #[inline(always)]
-fn widen(v: bf16) -> f32 {
+pub(crate) fn widen(v: bf16) -> f32 {
     f32::from_bits(u32::from(v.to_bits()) << 16)
 }
 
 /// f32 → bf16, rounding to nearest even (NaN stays a quiet NaN), as `half` does, branch-free so
 /// that a row of them vectorizes.
 #[inline(always)]
-fn narrow(v: f32) -> bf16 {
+pub(crate) fn narrow(v: f32) -> bf16 {
     let bits = v.to_bits();
     let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
     let nan = (bits >> 16) | 0x0040;
