@@ -120,7 +120,14 @@ fn keep_freed_memory() {
 // SAFETY: every block comes from `System` with the caller's alignment and a size one byte larger;
 // the caller's bytes are `[ptr, ptr + size)` and the tag byte `ptr + size` is never handed out.
 // Frees and reallocs rebuild the same tagged layout from the caller's layout.
+//
+// The hooks are never inlined. To the compiler, a block from `__rust_alloc` is an object of the
+// caller's size, so a tag read at `ptr + size` inlined into a function that also sees the
+// allocation is a read past its end: undefined behaviour it may exploit. A release build did: a
+// test comparing a two-element Vec with its expected value, printed equal, was folded to "not
+// equal". Out of line, the hooks see only a pointer, as any allocator's bookkeeping does.
 unsafe impl GlobalAlloc for CountingAllocator {
+    #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         keep_freed_memory();
         let Some(tagged) = tagged_layout(layout) else {
@@ -135,6 +142,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         ptr
     }
 
+    #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         keep_freed_memory();
         let Some(tagged) = tagged_layout(layout) else {
@@ -149,6 +157,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         ptr
     }
 
+    #[inline(never)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` was returned by `alloc*`/`realloc` for `layout`, so the tag byte exists.
         let tag = unsafe { ptr.add(layout.size()).read() };
@@ -161,6 +170,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         }
     }
 
+    #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let (Some(old_tagged), Some(new_tagged_size)) =
             (tagged_layout(layout), new_size.checked_add(1))
