@@ -65,8 +65,10 @@ pub trait Prober {
 /// makes its gradients in the forward pass. 16: the backward pass keeps a tensor's first gradient
 /// instead of adding it to zeros (vendor/candle-core/MEMTUNE.md); the step-time fit down-weights
 /// slowed segments. 17: gemm's AVX-512 kernels where the CPU runs them at full width, bf16
-/// products on AMX, vectorised fused kernels and bf16 additions: faster steps, same bytes.)
-pub const COST_MODEL_VERSION: u32 = 17;
+/// products on AMX, vectorised fused kernels and bf16 additions: faster steps, same bytes. 18:
+/// AMX products write their output directly and f32 products call gemm without a zero fill;
+/// LoRA scales its rank-wide intermediate: faster steps, and LoRA's transient output goes.)
+pub const COST_MODEL_VERSION: u32 = 18;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
