@@ -199,6 +199,28 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `a · b` of two CPU storages of one dtype (bf16, f16 or f32), `[..., m, k]` by `[..., k, n]`
+/// with the same leading dimensions: [`matmul`]'s forward, for ops that multiply inside their own
+/// forward pass.
+pub(crate) fn cpu_product(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (d1, d2) = (l1.dims(), l2.dims());
+    let r = d1.len();
+    if r < 2 || d2.len() != r || d1[..r - 2] != d2[..r - 2] || d1[r - 1] != d2[r - 2] {
+        candle_core::bail!("matmul: shapes {d1:?} and {d2:?} do not multiply");
+    }
+    match s1 {
+        CpuStorage::BF16(_) => tiled::<bf16>(s1, l1, s2, l2),
+        CpuStorage::F16(_) => tiled::<f16>(s1, l1, s2, l2),
+        CpuStorage::F32(_) => f32_product(s1, l1, s2, l2),
+        other => candle_core::bail!("matmul: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
 /// The product of [`matmul`]; its backward is two products of the same kind, one per tracked
 /// operand (a frozen operand gets none).
 struct Tiled;
@@ -543,12 +565,7 @@ impl CustomOp2 for Tiled {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::BF16(_) => tiled::<bf16>(s1, l1, s2, l2),
-            CpuStorage::F16(_) => tiled::<f16>(s1, l1, s2, l2),
-            CpuStorage::F32(_) => f32_product(s1, l1, s2, l2),
-            other => candle_core::bail!("tiled matmul: unsupported dtype {:?}", other.dtype()),
-        }
+        cpu_product(s1, l1, s2, l2)
     }
 
     fn bwd(
