@@ -701,17 +701,43 @@ mod dot {
             // Rows of a transposed matrix: a pair's two inner elements are two runs along the
             // rows, each element going to its own row of `out`.
             let nl = lanes.len();
+            // Whole blocks of 16 pairs × 16 rows on AVX-512, the rest one by one.
+            let (mut p_done, mut j_done) = (0, 0);
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                (p_done, j_done) = (ks.len() / 32 * 16, nl / 16 * 16);
+                for j0 in (0..j_done).step_by(16) {
+                    for p0 in (0..p_done).step_by(16) {
+                        let at = base + (ks.start + 2 * p0) * inner_stride + lanes.start + j0;
+                        // The block reads elements `at + c · inner_stride + i` for c < 32 and
+                        // i < 16, all inside `data`, and writes 16 rows of 16 words inside `out`.
+                        let last = at + 31 * inner_stride + 15;
+                        assert!(last < data.len() && (j0 + 15) * pitch + p0 + 16 <= out.len());
+                        // SAFETY: `available()` held (AVX-512F); the bounds are checked above.
+                        unsafe {
+                            x86_pack::pairs_of_runs(
+                                data.as_ptr().add(at),
+                                inner_stride,
+                                out.as_mut_ptr().add(j0 * pitch + p0),
+                                pitch,
+                            )
+                        };
+                    }
+                }
+            }
             for p in 0..kp {
+                // Rows below `j_done` already have their first `p_done` pairs.
+                let first = if p < p_done { j_done } else { 0 };
                 let kk = ks.start + 2 * p;
                 let lo_at = base + kk * inner_stride + lanes.start;
                 let lo = &data[lo_at..lo_at + nl];
                 if kk + 1 < ks.end {
                     let hi = &data[lo_at + inner_stride..lo_at + inner_stride + nl];
-                    for (j, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                    for (j, (&l, &h)) in lo.iter().zip(hi).enumerate().skip(first) {
                         out[j * pitch + p] = pair(l, h);
                     }
                 } else {
-                    for (j, &l) in lo.iter().enumerate() {
+                    for (j, &l) in lo.iter().enumerate().skip(first) {
                         out[j * pitch + p] = pair(l, 0);
                     }
                 }
@@ -733,9 +759,43 @@ mod dot {
             if inner_stride == 1 {
                 // Each lane's inner elements are contiguous (a row of activations, a transposed
                 // weight's column): its pairs are 32-bit words.
+                // Whole blocks of 16 lanes × 16 pairs on AVX-512, the rest one by one.
+                let mut p_done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if W > 1 && available() {
+                    p_done = ks.len() / 32 * 16;
+                    for j0 in (0..width / 16 * 16).step_by(16) {
+                        let at = base + (l0 + j0) * lane_stride + ks.start;
+                        let last = at + 15 * lane_stride + 2 * p_done;
+                        assert!(p_done == 0 || last <= data.len());
+                        for p0 in (0..p_done).step_by(16) {
+                            // SAFETY: `available()` held (AVX-512F); lane `i` < 16 reads the
+                            // 32 halves from `at + i · lane_stride + 2 · p0`, inside `data`
+                            // (checked above), and the block writes 16 rows of 16 words
+                            // inside `panel` (`p0 + 16 <= p_done <= kp <= pitch`).
+                            unsafe {
+                                x86_pack::words(
+                                    data.as_ptr().add(at + 2 * p0),
+                                    lane_stride,
+                                    panel.as_mut_ptr().add(p0 * W + j0),
+                                    W,
+                                )
+                            };
+                        }
+                    }
+                }
                 for j in 0..width {
                     let at = base + (l0 + j) * lane_stride;
-                    pack_run(&data[at + ks.start..at + ks.end], panel, W, j);
+                    let skip = if j < width / 16 * 16 { p_done } else { 0 };
+                    if 2 * skip >= ks.len() {
+                        continue;
+                    }
+                    pack_run(
+                        &data[at + ks.start + 2 * skip..at + ks.end],
+                        &mut panel[skip * W..],
+                        W,
+                        j,
+                    );
                 }
                 continue;
             }
@@ -764,6 +824,141 @@ mod dot {
                     for (j, d) in dst.iter_mut().enumerate() {
                         let off = j * lane_stride;
                         *d = pair(data[lo_at + off], hi_at.map_or(0, |h| data[h + off]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packing's transposes on AVX-512, 16 × 16 words at a time.
+    #[cfg(target_arch = "x86_64")]
+    mod x86_pack {
+        use std::arch::x86_64::*;
+
+        /// `m[0..16]` transposed: word `c` of row `i` becomes word `i` of row `c`. Plain loops,
+        /// no closures: a closure would be a function of its own without AVX-512 enabled, and
+        /// every intrinsic in it an out-of-line call.
+        #[inline(always)]
+        unsafe fn transpose(m: &mut [__m512i; 16]) {
+            // SAFETY (all intrinsics here): register-only operations; the caller has AVX-512F.
+            unsafe {
+                // Within each 128-bit lane: 2 × 2 blocks of words...
+                let mut t = *m;
+                for x in (0..16).step_by(2) {
+                    t[x] = _mm512_unpacklo_epi32(m[x], m[x + 1]);
+                    t[x + 1] = _mm512_unpackhi_epi32(m[x], m[x + 1]);
+                }
+                // ...then of 64-bit halves: u[4g + c] holds rows 4g..4g+4 of column 4l + c in
+                // 128-bit lane l...
+                let mut u = t;
+                for g in 0..4 {
+                    for c in 0..4 {
+                        let (a, b) = (t[4 * g + c / 2], t[4 * g + c / 2 + 2]);
+                        u[4 * g + c] = if c % 2 == 0 {
+                            _mm512_unpacklo_epi64(a, b)
+                        } else {
+                            _mm512_unpackhi_epi64(a, b)
+                        };
+                    }
+                }
+                // ...then across lanes: v[8h + c] (lanes 0, 2) and v[8h + 4 + c] (lanes 1, 3)
+                // from row groups 2h and 2h + 1...
+                let mut v = u;
+                for h in 0..2 {
+                    for c in 0..4 {
+                        let (a, b) = (u[8 * h + c], u[8 * h + 4 + c]);
+                        v[8 * h + c] = _mm512_shuffle_i32x4::<0x88>(a, b);
+                        v[8 * h + 4 + c] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+                    }
+                }
+                // ...and columns c, c + 4, c + 8, c + 12 whole (quarter q: v[c + 4 (q mod 2)]
+                // and v[8 + c + 4 (q mod 2)], lanes 0, 2 for q < 2, lanes 1, 3 for q ≥ 2).
+                for c in 0..4 {
+                    for q in 0..2 {
+                        let (a, b) = (v[c + 4 * q], v[8 + c + 4 * q]);
+                        m[4 * q + c] = _mm512_shuffle_i32x4::<0x88>(a, b);
+                        m[4 * (q + 2) + c] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+                    }
+                }
+            }
+        }
+
+        /// 16 runs of 16 words (32 halves), run `i` at `src + i · stride` halves, transposed:
+        /// word `c` of run `i` goes to `dst[c · dst_stride + i]`.
+        ///
+        /// # Safety
+        /// AVX-512F; the runs are readable and the 16 rows of 16 words at `dst` writable.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn words(src: *const u16, stride: usize, dst: *mut u32, dst_stride: usize) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let mut m = [_mm512_setzero_si512(); 16];
+                for (i, row) in m.iter_mut().enumerate() {
+                    *row = _mm512_loadu_si512(src.add(i * stride) as *const __m512i);
+                }
+                transpose(&mut m);
+                for (c, row) in m.iter().enumerate() {
+                    _mm512_storeu_si512(dst.add(c * dst_stride) as *mut __m512i, *row);
+                }
+            }
+        }
+
+        /// 16 pairs of runs of 16 halves (pair `c`: the runs at `src + 2c · stride` and at
+        /// `src + (2c + 1) · stride`) as words `lo | hi << 16`, transposed: element `i` of pair
+        /// `c` goes to `dst[i · dst_stride + c]`.
+        ///
+        /// # Safety
+        /// AVX-512F; the runs are readable and the 16 rows of 16 words at `dst` writable.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn pairs_of_runs(
+            src: *const u16,
+            stride: usize,
+            dst: *mut u32,
+            dst_stride: usize,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let mut m = [_mm512_setzero_si512(); 16];
+                for (c, row) in m.iter_mut().enumerate() {
+                    let lo = _mm256_loadu_si256(src.add(2 * c * stride) as *const __m256i);
+                    let hi = _mm256_loadu_si256(src.add((2 * c + 1) * stride) as *const __m256i);
+                    *row = _mm512_or_si512(
+                        _mm512_cvtepu16_epi32(lo),
+                        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+                    );
+                }
+                transpose(&mut m);
+                for (i, row) in m.iter().enumerate() {
+                    _mm512_storeu_si512(dst.add(i * dst_stride) as *mut __m512i, *row);
+                }
+            }
+        }
+
+        #[cfg(test)]
+        mod tests {
+            #[test]
+            fn transposes_match_the_scalar_ones() {
+                if !super::super::available() {
+                    return;
+                }
+                let src: Vec<u16> = (0..40 * 64).map(|v| (v * 7 + 3) as u16).collect();
+                let stride = 40;
+                let mut dst = vec![0u32; 16 * 20];
+                // SAFETY: AVX-512F (checked); 16 runs of 32 halves at stride 40 lie in `src`,
+                // 16 rows of 16 words at stride 20 in `dst`.
+                unsafe { super::words(src.as_ptr(), stride, dst.as_mut_ptr(), 20) };
+                for i in 0..16 {
+                    for c in 0..16 {
+                        let (lo, hi) = (src[i * stride + 2 * c], src[i * stride + 2 * c + 1]);
+                        assert_eq!(dst[c * 20 + i], u32::from(lo) | u32::from(hi) << 16);
+                    }
+                }
+                // SAFETY: as above; pair c reads halves up to (2c + 1) · 40 + 15 < 40 · 64.
+                unsafe { super::pairs_of_runs(src.as_ptr(), stride, dst.as_mut_ptr(), 20) };
+                for i in 0..16 {
+                    for c in 0..16 {
+                        let (lo, hi) = (src[2 * c * stride + i], src[(2 * c + 1) * stride + i]);
+                        assert_eq!(dst[i * 20 + c], u32::from(lo) | u32::from(hi) << 16);
                     }
                 }
             }
