@@ -569,3 +569,40 @@ fn rms_norm_weight_gradient_matches_the_composite() {
             .is_none()
     );
 }
+
+#[test]
+fn scale_matches_candles_affine_bit_for_bit() {
+    // Gradient clipping's scaling: widen, affine(factor, 0), round back, in one pass. Over a
+    // parallel chunk boundary, with −0 (which the affine's + 0 turns into +0).
+    let x = (randn(&[3, 40_000], 11) * 100.0).unwrap();
+    let x = x
+        .slice_assign(
+            &[0..1, 0..1],
+            &Tensor::new(&[[-0.0f64]], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let x = x.to_dtype(dtype).unwrap();
+        for factor in [0.37, 1.0 / 3.0, 2.0] {
+            let got = memtune::engine::kernels::scale(&x, factor)
+                .unwrap()
+                .expect("fused path");
+            let want = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .affine(factor, 0.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} × {factor}");
+        }
+    }
+}

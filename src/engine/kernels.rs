@@ -444,6 +444,34 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x · factor` (f32 arithmetic, rounded once to `x`'s dtype), with no gradient.
+struct Scale {
+    factor: f32,
+}
+
+impl CustomOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let factor = self.factor;
+        // `+ 0.0` as candle's affine adds its (zero) offset: −0 becomes +0 the same way.
+        map_elementwise([(x, l)], 1, move |[x]: [f32; 1]| [x * factor + 0.0, 0.0])
+    }
+}
+
+/// `x · factor` in one pass where the fused kernels apply (CPU, contiguous f32 / bf16 / f16): the
+/// same values as widening to f32, `affine(factor, 0)` and rounding back, which takes three passes
+/// and two new tensors for a 16-bit `x`. `None` elsewhere.
+pub fn scale(x: &Tensor, factor: f64) -> Result<Option<Tensor>> {
+    if !fusable(&[x]) {
+        return Ok(None);
+    }
+    let factor = factor as f32;
+    x.detach().apply_op1_no_bwd(&Scale { factor }).map(Some)
+}
+
 /// Softmax of `scale · scores` over the last dimension under a causal mask: `scores` is
 /// `[…, s, s]` with row `i` of each `s × s` block seeing columns `0..=i`.
 struct CausalSoftmax {

@@ -103,8 +103,12 @@ pub fn clip_grad_norm(params: &[Param], grads: &mut GradStore, max_norm: f64) ->
             let Some(grad) = grads.get(param.var.as_tensor()) else {
                 continue;
             };
-            let dtype = grad.dtype();
-            let scaled = working(grad)?.affine(coefficient, 0.0)?.to_dtype(dtype)?;
+            let scaled = match crate::engine::kernels::scale(grad, coefficient)? {
+                Some(scaled) => scaled,
+                None => working(grad)?
+                    .affine(coefficient, 0.0)?
+                    .to_dtype(grad.dtype())?,
+            };
             grads.insert(param.var.as_tensor(), scaled);
         }
     }
