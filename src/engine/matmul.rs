@@ -1065,6 +1065,11 @@ mod dot {
     /// Rows of an AMX tile (and pairs of the inner dimension it holds: 64 bytes a row).
     const AMX_ROWS: usize = 16;
 
+    /// Inner-dimension elements an AMX product packs at once (a multiple of 32): the left
+    /// operand's packed rows take at most [`ROW_BLOCK`] × 8 KiB, and a longer inner dimension (a
+    /// vocabulary's, in the head's input gradient `g · W`) is summed over blocks.
+    const AMX_K: usize = 4096;
+
     /// Whether bf16 tiles run on AMX (Intel's tile unit: `tdpbf16ps` multiplies a 16 × 32 by a
     /// 32 × 16 bf16 tile into 16 × 16 f32 sums, the same arithmetic as `vdpbf16ps`): the CPU has
     /// AMX-TILE and AMX-BF16, [`available`] holds, `MEMTUNE_NO_AMX` is unset, and Linux grants
@@ -1120,8 +1125,12 @@ mod dot {
             return vec![T::ZERO; len];
         }
         let block = 2 * AMX_ROWS;
-        let pitch = k.div_ceil(block) * AMX_ROWS;
-        let mut panel = (PANEL_ELEMENTS / k / NR * NR).clamp(NR, n.div_ceil(NR) * NR);
+        // The inner dimension in blocks of at most AMX_K: one block (the usual case) rounds the
+        // tiles' sums straight into the output; more add them up in an f32 buffer first.
+        let kc = k.min(AMX_K);
+        let k_blocks = k.div_ceil(kc);
+        let pitch = kc.div_ceil(block) * AMX_ROWS;
+        let mut panel = (PANEL_ELEMENTS / kc / NR * NR).clamp(NR, n.div_ceil(NR) * NR);
         let threads = rayon::current_num_threads().max(1);
         if batches * n.div_ceil(panel) < threads && a.col_stride == 1 {
             // Too few tasks for the threads: split the columns rather than the rows, where the
@@ -1154,18 +1163,25 @@ mod dot {
         let (a_bits, b_bits) = (bits(a.data), bits(b.data));
         // Each worker's buffers are made before any task runs (see `tiled`).
         let rows_max = ROW_BLOCK.min(chunk_rows);
-        let mut scratch: Vec<(Vec<u32>, Vec<u32>)> = (0..workers)
+        let panel_max = panel.min(n.div_ceil(NR) * NR);
+        let sums_len = if k_blocks > 1 {
+            chunk_rows * panel_max
+        } else {
+            0
+        };
+        let mut scratch: Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> = (0..workers)
             .map(|_| {
                 (
                     Vec::with_capacity(rows_max * pitch),
-                    Vec::with_capacity(panel.min(n.div_ceil(NR) * NR) * pitch),
+                    Vec::with_capacity(panel_max * pitch),
+                    vec![0f32; sums_len],
                 )
             })
             .collect();
         scratch
             .par_iter_mut()
             .enumerate()
-            .for_each(|(w, (lhs, rhs))| {
+            .for_each(|(w, (lhs, rhs, acc))| {
                 crate::engine::kernels::vectorized(
                     #[inline(always)]
                     || {
@@ -1183,52 +1199,75 @@ mod dot {
                         let mut sums = [0f32; 2 * AMX_ROWS * NR];
                         for &(bi, r0, c0) in tiles.iter().skip(w).step_by(workers) {
                             let cs = c0..(c0 + panel).min(n);
+                            let nc = cs.len();
                             let rs_end = (r0 + chunk_rows).min(m);
-                            pack::<NR>(
-                                b_bits,
-                                b.starts[bi],
-                                cs.clone(),
-                                b.col_stride,
-                                0..k,
-                                b.row_stride,
-                                pitch,
-                                rhs,
-                            );
-                            for rb in (r0..rs_end).step_by(ROW_BLOCK) {
-                                let rs = rb..(rb + ROW_BLOCK).min(rs_end);
-                                let mr = rs.len();
-                                pack::<1>(
-                                    a_bits,
-                                    a.starts[bi],
-                                    rs,
-                                    a.row_stride,
-                                    0..k,
-                                    a.col_stride,
+                            for (kb, k0) in (0..k).step_by(kc).enumerate() {
+                                let ks = k0..(k0 + kc).min(k);
+                                let last = kb + 1 == k_blocks;
+                                pack::<NR>(
+                                    b_bits,
+                                    b.starts[bi],
+                                    cs.clone(),
+                                    b.col_stride,
+                                    ks.clone(),
+                                    b.row_stride,
                                     pitch,
-                                    lhs,
+                                    rhs,
                                 );
-                                lhs.resize(mr.div_ceil(block) * block * pitch, 0);
-                                let at = (bi * m + rb) * n + c0;
-                                // SAFETY: `amx()` held and the tiles are configured; the
-                                // buffers are packed as `blocks_into` reads them; rows `rs` ×
-                                // columns `cs` of entry `bi` are this task's alone.
-                                unsafe {
-                                    blocks_into(
-                                        lhs,
-                                        rhs,
+                                for rb in (r0..rs_end).step_by(ROW_BLOCK) {
+                                    let rs = rb..(rb + ROW_BLOCK).min(rs_end);
+                                    let mr = rs.len();
+                                    pack::<1>(
+                                        a_bits,
+                                        a.starts[bi],
+                                        rs,
+                                        a.row_stride,
+                                        ks.clone(),
+                                        a.col_stride,
                                         pitch,
-                                        mr,
-                                        cs.len(),
-                                        &mut sums,
-                                        |i, j, v| {
-                                            let dst = std::slice::from_raw_parts_mut(
-                                                output.at(at + i * n + j),
-                                                v.len(),
-                                            );
-                                            T::narrow_run(v, dst);
-                                        },
-                                    )
-                                };
+                                        lhs,
+                                    );
+                                    lhs.resize(mr.div_ceil(block) * block * pitch, 0);
+                                    let at = (bi * m + rb) * n + c0;
+                                    let acc_at = (rb - r0) * nc;
+                                    // SAFETY: `amx()` held and the tiles are configured; the
+                                    // buffers are packed as `blocks_into` reads them; rows `rs` ×
+                                    // columns `cs` of entry `bi` are this task's alone, and `acc`
+                                    // holds this tile's rows × columns (chunk_rows × panel).
+                                    unsafe {
+                                        blocks_into(
+                                            lhs,
+                                            rhs,
+                                            pitch,
+                                            mr,
+                                            nc,
+                                            &mut sums,
+                                            |i, j, v| {
+                                                let dst = || {
+                                                    std::slice::from_raw_parts_mut(
+                                                        output.at(at + i * n + j),
+                                                        v.len(),
+                                                    )
+                                                };
+                                                if k_blocks == 1 {
+                                                    return T::narrow_run(v, dst());
+                                                }
+                                                let from = acc_at + i * nc + j;
+                                                let partial = &mut acc[from..from + v.len()];
+                                                if kb == 0 {
+                                                    partial.copy_from_slice(v);
+                                                    return;
+                                                }
+                                                for (p, x) in partial.iter_mut().zip(v) {
+                                                    *p += x;
+                                                }
+                                                if last {
+                                                    T::narrow_run(partial, dst());
+                                                }
+                                            },
+                                        )
+                                    };
+                                }
                             }
                         }
                         // SAFETY: releases this thread's tile state (the configuration above).
@@ -1478,6 +1517,10 @@ mod tests {
                 &right,
             );
             check(&randn(&[3, 1], 12), &randn(&[1, 5], 13));
+            // An inner dimension over AMX's block (summed over three blocks), odd, with the
+            // right operand transposed as a weight's.
+            let longer = randn(&[37, 2 * 4096 + 35], 16);
+            check(&longer, &randn(&[41, 2 * 4096 + 35], 17).t().unwrap());
             // An empty inner dimension: a zero product (every output element written).
             let empty = matmul(&randn(&[3, 0], 14), &randn(&[0, 5], 15)).unwrap();
             assert_eq!(max_abs(&up(&empty)), 0.0);
