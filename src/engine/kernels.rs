@@ -469,7 +469,7 @@ pub fn scale(x: &Tensor, factor: f64) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let factor = factor as f32;
-    x.detach().apply_op1_no_bwd(&Scale { factor }).map(Some)
+    x.apply_op1_no_bwd(&Scale { factor }).map(Some)
 }
 
 /// Softmax of `scale · scores` over the last dimension under a causal mask: `scores` is

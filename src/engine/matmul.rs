@@ -462,7 +462,7 @@ fn f32_product(
     let output = Output(out.as_mut_ptr());
     let entry = |bi: usize, parallelism| {
         // SAFETY: entry `bi`'s operands lie inside their storages at the layouts' strides
-        // (candle checked the shapes); its output is the `m × n` elements from `bi · m · n`,
+        // (`cpu_product` checked the shapes); its output is the `m × n` elements from `bi · m · n`,
         // written by this call alone, which overwrites all of them (`read_dst` false).
         unsafe {
             gemm::gemm(
@@ -1103,14 +1103,15 @@ mod dot {
 
     /// The whole product `a · b` on AMX, written straight into a new output. Each task takes
     /// one batch entry's columns `panel` wide (a multiple of [`NR`]) by a chunk of its rows, packs
-    /// its right operand's columns once for the whole inner dimension (as [`tile`]'s micro-panels
-    /// of [`NR`] columns, `pitch` pairs each, a multiple of 16, zero-padded), and then, per
-    /// [`ROW_BLOCK`] rows, packs those rows of the left operand as rows of pairs (rows padded to
-    /// 32). Each 32 × 32 block of the output is four accumulator tiles (tmm0–3) fed by two left
-    /// tiles (tmm4–5) and two right ones (tmm6–7), 16 pairs at a time over the whole inner
-    /// dimension; its sums are rounded into the output as they leave the tiles, so nothing is
-    /// zero-filled, copied or added twice. Chunks are as few as keep every thread busy: each
-    /// chunk packs its columns again.
+    /// its right operand's columns once per block of at most [`AMX_K`] inner elements (the whole
+    /// inner dimension, usually; as [`tile`]'s micro-panels of [`NR`] columns, `pitch` pairs
+    /// each, a multiple of 16, zero-padded), and then, per [`ROW_BLOCK`] rows, packs those rows
+    /// of the left operand as rows of pairs (rows padded to 32). Each 32 × 32 block of the output
+    /// is four accumulator tiles (tmm0–3) fed by two left tiles (tmm4–5) and two right ones
+    /// (tmm6–7), 16 pairs at a time over the inner block. With one inner block its sums are
+    /// rounded into the output as they leave the tiles, so nothing is zero-filled, copied or
+    /// added twice; with more, they are summed in an f32 buffer and rounded after the last.
+    /// Chunks are as few as keep every thread busy: each chunk packs its columns again.
     ///
     /// # Safety
     /// [`amx`] holds.
