@@ -122,7 +122,8 @@ fn forward_backward_keeping(
     let policy = model.knobs.checkpointing;
 
     // Forward: a recomputed layer keeps only its input; a kept layer keeps its graph, rooted at a
-    // `Var` copy of its input so that backward can stop there and hand the gradient down. Even
+    // `Var` on its input's storage (not a copy: the previous layer's output stays alive for that
+    // layer's backward anyway) so that backward can stop there and hand the gradient down. Even
     // without checkpointing, backward runs layer by layer: candle frees nothing during one
     // `backward()` call, so a single call over the whole model would hold every layer's
     // activations until the last gradient is computed.
@@ -140,14 +141,14 @@ fn forward_backward_keeping(
             saved.push(Saved::Recompute(x));
             x = y;
         } else {
-            let input = Var::from_tensor(&x)?;
+            let input = Var::sharing(&x);
             let y = model.layer_forward(l, input.as_tensor(), true)?;
             x = y.detach();
             saved.push(Saved::Kept(input, y));
         }
         observer.mark("forward", Some(l), micro_batch);
     }
-    let top = Var::from_tensor(&x)?;
+    let top = Var::sharing(&x);
     drop(x);
     let loss = model.head_loss(top.as_tensor(), &targets, Some(loss_scale))?;
     observer.mark("loss", None, micro_batch);
@@ -174,7 +175,7 @@ fn forward_backward_keeping(
             let (input, y) = match saved.pop() {
                 Some(Saved::Kept(input, y)) => (input, y),
                 Some(Saved::Recompute(x)) => {
-                    let input = Var::from_tensor(&x)?;
+                    let input = Var::sharing(&x);
                     drop(x);
                     let y = model.layer_forward(l, input.as_tensor(), true)?;
                     observer.mark("recompute", Some(l), micro_batch);

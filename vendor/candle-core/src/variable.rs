@@ -44,6 +44,12 @@ impl Var {
         }
     }
 
+    /// A variable on `t`'s storage, without copying it (memtune): a leaf for backward to stop at
+    /// and give a gradient to. Writing to the variable (`set`) writes to `t` too.
+    pub fn sharing(t: &Tensor) -> Self {
+        Self(t.shared_var())
+    }
+
     pub fn rand_f64<S: Into<Shape>>(
         lo: f64,
         up: f64,
