@@ -9,7 +9,8 @@ use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
 use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
 use memtune::engine::ops::swiglu as swiglu_any_device;
 use memtune::engine::ops::{
-    LossTargets, causal_softmax, chunked_cross_entropy, full_cross_entropy, rms_norm,
+    LossTargets, causal_attention, causal_softmax, chunked_cross_entropy, full_cross_entropy,
+    rms_norm,
 };
 use memtune::engine::step::{Batch, NoObserver, forward_backward};
 use memtune::spec::ModelSpec;
@@ -155,6 +156,43 @@ fn any_device_swiglu_and_softmax_match_candles_autograd() {
             causal_softmax(&t[0], &mask.to_dtype(dtype).unwrap(), scale).unwrap()
         });
         assert_all_close(dtype, (&got, &got_grads), (&want_p, &want_p_grads));
+    }
+}
+
+/// Attention that keeps only q, k and v (backward recomputes the probabilities) against candle's
+/// autograd of the plain formula in f64: in f64 (candle's ops on any device) and in the dtypes the
+/// CPU's fused softmax kernels store; on 19 positions (a mask over odd rows) and 2 × 3 heads.
+#[test]
+fn causal_attention_matches_candles_autograd() {
+    let (shape, scale) = ([2, 3, 19, 8], 0.35);
+    let (q, k, v) = (
+        (randn(&shape, 41) * 0.5).unwrap(),
+        (randn(&shape, 42) * 0.5).unwrap(),
+        randn(&shape, 43),
+    );
+    let w = randn(&shape, 44);
+    let mask = causal_mask(19, &Device::Cpu).unwrap();
+    let plain = |t: &[Tensor]| {
+        let m = mask.to_dtype(t[0].dtype()).unwrap();
+        let scores = t[0].matmul(&t[1].t().unwrap()).unwrap();
+        let p = candle_nn::ops::softmax(
+            &(scores * scale).unwrap().broadcast_add(&m).unwrap(),
+            candle_core::D::Minus1,
+        )
+        .unwrap();
+        p.matmul(&t[2]).unwrap()
+    };
+    for dtype in [DType::F64, DType::F32, DType::BF16] {
+        // The reference sees the same rounded inputs.
+        let rounded: Vec<Tensor> = [&q, &k, &v]
+            .iter()
+            .map(|t| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap())
+            .collect();
+        let (want, want_grads) = value_and_grads(&rounded, &w, DType::F64, plain);
+        let (got, got_grads) = value_and_grads(&rounded, &w, dtype, |t| {
+            causal_attention(&t[0], &t[1], &t[2], &mask.to_dtype(dtype).unwrap(), scale).unwrap()
+        });
+        assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
     }
 }
 

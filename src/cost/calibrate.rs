@@ -907,7 +907,7 @@ mod tests {
                 .map(|p| probe_label(&p.spec, &p.knobs))
                 .collect();
             assert!(compute.len() * 2 < model.fitted_on.len(), "{compute:?}");
-            let holdout: Vec<ProbeResult> = holdout_plan(&spec, &space, 12, 1024, 4)
+            let holdout: Vec<ProbeResult> = holdout_plan(&spec, &space, 12, 1024, 8)
                 .iter()
                 .map(|(s, k)| SyntheticProber::truth(s, k))
                 .collect();

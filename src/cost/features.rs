@@ -130,7 +130,7 @@ pub fn memory_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
     let layer_grads = d.layers * d.trainable_per_layer * tb;
     let other_grads = (d.trainable - d.layers * d.trainable_per_layer) * tb;
     let per_layer_tokens = d.kept_layers * d.tokens * d.hidden;
-    let per_layer_scores = d.kept_layers * d.batch * d.heads * d.seq * d.seq;
+    let scores = d.batch * d.heads * d.seq * d.seq;
     let full_loss = if knobs.loss == LossMode::Full {
         1.0
     } else {
@@ -155,9 +155,10 @@ pub fn memory_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
             "live_layer_tokens_frozen_f32",
             d.frozen * per_layer_tokens * f32b,
         ),
-        // Materialised attention scores and probabilities: batch × heads × seq².
-        ("live_layer_scores", per_layer_scores * cb),
-        ("live_layer_scores_f32", per_layer_scores * f32b),
+        // Attention's scores and probabilities (batch × heads × seq²): no layer keeps them, one
+        // layer's are live while its attention runs (forward, or backward, which recomputes them).
+        ("live_attention_scores", scores * cb),
+        ("live_attention_scores_f32", scores * f32b),
         // Checkpointing: each recomputed layer keeps its input; one layer's recomputation is live.
         (
             "live_checkpoint_inputs",
@@ -166,10 +167,6 @@ pub fn memory_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
         (
             "live_recompute_tokens",
             d.recomputes * d.tokens * d.hidden * cb,
-        ),
-        (
-            "live_recompute_scores",
-            d.recomputes * d.batch * d.heads * d.seq * d.seq * cb,
         ),
         // Outside the layers: embedding output, final norm, the causal mask.
         ("live_tokens", d.tokens * d.hidden * cb),

@@ -67,8 +67,10 @@ pub trait Prober {
 /// slowed segments. 17: gemm's AVX-512 kernels where the CPU runs them at full width, bf16
 /// products on AMX, vectorised fused kernels and bf16 additions: faster steps, same bytes. 18:
 /// AMX products write their output directly and f32 products call gemm without a zero fill;
-/// LoRA scales its rank-wide intermediate: faster steps, and LoRA's transient output goes.)
-pub const COST_MODEL_VERSION: u32 = 18;
+/// LoRA scales its rank-wide intermediate: faster steps, and LoRA's transient output goes. 19:
+/// attention keeps q, k and v only and recomputes its probabilities in backward: no layer keeps
+/// scores or probabilities, one layer's are live at a time.)
+pub const COST_MODEL_VERSION: u32 = 19;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -39,8 +39,9 @@ impl SyntheticProber {
         let tb = exact::trainable_dtype_bytes(knobs.precision) as f64;
         let frozen = knobs.method != Method::Full;
 
-        // Per kept layer: norms' inputs and outputs (fp32 statistics), q/k/v, attention output, the
-        // MLP's gate/up/act products, and scores plus probabilities.
+        // Per kept layer: norms' inputs and outputs (fp32 statistics), q/k/v, attention output and
+        // the MLP's gate/up/act products. Scores and probabilities are live for one layer at a
+        // time (attention keeps q, k and v and recomputes them in backward).
         let trained_extra = if frozen { 0.0 } else { 1.0 };
         let layer_tokens = n
             * ((3.0 + trained_extra) * h * cb
@@ -48,7 +49,7 @@ impl SyntheticProber {
                 + 2.0 * q * cb
                 + 2.0 * kv * cb
                 + 3.0 * i * cb);
-        let layer_scores = b * heads * s * s * (2.0 * cb + 4.0);
+        let scores = b * heads * s * s * (2.0 * cb + 4.0);
         let mut lora = 0.0;
         if frozen {
             let r = knobs.lora.rank as f64;
@@ -94,7 +95,7 @@ impl SyntheticProber {
             OptimizerKind::Adafactor => 2.0 * largest,
             OptimizerKind::Sgd => largest,
         };
-        let kept_layer = layer_tokens + layer_scores + lora + casts;
+        let kept_layer = layer_tokens + lora + casts;
         let input = n * h * cb;
         let embedded = n * h * (2.0 * cb + 4.0);
         let full_loss = if knobs.loss == LossMode::Full {
@@ -102,7 +103,7 @@ impl SyntheticProber {
         } else {
             0.0
         };
-        let recompute_extra = n * (6.0 * h + 3.0 * i) * cb + b * heads * s * s * 2.0 * cb;
+        let recompute_extra = n * (6.0 * h + 3.0 * i) * cb + scores;
 
         // Time: matmuls at a rate per precision, attention at half that rate, a fixed cost per
         // layer pass and per micro-batch, an optimizer pass over the trainable parameters. Each
@@ -150,7 +151,7 @@ impl SyntheticProber {
                         Some(layer),
                         input,
                         0.0,
-                        kept_layer + dequant,
+                        kept_layer + scores + dequant,
                         forward_s,
                     );
                 } else {
@@ -159,7 +160,7 @@ impl SyntheticProber {
                         Some(layer),
                         kept_layer,
                         0.0,
-                        n * i * cb + dequant,
+                        n * i * cb + scores + dequant,
                         forward_s,
                     );
                 }
@@ -196,7 +197,7 @@ impl SyntheticProber {
                     Some(layer),
                     -kept_layer,
                     layer_grads,
-                    0.5 * kept_layer + dequant,
+                    0.5 * kept_layer + scores + dequant,
                     backward_s,
                 );
             }

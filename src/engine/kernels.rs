@@ -556,9 +556,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let op = CausalSoftmaxBackward { scale: self.scale };
-        Ok(Some(res.apply_op2_no_bwd(&grad, &op)?))
+        scaled_causal_softmax_grad(res, grad, self.scale as f64).map(Some)
     }
 }
 
@@ -613,6 +611,19 @@ pub fn scaled_causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
         });
     }
     super::ops::causal_softmax(scores, mask, scale)
+}
+
+/// The scores' gradient of [`scaled_causal_softmax`] from its probabilities `p` and their gradient
+/// `g`: one fused pass on the CPU, [`super::ops::causal_softmax_grad`] elsewhere.
+pub fn scaled_causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    let g = g.contiguous()?;
+    if fusable(&[p, &g]) {
+        let op = CausalSoftmaxBackward {
+            scale: scale as f32,
+        };
+        return p.apply_op2_no_bwd(&g, &op);
+    }
+    super::ops::causal_softmax_grad(p, &g, scale)
 }
 
 /// Hugging Face's rotate-half RoPE of `x` (`[b, h, s, d]`) by the angles whose cosines and sines

@@ -565,13 +565,10 @@ impl Model {
         let k = ops::rope(&k, &tables.cos, &tables.sin)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
 
-        // Softmax in fp32, as Hugging Face's eager attention does.
-        let probs = kernels::scaled_causal_softmax(
-            &mm(&q, &k.t()?)?,
-            &tables.mask,
-            1.0 / (hd as f64).sqrt(),
-        )?;
-        let attn = mm(&probs, &v)?.transpose(1, 2)?.reshape((b * s, nh * hd))?;
+        // Softmax in fp32, as Hugging Face's eager attention does; backward recomputes it.
+        let attn = ops::causal_attention(&q, &k, &v, &tables.mask, 1.0 / (hd as f64).sqrt())?
+            .transpose(1, 2)?
+            .reshape((b * s, nh * hd))?;
         let x = (x + layer.o.forward(&attn, dt, train)?.reshape((b, s, h))?)?;
 
         let xn = self.rms_norm(&x, &layer.post_norm)?.reshape((b * s, h))?;

@@ -6,6 +6,8 @@
 //!   worth of weight gradients).
 //! - [`causal_softmax`], [`rope`], [`rms_norm`]: candle-nn's fast kernels with exact backward passes,
 //!   keeping masks and tables out of the graph.
+//! - [`causal_attention`]: attention as one op that keeps q, k and v only and recomputes its
+//!   probabilities in backward.
 //! - [`chunked_cross_entropy`]: the next-token loss computed a chunk of rows at a time, in forward
 //!   and again in backward, so the batch × seq × vocab fp32 logits never exist at once.
 
@@ -14,7 +16,7 @@ use super::model::wide;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
 use std::sync::Arc;
 
@@ -169,6 +171,90 @@ where
     )
 }
 
+/// Three-input version of [`with_backward`]: `backward(a, b, c, output, output_grad)`.
+struct Precomputed3<F> {
+    name: &'static str,
+    value: std::sync::Mutex<Option<Tensor>>,
+    backward: F,
+}
+
+/// The gradients of a three-input op.
+type Grads3 = (Tensor, Tensor, Tensor);
+
+impl<F> CustomOp3 for Precomputed3<F>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_copy(&take_value(&self.value, self.name)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&take_value(&self.value, self.name)?)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb, gc) = (self.backward)(
+            &a.detach(),
+            &b.detach(),
+            &c.detach(),
+            &res.detach(),
+            &grad.detach(),
+        )?;
+        Ok((Some(ga), Some(gb), Some(gc)))
+    }
+}
+
+/// Three-input version of [`with_backward`].
+pub fn with_backward3<F>(
+    inputs: [&Tensor; 3],
+    value: Tensor,
+    name: &'static str,
+    backward: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+{
+    let value = value.contiguous()?;
+    inputs[0].apply_op3(
+        inputs[1],
+        inputs[2],
+        Precomputed3 {
+            name,
+            value: std::sync::Mutex::new(Some(value)),
+            backward,
+        },
+    )
+}
+
 /// A frozen weight `[out, in]`.
 #[derive(Clone)]
 pub enum FrozenWeight {
@@ -272,14 +358,56 @@ pub fn causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     )?
     .to_dtype(dtype)?;
     with_backward(scores, value, "causal-softmax", move |_, probs, grad| {
-        // dx = scale · p ⊙ (g − Σ_j g_j p_j); masked positions have p = 0.
-        let p = probs.to_dtype(wide)?;
-        let g = grad.to_dtype(wide)?;
-        let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-        (p * g.broadcast_sub(&dot)?)?
-            .affine(scale, 0.0)?
-            .to_dtype(dtype)
+        causal_softmax_grad(probs, grad, scale)
     })
+}
+
+/// The scores' gradient of [`causal_softmax`] from its probabilities `p` and their gradient `g`:
+/// `scale · p ⊙ (g − Σ_j g_j p_j)` (masked positions have p = 0), in fp32 (f64 for f64), returned
+/// in p's dtype.
+pub fn causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = p.dtype();
+    let wide = wide(dtype);
+    let p = p.to_dtype(wide)?;
+    let g = g.to_dtype(wide)?;
+    let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
+    (p * g.broadcast_sub(&dot)?)?
+        .affine(scale, 0.0)?
+        .to_dtype(dtype)
+}
+
+/// Causal self-attention `softmax(scale · q kᵀ + mask) v` on `[b, h, s, d]` tensors (k and v with
+/// q's heads), as one op that keeps only q, k and v for backward, as flash attention does: backward
+/// recomputes the probabilities from q and k (one more `q kᵀ` product and softmax per layer)
+/// instead of keeping the scores and the probabilities, `2 · b · h · s²` elements per layer, from
+/// forward to backward. The softmax runs on [`kernels::scaled_causal_softmax`] (the fused kernel on
+/// the CPU, [`causal_softmax`] elsewhere), so every device allocates the same tensors.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let mask = mask.clone();
+    let probs = move |q: &Tensor, k: &Tensor| {
+        super::kernels::scaled_causal_softmax(&mm(q, &k.t()?)?, &mask, scale)
+    };
+    let value = mm(&probs(&q.detach(), &k.detach())?, &v.detach())?;
+    with_backward3(
+        [q, k, v],
+        value,
+        "causal-attention",
+        move |q, k, v, _, grad| {
+            let p = probs(q, k)?;
+            let dv = mm(&p.t()?, grad)?;
+            let ds = super::kernels::scaled_causal_softmax_grad(&p, &mm(grad, &v.t()?)?, scale)?;
+            drop(p);
+            let dq = mm(&ds, k)?;
+            let dk = mm(&ds.t()?, q)?;
+            Ok((dq, dk, dv))
+        },
+    )
 }
 
 /// `silu(gate) · up`, SwiGLU's product, with candle's ops (any device), as one op whose backward
