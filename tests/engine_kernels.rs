@@ -161,16 +161,18 @@ fn any_device_swiglu_and_softmax_match_candles_autograd() {
 
 /// Attention that keeps only q, k and v (backward recomputes the probabilities) against candle's
 /// autograd of the plain formula in f64: in f64 (candle's ops on any device) and in the dtypes the
-/// CPU's fused softmax kernels store; on 19 positions (a mask over odd rows) and 2 × 3 heads.
+/// CPU's fused softmax kernels store; on 19 positions (a mask over odd rows) and 2 × 3 heads. v
+/// comes as the model gives it, a view `[b, h, s, d]` of `[b, s, h, d]` (its heads transposed),
+/// and the output is `[b, s, h, d]`.
 #[test]
 fn causal_attention_matches_candles_autograd() {
     let (shape, scale) = ([2, 3, 19, 8], 0.35);
     let (q, k, v) = (
         (randn(&shape, 41) * 0.5).unwrap(),
         (randn(&shape, 42) * 0.5).unwrap(),
-        randn(&shape, 43),
+        randn(&[2, 19, 3, 8], 43),
     );
-    let w = randn(&shape, 44);
+    let w = randn(&[2, 19, 3, 8], 44);
     let mask = causal_mask(19, &Device::Cpu).unwrap();
     let plain = |t: &[Tensor]| {
         let m = mask.to_dtype(t[0].dtype()).unwrap();
@@ -180,7 +182,8 @@ fn causal_attention_matches_candles_autograd() {
             candle_core::D::Minus1,
         )
         .unwrap();
-        p.matmul(&t[2]).unwrap()
+        let v = t[2].transpose(1, 2).unwrap().contiguous().unwrap();
+        p.matmul(&v).unwrap().transpose(1, 2).unwrap()
     };
     for dtype in [DType::F64, DType::F32, DType::BF16] {
         // The reference sees the same rounded inputs.
@@ -190,7 +193,8 @@ fn causal_attention_matches_candles_autograd() {
             .collect();
         let (want, want_grads) = value_and_grads(&rounded, &w, DType::F64, plain);
         let (got, got_grads) = value_and_grads(&rounded, &w, dtype, |t| {
-            causal_attention(&t[0], &t[1], &t[2], &mask.to_dtype(dtype).unwrap(), scale).unwrap()
+            let v = t[2].transpose(1, 2).unwrap();
+            causal_attention(&t[0], &t[1], &v, &mask.to_dtype(dtype).unwrap(), scale).unwrap()
         });
         assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
     }

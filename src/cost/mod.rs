@@ -69,7 +69,9 @@ pub trait Prober {
 /// AMX products write their output directly and f32 products call gemm without a zero fill;
 /// LoRA scales its rank-wide intermediate: faster steps, and LoRA's transient output goes. 19:
 /// attention keeps q, k and v only and recomputes its probabilities in backward: no layer keeps
-/// scores or probabilities, one layer's are live at a time.)
+/// scores or probabilities, one layer's are live at a time; a kept layer's input is not copied,
+/// nor are q, k, v and attention's output transposed into copies; the chunked loss writes its
+/// fp32 gradient over the logits.)
 pub const COST_MODEL_VERSION: u32 = 19;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.

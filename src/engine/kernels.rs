@@ -942,38 +942,94 @@ pub fn log_sum_exp_nll(logits: &Tensor, ids: &[u32]) -> Result<Option<(Vec<f32>,
 }
 
 /// The gradient of `Σ_rows scale · nll` for f32 `logits` `[rows, vocab]`:
-/// `(exp(l − lse) − onehot(id)) · scale[row]`, in one pass, in f32. `None` when the logits are not
-/// a contiguous f32 CPU tensor. (Only f32 activations take this path: see the chunked loss.)
+/// `(exp(l − lse) − onehot(id)) · scale[row]`, in one pass, in f32, in a new tensor. `None` when
+/// the logits are not a contiguous f32 CPU tensor. (Only f32 activations take this path: see the
+/// chunked loss.)
 pub fn cross_entropy_grad(
     logits: &Tensor,
     lse: &[f32],
     ids: &[u32],
     scale: &[f32],
 ) -> Result<Option<Tensor>> {
-    let (rows, vocab) = logits.dims2()?;
-    if lse.len() != rows || ids.len() != rows || scale.len() != rows {
-        candle_core::bail!("cross entropy gradient: per-row inputs do not match {rows} rows");
-    }
+    let op = CrossEntropyGrad::new(logits, lse, ids, scale)?;
     let grad = with_f32_slice(logits, |l| {
-        let mut out = vec![0f32; l.len()];
-        out.par_chunks_mut(vocab.max(1))
-            .zip(l.par_chunks(vocab.max(1)))
+        let mut out = l.to_vec();
+        op.rows(&mut out);
+        out
+    });
+    grad.map(|g| Tensor::from_vec(g, logits.shape(), logits.device()))
+        .transpose()
+}
+
+/// [`cross_entropy_grad`] written over the logits themselves, for a caller that owns them and
+/// needs them no more: one logits-sized buffer fewer. False (and nothing written) when the logits
+/// are not a contiguous f32 CPU tensor.
+pub fn cross_entropy_grad_in_place(
+    logits: &Tensor,
+    lse: &[f32],
+    ids: &[u32],
+    scale: &[f32],
+) -> Result<bool> {
+    if !(logits.device().is_cpu() && logits.dtype() == DType::F32 && logits.is_contiguous()) {
+        return Ok(false);
+    }
+    logits.inplace_op1(&CrossEntropyGrad::new(logits, lse, ids, scale)?)?;
+    Ok(true)
+}
+
+/// Per-row inputs of the cross-entropy gradient (see [`cross_entropy_grad`]).
+struct CrossEntropyGrad<'a> {
+    lse: &'a [f32],
+    ids: &'a [u32],
+    scale: &'a [f32],
+    vocab: usize,
+}
+
+impl<'a> CrossEntropyGrad<'a> {
+    fn new(logits: &Tensor, lse: &'a [f32], ids: &'a [u32], scale: &'a [f32]) -> Result<Self> {
+        let (rows, vocab) = logits.dims2()?;
+        if lse.len() != rows || ids.len() != rows || scale.len() != rows {
+            candle_core::bail!("cross entropy gradient: per-row inputs do not match {rows} rows");
+        }
+        Ok(Self {
+            lse,
+            ids,
+            scale,
+            vocab,
+        })
+    }
+
+    /// Turns rows of logits into their gradients.
+    fn rows(&self, data: &mut [f32]) {
+        data.par_chunks_mut(self.vocab.max(1))
             .enumerate()
-            .for_each(|(r, (o, row))| {
-                let (lse, s) = (lse[r], scale[r]);
+            .for_each(|(r, row)| {
+                let (lse, s, id) = (self.lse[r], self.scale[r], self.ids[r] as usize);
+                let picked = row[id];
                 vectorized(
                     #[inline(always)]
                     || {
-                        for (o, &v) in o.iter_mut().zip(row) {
-                            *o = exp(v - lse) * s;
+                        for v in row.iter_mut() {
+                            *v = exp(*v - lse) * s;
                         }
                     },
                 );
-                let id = ids[r] as usize;
-                o[id] = (exp(row[id] - lse) - 1.0) * s;
+                row[id] = (exp(picked - lse) - 1.0) * s;
             });
-        out
-    });
-    grad.map(|g| Tensor::from_vec(g, (rows, vocab), logits.device()))
-        .transpose()
+    }
+}
+
+impl candle_core::InplaceOp1 for CrossEntropyGrad<'_> {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("cross entropy gradient: not contiguous f32 logits");
+        };
+        self.rows(&mut data[start..end]);
+        Ok(())
+    }
 }

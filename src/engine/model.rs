@@ -542,24 +542,23 @@ impl Model {
         );
 
         let xn = self.rms_norm(x, &layer.input_norm)?.reshape((b * s, h))?;
+        // Views with the heads transposed: RoPE and attention read them as they are, so the
+        // graph keeps no transposed copy.
         let q = layer
             .q
             .forward(&xn, dt, train)?
             .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let k = layer
             .k
             .forward(&xn, dt, train)?
             .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let v = layer
             .v
             .forward(&xn, dt, train)?
             .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let tables = self.seq_tables(s)?;
         let q = ops::rope(&q, &tables.cos, &tables.sin)?;
         let k = ops::rope(&k, &tables.cos, &tables.sin)?;
@@ -567,7 +566,6 @@ impl Model {
 
         // Softmax in fp32, as Hugging Face's eager attention does; backward recomputes it.
         let attn = ops::causal_attention(&q, &k, &v, &tables.mask, 1.0 / (hd as f64).sqrt())?
-            .transpose(1, 2)?
             .reshape((b * s, nh * hd))?;
         let x = (x + layer.o.forward(&attn, dt, train)?.reshape((b, s, h))?)?;
 

@@ -362,6 +362,16 @@ pub fn causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     })
 }
 
+/// `t` as an operand of [`mm`]: as it is where memtune's CPU products run (they read any strides),
+/// contiguous elsewhere (candle's products want batch entries at one stride).
+fn operand(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
 /// The scores' gradient of [`causal_softmax`] from its probabilities `p` and their gradient `g`:
 /// `scale · p ⊙ (g − Σ_j g_j p_j)` (masked positions have p = 0), in fp32 (f64 for f64), returned
 /// in p's dtype.
@@ -377,7 +387,9 @@ pub fn causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor>
 }
 
 /// Causal self-attention `softmax(scale · q kᵀ + mask) v` on `[b, h, s, d]` tensors (k and v with
-/// q's heads), as one op that keeps only q, k and v for backward, as flash attention does: backward
+/// q's heads; v may be a view, such as the projection's output with its heads transposed),
+/// returned as `[b, s, h, d]`: the heads side by side, ready for the output projection without a
+/// copy. One op that keeps only q, k and v for backward, as flash attention does: backward
 /// recomputes the probabilities from q and k (one more `q kᵀ` product and softmax per layer)
 /// instead of keeping the scores and the probabilities, `2 · b · h · s²` elements per layer, from
 /// forward to backward. The softmax runs on [`kernels::scaled_causal_softmax`] (the fused kernel on
@@ -393,16 +405,19 @@ pub fn causal_attention(
     let probs = move |q: &Tensor, k: &Tensor| {
         super::kernels::scaled_causal_softmax(&mm(q, &k.t()?)?, &mask, scale)
     };
-    let value = mm(&probs(&q.detach(), &k.detach())?, &v.detach())?;
+    let value = mm(&probs(&q.detach(), &k.detach())?, &operand(&v.detach())?)?.transpose(1, 2)?;
     with_backward3(
         [q, k, v],
         value,
         "causal-attention",
         move |q, k, v, _, grad| {
+            let grad = operand(&grad.transpose(1, 2)?)?;
             let p = probs(q, k)?;
-            let dv = mm(&p.t()?, grad)?;
-            let ds = super::kernels::scaled_causal_softmax_grad(&p, &mm(grad, &v.t()?)?, scale)?;
-            drop(p);
+            let dv = mm(&p.t()?, &grad)?;
+            let dp = mm(&grad, &operand(v)?.t()?)?;
+            drop(grad);
+            let ds = super::kernels::scaled_causal_softmax_grad(&p, &dp, scale)?;
+            drop((p, dp));
             let dq = mm(&ds, k)?;
             let dk = mm(&ds.t()?, q)?;
             Ok((dq, dk, dv))
@@ -430,14 +445,20 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Hugging Face's rotate-half RoPE on `x`: `[b, h, s, d]` with tables `[s, d/2]` of x's dtype.
 /// On the CPU it runs [`super::kernels::rope`], elsewhere candle-nn's kernel.
+///
+/// `x` may be a view (the projection's output with its heads transposed): the kernels read a
+/// contiguous copy that is dropped after forward, and the graph keeps the view, whose storage is
+/// alive anyway.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let value = match super::kernels::rope(&x.detach(), cos, sin, 1.0)? {
-        Some(value) => value,
-        None => candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?,
+    let value = {
+        let xc = x.detach().contiguous()?;
+        match super::kernels::rope(&xc, cos, sin, 1.0)? {
+            Some(value) => value,
+            None => candle_nn::rotary_emb::rope(&xc, cos, sin)?,
+        }
     };
     let (cos, sin) = (cos.clone(), sin.clone());
-    with_backward(&x, value, "rope", move |_, _, grad| {
+    with_backward(x, value, "rope", move |_, _, grad| {
         // A rotation's transpose is the rotation by the opposite angle.
         let grad = grad.contiguous()?;
         match super::kernels::rope(&grad, &cos, &sin, -1.0)? {
@@ -648,8 +669,9 @@ fn add_chunk_grads(
 /// One chunk's `d loss / d logits` times `upstream` (softmax − one-hot target, each row weighted by
 /// its mask), from the chunk's logits and per-row log-sum-exp `lse` (`[len, 1]`): the fused kernel
 /// where `host` holds the chunk's rows on the host (their log-sum-exp, target ids and scales; f32
-/// activations on the CPU), candle's ops otherwise (f64 models, bf16/f16 activations, and off the
-/// CPU). The logits go as soon as their gradient exists: the matmuls after it widen it.
+/// activations on the CPU; it writes the gradient over the logits, which nothing else holds),
+/// candle's ops otherwise (f64 models, bf16/f16 activations, and off the CPU). The logits go as
+/// soon as their gradient exists: the matmuls after it widen it.
 fn logits_grad(
     logits: Tensor,
     host: Option<(&[f32], &[u32], &[f32])>,
@@ -660,9 +682,9 @@ fn logits_grad(
     dtype: DType,
 ) -> Result<Tensor> {
     if let Some((lse_rows, ids, scale)) = host
-        && let Some(d) = super::kernels::cross_entropy_grad(&logits, lse_rows, ids, scale)?
+        && super::kernels::cross_entropy_grad_in_place(&logits, lse_rows, ids, scale)?
     {
-        return Ok(d);
+        return Ok(logits);
     }
     let wide = logits.dtype();
     let len = logits.dim(0)?;
