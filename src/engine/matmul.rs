@@ -221,6 +221,101 @@ pub(crate) fn cpu_product(
     }
 }
 
+/// `dst += a · b` in place for 2-D f32 CPU tensors (`dst` contiguous `[m, n]`, `a` `[m, k]` and
+/// `b` `[k, n]` at any strides), on gemm's kernels with no product-sized temporary: a sum over
+/// chunks (the chunked loss's head gradient) keeps one buffer instead of three at its peak (the
+/// total, the chunk's product and their sum). False, with nothing done, for other dtypes, devices,
+/// ranks or layouts; the caller then adds a product.
+pub fn accumulate_product(dst: &Tensor, a: &Tensor, b: &Tensor) -> Result<bool> {
+    let all = [dst, a, b];
+    if !(all
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2)
+        && dst.is_contiguous())
+    {
+        return Ok(false);
+    }
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k != k2 || dst.dims2()? != (m, n) {
+        candle_core::bail!(
+            "accumulate_product: {:?} += {:?} · {:?}",
+            dst.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    dst.inplace_op3(a, b, &AccumulateProduct)?;
+    Ok(true)
+}
+
+/// The in-place op of [`accumulate_product`].
+struct AccumulateProduct;
+
+impl candle_core::InplaceOp3 for AccumulateProduct {
+    fn name(&self) -> &'static str {
+        "accumulate-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(d), CpuStorage::F32(x), CpuStorage::F32(y)) = (dst, a, b) else {
+            candle_core::bail!("accumulate-product: f32 operands only");
+        };
+        let Some((start, end)) = dl.contiguous_offsets() else {
+            candle_core::bail!("accumulate-product: the destination is not contiguous");
+        };
+        let (a, b) = (Operand::from_slice(x, al), Operand::from_slice(y, bl));
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let d = &mut d[start..end];
+        if d.len() != m * n || b.rows != k {
+            candle_core::bail!("accumulate-product: shapes do not match");
+        }
+        if k == 0 || d.is_empty() {
+            return Ok(());
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the operands lie inside their storages at their layouts' strides (candle's
+        // layouts of 2-D tensors with the dimensions checked above); `d` holds the m × n
+        // destination, read and written in place (`read_dst`: d = 1 · d + 1 · a · b).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                d.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a.data.as_ptr().add(a.starts[0]),
+                a.col_stride as isize,
+                a.row_stride as isize,
+                b.data.as_ptr().add(b.starts[0]),
+                b.col_stride as isize,
+                b.row_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        };
+        Ok(())
+    }
+}
+
 /// The product of [`matmul`]; its backward is two products of the same kind, one per tracked
 /// operand (a frozen operand gets none).
 struct Tiled;
@@ -1527,6 +1622,25 @@ mod tests {
             assert_eq!(max_abs(&up(&empty)), 0.0);
             assert_eq!(empty.dims(), &[3, 5]);
         }
+    }
+
+    #[test]
+    fn accumulate_product_adds_the_product_in_place() {
+        // dst += gᵀ · h with g read through a transposed view (the chunked loss's head gradient),
+        // against candle's product and sum; bf16 operands and a non-contiguous destination are
+        // left to the caller.
+        let f32s = |shape: &[usize], seed| randn(shape, seed, DType::F32);
+        let (g, h, dst) = (f32s(&[37, 29], 1), f32s(&[37, 19], 2), f32s(&[29, 19], 3));
+        let want = (&dst + g.t().unwrap().matmul(&h).unwrap()).unwrap();
+        assert!(accumulate_product(&dst, &g.t().unwrap(), &h).unwrap());
+        let diff = max_abs(&(&dst - &want).unwrap());
+        assert!(diff < 1e-5 * max_abs(&want), "{diff}");
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        assert!(!accumulate_product(&bf(&dst), &bf(&g.t().unwrap()), &bf(&h)).unwrap());
+        let before = dst.to_vec2::<f32>().unwrap();
+        assert!(!accumulate_product(&dst.t().unwrap(), &h.t().unwrap(), &g).unwrap());
+        assert_eq!(dst.to_vec2::<f32>().unwrap(), before);
+        assert!(accumulate_product(&dst, &g, &h).is_err());
     }
 
     #[test]

@@ -657,7 +657,14 @@ fn add_chunk_grads(
     grad_h.push(mm(d_logits, w)?);
     if weight_trainable {
         let h_chunk = h.narrow(0, start, d_logits.dim(0)?)?;
-        let gw = mm(&d_logits.t()?, &h_chunk)?.to_dtype(wide)?;
+        let g = d_logits.t()?;
+        // Later chunks add into the total in place where they can (f32 on the CPU).
+        if let Some(total) = grad_w.as_ref()
+            && super::matmul::accumulate_product(total, &g, &h_chunk)?
+        {
+            return Ok(());
+        }
+        let gw = mm(&g, &h_chunk)?.to_dtype(wide)?;
         *grad_w = Some(match grad_w.take() {
             Some(total) => (total + gw)?,
             None => gw,
