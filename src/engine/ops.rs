@@ -24,11 +24,22 @@ use std::sync::Arc;
 /// inputs) and whose backward is `backward(x, output, output_grad)`. This gives fused kernels a
 /// gradient, and keeps constants (masks, rotary tables, frozen weights) out of the autograd graph:
 /// candle's own backward stores a gradient for every operand of a binary op, constants included,
-/// until the step ends.
+/// until the step ends. With one, two or three inputs (`CustomOp1`, `CustomOp2`, `CustomOp3`), as
+/// the backward closure's arguments say.
 struct Precomputed<F> {
     name: &'static str,
     value: std::sync::Mutex<Option<Tensor>>,
     backward: F,
+}
+
+impl<F> Precomputed<F> {
+    fn new(name: &'static str, value: Tensor, backward: F) -> Result<Self> {
+        Ok(Self {
+            name,
+            value: std::sync::Mutex::new(Some(value.contiguous()?)),
+            backward,
+        })
+    }
 }
 
 fn take_value(value: &std::sync::Mutex<Option<Tensor>>, name: &str) -> Result<Tensor> {
@@ -94,21 +105,10 @@ pub fn with_backward<F>(
 where
     F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
-    let value = value.contiguous()?;
-    x.apply_op1(Precomputed {
-        name,
-        value: std::sync::Mutex::new(Some(value)),
-        backward,
-    })
+    x.apply_op1(Precomputed::new(name, value, backward)?)
 }
 
-struct Precomputed2<F> {
-    name: &'static str,
-    value: std::sync::Mutex<Option<Tensor>>,
-    backward: F,
-}
-
-impl<F> CustomOp2 for Precomputed2<F>
+impl<F> CustomOp2 for Precomputed<F>
 where
     F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync,
 {
@@ -160,28 +160,13 @@ pub fn with_backward2<F>(
 where
     F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync + 'static,
 {
-    let value = value.contiguous()?;
-    a.apply_op2(
-        b,
-        Precomputed2 {
-            name,
-            value: std::sync::Mutex::new(Some(value)),
-            backward,
-        },
-    )
-}
-
-/// Three-input version of [`with_backward`]: `backward(a, b, c, output, output_grad)`.
-struct Precomputed3<F> {
-    name: &'static str,
-    value: std::sync::Mutex<Option<Tensor>>,
-    backward: F,
+    a.apply_op2(b, Precomputed::new(name, value, backward)?)
 }
 
 /// The gradients of a three-input op.
 type Grads3 = (Tensor, Tensor, Tensor);
 
-impl<F> CustomOp3 for Precomputed3<F>
+impl<F> CustomOp3 for Precomputed<F>
 where
     F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync,
 {
@@ -233,7 +218,7 @@ where
     }
 }
 
-/// Three-input version of [`with_backward`].
+/// Three-input version of [`with_backward`]: `backward(a, b, c, output, output_grad)`.
 pub fn with_backward3<F>(
     inputs: [&Tensor; 3],
     value: Tensor,
@@ -243,15 +228,10 @@ pub fn with_backward3<F>(
 where
     F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
 {
-    let value = value.contiguous()?;
     inputs[0].apply_op3(
         inputs[1],
         inputs[2],
-        Precomputed3 {
-            name,
-            value: std::sync::Mutex::new(Some(value)),
-            backward,
-        },
+        Precomputed::new(name, value, backward)?,
     )
 }
 
