@@ -716,7 +716,7 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// [`Rope`] (no gradient: the caller's op supplies it) for contiguous CPU `x`, `cos` and `sin` of
+/// `Rope` (no gradient: the caller's op supplies it) for contiguous CPU `x`, `cos` and `sin` of
 /// one dtype; `None` where candle-nn's kernel applies (CUDA, f64, other layouts).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Option<Tensor>> {
     if !(fusable(&[x, cos, sin]) && x.rank() == 4) {

@@ -183,7 +183,8 @@ pub fn cpu_kernels() -> &'static str {
 }
 
 /// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 and
-/// f16 on the CPU take the tiled path, f32 [`f32_product`]; everything else is candle's matmul.
+/// f16 on the CPU take the tiled path, f32 `f32_product` (gemm directly); everything else is
+/// candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let tiled = a.device().is_cpu()
         && matches!(a.dtype(), DType::BF16 | DType::F16 | DType::F32)

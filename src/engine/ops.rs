@@ -372,8 +372,8 @@ pub fn causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor>
 /// copy. One op that keeps only q, k and v for backward, as flash attention does: backward
 /// recomputes the probabilities from q and k (one more `q kᵀ` product and softmax per layer)
 /// instead of keeping the scores and the probabilities, `2 · b · h · s²` elements per layer, from
-/// forward to backward. The softmax runs on [`kernels::scaled_causal_softmax`] (the fused kernel on
-/// the CPU, [`causal_softmax`] elsewhere), so every device allocates the same tensors.
+/// forward to backward. The softmax runs on [`super::kernels::scaled_causal_softmax`] (the fused
+/// kernel on the CPU, [`causal_softmax`] elsewhere), so every device keeps the same tensors.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
