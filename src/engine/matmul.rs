@@ -186,8 +186,7 @@ pub fn cpu_kernels() -> &'static str {
 /// f16 on the CPU take the tiled path, f32 `f32_product` (gemm directly); everything else is
 /// candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let tiled = a.device().is_cpu()
-        && matches!(a.dtype(), DType::BF16 | DType::F16 | DType::F32)
+    let tiled = on_cpu_products(a)
         && b.dtype() == a.dtype()
         && a.rank() >= 2
         && a.rank() == b.rank()
@@ -197,6 +196,62 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         a.apply_op2(b, Tiled)
     } else {
         a.matmul(b)
+    }
+}
+
+/// Whether [`matmul`] multiplies `t` (with an operand of its dtype) on memtune's CPU products,
+/// which read any strides: a CPU tensor of f32, bf16 or f16. Elsewhere candle's product runs.
+pub(crate) fn on_cpu_products(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::BF16 | DType::F16 | DType::F32)
+}
+
+/// gemm's parallelism over all of rayon's threads (none with one thread).
+fn all_threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// `dst = a · b` for batch entry `bi` of two f32 operands on gemm's kernels, or `dst += a · b`
+/// with `accumulate`; `dst` is `m × n`, row-major.
+///
+/// # Safety
+/// Entry `bi` of both operands lies inside their data at their strides, with `a.cols == b.rows`,
+/// and `dst` points at `a.rows × b.cols` elements no other thread touches during the call (read
+/// first only with `accumulate`).
+unsafe fn gemm_entry(
+    a: &Operand<f32>,
+    b: &Operand<f32>,
+    bi: usize,
+    dst: *mut f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr().add(a.starts[bi]),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr().add(b.starts[bi]),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
 }
 
@@ -273,46 +328,17 @@ impl candle_core::InplaceOp3 for AccumulateProduct {
             candle_core::bail!("accumulate-product: the destination is not contiguous");
         };
         let (a, b) = (Operand::from_slice(x, al), Operand::from_slice(y, bl));
-        let (m, k, n) = (a.rows, a.cols, b.cols);
         let d = &mut d[start..end];
-        if d.len() != m * n || b.rows != k {
+        if d.len() != a.rows * b.cols || b.rows != a.cols {
             candle_core::bail!("accumulate-product: shapes do not match");
         }
-        if k == 0 || d.is_empty() {
+        if a.cols == 0 || d.is_empty() {
             return Ok(());
         }
-        let threads = rayon::current_num_threads().max(1);
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
         // SAFETY: the operands lie inside their storages at their layouts' strides (candle's
         // layouts of 2-D tensors with the dimensions checked above); `d` holds the m × n
-        // destination, read and written in place (`read_dst`: d = 1 · d + 1 · a · b).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                d.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                a.data.as_ptr().add(a.starts[0]),
-                a.col_stride as isize,
-                a.row_stride as isize,
-                b.data.as_ptr().add(b.starts[0]),
-                b.col_stride as isize,
-                b.row_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        };
+        // destination, read and written in place.
+        unsafe { gemm_entry(&a, &b, 0, d.as_mut_ptr(), true, all_threads()) };
         Ok(())
     }
 }
@@ -559,30 +585,8 @@ fn f32_product(
     let entry = |bi: usize, parallelism| {
         // SAFETY: entry `bi`'s operands lie inside their storages at the layouts' strides
         // (`cpu_product` checked the shapes); its output is the `m × n` elements from `bi · m · n`,
-        // written by this call alone, which overwrites all of them (`read_dst` false).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                output.at(bi * m * n),
-                1,
-                n as isize,
-                false,
-                a.data.as_ptr().add(a.starts[bi]),
-                a.col_stride as isize,
-                a.row_stride as isize,
-                b.data.as_ptr().add(b.starts[bi]),
-                b.col_stride as isize,
-                b.row_stride as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+        // written by this call alone, which overwrites all of them (no accumulation).
+        unsafe { gemm_entry(&a, &b, bi, output.at(bi * m * n), false, parallelism) }
     };
     let threads = rayon::current_num_threads().max(1);
     if batches >= threads && threads > 1 {
@@ -590,12 +594,7 @@ fn f32_product(
             .into_par_iter()
             .for_each(|bi| entry(bi, gemm::Parallelism::None));
     } else {
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        (0..batches).for_each(|bi| entry(bi, parallelism));
+        (0..batches).for_each(|bi| entry(bi, all_threads()));
     }
     // SAFETY: every entry's output was written in full.
     unsafe { out.set_len(len) };

@@ -265,10 +265,9 @@ impl FrozenWeight {
     pub fn matmul_t(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let dtype = x.dtype();
         if let (FrozenWeight::Dense(w), None) = (self, bias)
-            && x.device().is_cpu()
+            && super::matmul::on_cpu_products(x)
             && w.device().is_cpu()
             && w.dtype() == dtype
-            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
         {
             return x.apply_op1(FrozenProduct { wt: w.t()? });
         }
@@ -345,7 +344,7 @@ pub fn causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 /// `t` as an operand of [`mm`]: as it is where memtune's CPU products run (they read any strides),
 /// contiguous elsewhere (candle's products want batch entries at one stride).
 fn operand(t: &Tensor) -> Result<Tensor> {
-    if t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+    if super::matmul::on_cpu_products(t) {
         Ok(t.clone())
     } else {
         t.contiguous()
