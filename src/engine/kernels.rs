@@ -489,53 +489,76 @@ fn square_side(layout: &Layout) -> Result<usize> {
 }
 
 fn softmax_rows<T: Elem>(x: &[T], s: usize, scale: f32) -> Vec<T> {
-    let mut out = vec![T::put(0.0); x.len()];
-    out.par_chunks_mut(s)
-        .zip(x.par_chunks(s))
-        .enumerate()
-        // One row's exponentials, per rayon leaf task rather than per row: at most one per thread
-        // is alive, so the peak the meter sees does not depend on scheduling.
-        .for_each_init(
-            || vec![0f32; s],
-            |e, (r, (o, x))| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let x = &x[..r % s + 1];
-                        let max = max_by(x, |v| v.get() * scale);
-                        let e = &mut e[..x.len()];
-                        for (e, &v) in e.iter_mut().zip(x) {
-                            *e = exp(v.get() * scale - max);
-                        }
-                        let inv = 1.0 / sum_by(e, |v| v);
-                        for (o, e) in o.iter_mut().zip(e.iter()) {
-                            *o = T::put(e * inv);
-                        }
-                    },
-                )
-            },
-        );
-    out
+    rows_with_zero_tails(x.len(), s, |out| {
+        out.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            // One row's exponentials, per rayon leaf task rather than per row: at most one per
+            // thread is alive, so the peak the meter sees does not depend on scheduling.
+            .for_each_init(
+                || vec![0f32; s],
+                |e, (r, (o, x))| {
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            let x = &x[..r % s + 1];
+                            let max = max_by(x, |v| v.get() * scale);
+                            let e = &mut e[..x.len()];
+                            for (e, &v) in e.iter_mut().zip(x) {
+                                *e = exp(v.get() * scale - max);
+                            }
+                            let inv = 1.0 / sum_by(e, |v| v);
+                            for (o, e) in o.iter_mut().zip(e.iter()) {
+                                o.write(T::put(e * inv));
+                            }
+                        },
+                    )
+                },
+            )
+    })
 }
 
 fn softmax_backward_rows<T: Elem>(p: &[T], g: &[T], s: usize, scale: f32) -> Vec<T> {
-    let mut out = vec![T::put(0.0); p.len()];
-    out.par_chunks_mut(s)
-        .zip(p.par_chunks(s).zip(g.par_chunks(s)))
-        .enumerate()
-        .for_each(|(r, (o, (p, g)))| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    let seen = r % s + 1;
-                    let (p, g) = (&p[..seen], &g[..seen]);
-                    let [dot] = sums_by(p, g, g, |p, g, _| [p.get() * g.get()]);
-                    for ((o, p), g) in o.iter_mut().zip(p).zip(g) {
-                        *o = T::put(scale * p.get() * (g.get() - dot));
-                    }
-                },
-            )
-        });
+    rows_with_zero_tails(p.len(), s, |out| {
+        out.par_chunks_mut(s)
+            .zip(p.par_chunks(s).zip(g.par_chunks(s)))
+            .enumerate()
+            .for_each(|(r, (o, (p, g)))| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let seen = r % s + 1;
+                        let (p, g) = (&p[..seen], &g[..seen]);
+                        let [dot] = sums_by(p, g, g, |p, g, _| [p.get() * g.get()]);
+                        for ((o, p), g) in o.iter_mut().zip(p).zip(g) {
+                            o.write(T::put(scale * p.get() * (g.get() - dot)));
+                        }
+                    },
+                )
+            })
+    })
+}
+
+/// A new `len`-element buffer of `s × s` matrices whose row `r` (of each matrix) `fill` writes
+/// up to and including its diagonal element; the rest of each row is written here as zeros. No
+/// element is written twice (a zero-filled buffer wrote every row's causal part twice).
+fn rows_with_zero_tails<T: Elem>(
+    len: usize,
+    s: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
+) -> Vec<T> {
+    let mut out = Vec::<T>::with_capacity(len);
+    let rows = &mut out.spare_capacity_mut()[..len];
+    fill(rows);
+    rows.par_chunks_mut(s).enumerate().for_each(|(r, row)| {
+        let tail = &mut row[r % s + 1..];
+        // SAFETY: writes `tail.len()` elements of `tail` as zero bytes, which is 0.0 in every
+        // `Elem` (f32, f16, bf16); a memset, where a loop of `T::put(0.0)` was not one.
+        unsafe { std::ptr::write_bytes(tail.as_mut_ptr(), 0, tail.len()) };
+    });
+    // SAFETY: every element was written: each row's first `r % s + 1` by `fill` (its contract),
+    // the rest just above.
+    unsafe { out.set_len(len) };
     out
 }
 

@@ -231,18 +231,45 @@ unsafe fn gemm_entry(
     let (m, k, n) = (a.rows, a.cols, b.cols);
     // SAFETY: the caller's contract.
     unsafe {
+        gemm_block(
+            (m, k, n),
+            (dst, n),
+            (a, a.starts[bi]),
+            (b, b.starts[bi]),
+            accumulate,
+            parallelism,
+        )
+    }
+}
+
+/// `dst = a · b` (or `dst += a · b` with `accumulate`) for an `m × k` block of `a` starting at
+/// element `a_at` and a `k × n` block of `b` starting at `b_at`, at the operands' strides, into
+/// `m × n` elements at `dst` with rows `dst_rows` apart.
+///
+/// # Safety
+/// Both blocks lie inside their operands' data, and `dst`'s rows are this call's alone.
+unsafe fn gemm_block(
+    (m, k, n): (usize, usize, usize),
+    (dst, dst_rows): (*mut f32, usize),
+    (a, a_at): (&Operand<f32>, usize),
+    (b, b_at): (&Operand<f32>, usize),
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst,
             1,
-            n as isize,
+            dst_rows as isize,
             accumulate,
-            a.data.as_ptr().add(a.starts[bi]),
+            a.data.as_ptr().add(a_at),
             a.col_stride as isize,
             a.row_stride as isize,
-            b.data.as_ptr().add(b.starts[bi]),
+            b.data.as_ptr().add(b_at),
             b.col_stride as isize,
             b.row_stride as isize,
             if accumulate { 1.0 } else { 0.0 },
@@ -302,6 +329,130 @@ pub fn accumulate_product(dst: &Tensor, a: &Tensor, b: &Tensor) -> Result<bool> 
     }
     dst.inplace_op3(a, b, &AccumulateProduct)?;
     Ok(true)
+}
+
+/// Which blocks of a causal attention product [`causal_product`] computes. Attention's
+/// matrices are `s × s` per sequence and head, zero (probabilities and their gradients) or
+/// unused (scores and the probabilities' gradient) above the diagonal; rows are taken in blocks
+/// of [`CAUSAL_BLOCK`], and only blocks on or below the diagonal are multiplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Causal {
+    /// `a · b` is `s × s` and only its entries on or below the diagonal are used (the scores
+    /// `q · kᵀ`, the probabilities' gradient `dO · vᵀ`): a row block's columns after the block
+    /// are not multiplied and are written as zeros.
+    Output,
+    /// `a` is `s × s` and zero above the diagonal (`P · v`, `dS · k`): a row block reads `a`'s
+    /// columns (and `b`'s rows) up to the block's end only.
+    Lower,
+    /// `a` is `s × s` and zero below the diagonal: a transposed lower one (`Pᵀ · dO`, `dSᵀ ·
+    /// q`): a row block reads `a`'s columns (and `b`'s rows) from the block's start only.
+    Upper,
+}
+
+/// Rows per block of [`causal_product`]: at a sequence of 256, 10 of 16 blocks are multiplied.
+pub const CAUSAL_BLOCK: usize = 64;
+
+/// `a · b` for attention's causal products (see [`Causal`]), `[..., m, k]` by `[..., k, n]`: on
+/// the CPU in f32, only the blocks on or below the diagonal are multiplied (gemm on one thread
+/// per batch entry and row block, the tasks spread over rayon's threads), which is 62.5% of the
+/// products' work at a sequence of 256 (the rest is masked or zero); elsewhere [`matmul`]'s
+/// whole product, equal where the result is used.
+pub fn causal_product(a: &Tensor, b: &Tensor, kind: Causal) -> Result<Tensor> {
+    let square = |t: &Tensor| t.rank() >= 2 && t.dims()[t.rank() - 2] == t.dims()[t.rank() - 1];
+    let (ra, rb) = (a.rank(), b.rank());
+    let fits = a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && ra >= 2
+        && ra == rb
+        && a.dims()[..ra - 2] == b.dims()[..rb - 2]
+        && a.dims()[ra - 1] == b.dims()[rb - 2]
+        && match kind {
+            Causal::Output => a.dims()[ra - 2] == b.dims()[rb - 1],
+            Causal::Lower | Causal::Upper => square(a),
+        };
+    if fits {
+        a.apply_op2_no_bwd(b, &CausalProduct(kind))
+    } else {
+        matmul(a, b)
+    }
+}
+
+/// The op of [`causal_product`] (f32, CPU).
+struct CausalProduct(Causal);
+
+impl CustomOp2 for CausalProduct {
+    fn name(&self) -> &'static str {
+        "causal-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
+            candle_core::bail!("causal-product: f32 operands only");
+        };
+        let (a, b) = (Operand::from_slice(x, l1), Operand::from_slice(y, l2));
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let mut dims = l1.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] = n;
+        let len = a.starts.len() * m * n;
+        let mut out = Vec::<f32>::with_capacity(len);
+        let output = Output(out.as_mut_ptr());
+        let kind = self.0;
+        let tasks: Vec<(usize, usize)> = (0..a.starts.len())
+            .flat_map(|bi| (0..m).step_by(CAUSAL_BLOCK).map(move |r0| (bi, r0)))
+            .collect();
+        tasks.into_par_iter().for_each(|(bi, r0)| {
+            let r1 = (r0 + CAUSAL_BLOCK).min(m);
+            let rows = r1 - r0;
+            let dst = output.at(bi * m * n + r0 * n);
+            let (a_row, b_at) = (a.starts[bi] + r0 * a.row_stride, b.starts[bi]);
+            // The block's columns of the output (Output) or span of the inner dimension
+            // (Lower, Upper).
+            let (cols, inner) = match kind {
+                Causal::Output => (0..r1, 0..k),
+                Causal::Lower => (0..n, 0..r1),
+                Causal::Upper => (0..n, r0..k),
+            };
+            if inner.is_empty() {
+                for r in 0..rows {
+                    // SAFETY: row `r0 + r` of entry `bi` is this task's alone, inside `out`.
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), n) }.fill(0.0);
+                }
+                return;
+            }
+            // SAFETY: the blocks lie inside the operands (rows `r0..r1` and columns `inner` of
+            // `a`, rows `inner` and columns `cols` of `b`, within entry `bi`'s dimensions, which
+            // candle's layouts place inside the storages); the output rows `r0..r1` of entry
+            // `bi` are this task's alone.
+            unsafe {
+                gemm_block(
+                    (rows, inner.len(), cols.len()),
+                    (dst, n),
+                    (&a, a_row + inner.start * a.col_stride),
+                    (&b, b_at + inner.start * b.row_stride),
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+            if cols.end < n {
+                for r in 0..rows {
+                    // SAFETY: as above; the columns after the block, never multiplied.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), n) };
+                    row[cols.end..].fill(0.0);
+                }
+            }
+        });
+        // SAFETY: every task wrote its rows in full (the product's columns, then zeros).
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
 }
 
 /// The in-place op of [`accumulate_product`].
@@ -1622,6 +1773,75 @@ mod tests {
             assert_eq!(max_abs(&up(&empty)), 0.0);
             assert_eq!(empty.dims(), &[3, 5]);
         }
+    }
+
+    #[test]
+    fn causal_products_match_the_whole_product_where_it_is_used() {
+        // Sequences across one, several and a partial block, batch entries and heads, operands
+        // as strided views ([b, s, h, d] with the heads transposed) and as transposes; against
+        // candle's whole product on the lower triangle (Output) or with the zeros it skips
+        // (Lower, Upper), and zeros above the blocks of Output.
+        let f32s = |shape: &[usize], seed| randn(shape, seed, DType::F32);
+        for (s, d, seed) in [(5, 8, 1), (CAUSAL_BLOCK, 16, 2), (150, 16, 3), (256, 32, 4)] {
+            let heads = |seed| f32s(&[2, s, 3, d], seed).transpose(1, 2).unwrap();
+            let (q, k) = (heads(seed), heads(seed + 10));
+            let lower = f32s(&[2, 3, s, s], seed + 20)
+                .broadcast_mul(&Tensor::tril2(s, DType::F32, &Device::Cpu).unwrap())
+                .unwrap();
+            let close = |got: &Tensor, want: &Tensor| {
+                assert_eq!(got.dims(), want.dims());
+                let diff = max_abs(&(got - want).unwrap());
+                assert!(diff <= 1e-5 * max_abs(want), "s {s}: {diff}");
+            };
+            // candle's product of contiguous copies.
+            let full = |a: &Tensor, b: &Tensor| {
+                (a.contiguous().unwrap())
+                    .matmul(&b.contiguous().unwrap())
+                    .unwrap()
+            };
+            let tril = Tensor::tril2(s, DType::F32, &Device::Cpu).unwrap();
+            let scores = causal_product(&q, &k.t().unwrap(), Causal::Output).unwrap();
+            let want = full(&q, &k.t().unwrap());
+            close(
+                &scores.broadcast_mul(&tril).unwrap(),
+                &want.broadcast_mul(&tril).unwrap(),
+            );
+            // Above the diagonal blocks: zeros; on them: the product.
+            let blocks = Tensor::from_vec(
+                (0..s * s)
+                    .map(|i| u8::from((i % s) / CAUSAL_BLOCK <= (i / s) / CAUSAL_BLOCK))
+                    .collect::<Vec<_>>(),
+                (s, s),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+            close(&scores, &want.broadcast_mul(&blocks).unwrap());
+            let v = heads(seed + 30);
+            close(
+                &causal_product(&lower, &v, Causal::Lower).unwrap(),
+                &full(&lower, &v),
+            );
+            let upper = lower.t().unwrap();
+            close(
+                &causal_product(&upper, &q, Causal::Upper).unwrap(),
+                &full(&upper, &q),
+            );
+        }
+        // Other dtypes take the whole product.
+        let bf = f32s(&[2, 40, 40], 9).to_dtype(DType::BF16).unwrap();
+        check(&bf, &bf);
+        let got = causal_product(&bf, &bf, Causal::Lower).unwrap();
+        assert_eq!(
+            got.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap(),
+            matmul(&bf, &bf)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! - [`chunked_cross_entropy`]: the next-token loss computed a chunk of rows at a time, in forward
 //!   and again in backward, so the batch × seq × vocab fp32 logits never exist at once.
 
-use super::matmul::matmul as mm;
+use super::matmul::{Causal, causal_product, matmul as mm};
 use super::model::wide;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
@@ -372,7 +372,9 @@ pub fn causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor>
 /// recomputes the probabilities from q and k (one more `q kᵀ` product and softmax per layer)
 /// instead of keeping the scores and the probabilities, `2 · b · h · s²` elements per layer, from
 /// forward to backward. The softmax runs on [`super::kernels::scaled_causal_softmax`] (the fused
-/// kernel on the CPU, [`causal_softmax`] elsewhere), so every device keeps the same tensors.
+/// kernel on the CPU, [`causal_softmax`] elsewhere), so every device keeps the same tensors. The
+/// six products run on [`super::matmul::causal_product`], which in f32 on the CPU multiplies only
+/// the blocks on or below the diagonal (the rest is masked or zero).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -382,9 +384,12 @@ pub fn causal_attention(
 ) -> Result<Tensor> {
     let mask = mask.clone();
     let probs = move |q: &Tensor, k: &Tensor| {
-        super::kernels::scaled_causal_softmax(&mm(q, &k.t()?)?, &mask, scale)
+        let scores = causal_product(q, &k.t()?, Causal::Output)?;
+        super::kernels::scaled_causal_softmax(&scores, &mask, scale)
     };
-    let value = mm(&probs(&q.detach(), &k.detach())?, &operand(&v.detach())?)?.transpose(1, 2)?;
+    let p = probs(&q.detach(), &k.detach())?;
+    let value = causal_product(&p, &operand(&v.detach())?, Causal::Lower)?.transpose(1, 2)?;
+    drop(p);
     with_backward3(
         [q, k, v],
         value,
@@ -392,13 +397,13 @@ pub fn causal_attention(
         move |q, k, v, _, grad| {
             let grad = operand(&grad.transpose(1, 2)?)?;
             let p = probs(q, k)?;
-            let dv = mm(&p.t()?, &grad)?;
-            let dp = mm(&grad, &operand(v)?.t()?)?;
+            let dv = causal_product(&p.t()?, &grad, Causal::Upper)?;
+            let dp = causal_product(&grad, &operand(v)?.t()?, Causal::Output)?;
             drop(grad);
             let ds = super::kernels::scaled_causal_softmax_grad(&p, &dp, scale)?;
             drop((p, dp));
-            let dq = mm(&ds, k)?;
-            let dk = mm(&ds.t()?, q)?;
+            let dq = causal_product(&ds, k, Causal::Lower)?;
+            let dk = causal_product(&ds.t()?, q, Causal::Upper)?;
             Ok((dq, dk, dv))
         },
     )
