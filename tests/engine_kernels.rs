@@ -9,8 +9,8 @@ use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
 use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
 use memtune::engine::ops::swiglu as swiglu_any_device;
 use memtune::engine::ops::{
-    LossTargets, causal_attention, causal_softmax, chunked_cross_entropy, full_cross_entropy,
-    rms_norm,
+    LossTargets, causal_attention, causal_softmax, chunked_cross_entropy, embedding,
+    full_cross_entropy, rms_norm,
 };
 use memtune::engine::step::{Batch, NoObserver, forward_backward};
 use memtune::spec::ModelSpec;
@@ -198,6 +198,35 @@ fn causal_attention_matches_candles_autograd() {
         });
         assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
     }
+}
+
+#[test]
+fn embedding_gradient_matches_index_select() {
+    // Repeated ids (their rows sum), rows no id selects (zero), in f64 (candle's index_add), f32
+    // and bf16 (the one-buffer scatter), against candle's index_select in f64.
+    let table = randn(&[11, 6], 51);
+    let ids = Tensor::new(&[3u32, 0, 3, 10, 7, 3, 0], &Device::Cpu).unwrap();
+    let w = randn(&[7, 6], 52);
+    let (_, want_grads) = value_and_grads(std::slice::from_ref(&table), &w, DType::F64, |t| {
+        t[0].index_select(&ids, 0).unwrap()
+    });
+    for dtype in [DType::F64, DType::F32, DType::BF16] {
+        let rounded = table.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+        let (got, got_grads) = value_and_grads(std::slice::from_ref(&rounded), &w, dtype, |t| {
+            embedding(&t[0], &ids).unwrap()
+        });
+        let want_value = rounded.index_select(&ids, 0).unwrap();
+        assert_all_close(dtype, (&got, &got_grads), (&want_value, &want_grads));
+        assert_eq!(got_grads[0].dtype(), dtype);
+    }
+    // An id outside the table is an error, not a panic.
+    let var = Var::from_tensor(&table.to_dtype(DType::F32).unwrap()).unwrap();
+    let bad = Tensor::new(&[11u32], &Device::Cpu).unwrap();
+    assert!(
+        embedding(var.as_tensor(), &bad)
+            .and_then(|e| e.sum_all()?.backward())
+            .is_err()
+    );
 }
 
 #[test]

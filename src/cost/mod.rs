@@ -73,8 +73,11 @@ pub trait Prober {
 /// nor are q, k, v and attention's output transposed into copies; the chunked loss writes its
 /// fp32 gradient over the logits. 20: attention's f32 products on the CPU skip the blocks above
 /// the diagonal, and its softmax kernels no longer zero-fill their outputs first: faster steps,
-/// the same bytes.)
-pub const COST_MODEL_VERSION: u32 = 20;
+/// the same bytes. 21: a trained embedding's gradient is made in one buffer (candle's
+/// `index_add` held the zeros and the sum at once), and clipping's coefficient goes into AdamW's
+/// update instead of a scaled copy of each gradient: a full fine-tune's update phase holds one
+/// vocabulary-sized matrix fewer.)
+pub const COST_MODEL_VERSION: u32 = 21;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

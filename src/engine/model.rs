@@ -488,7 +488,7 @@ impl Model {
         // Index the stored matrix and cast only the rows used: casting first would keep a
         // compute-dtype copy of the whole table alive for backward.
         let rows = match &self.embed {
-            Weight::Trainable(v) => v.as_tensor().index_select(&flat, 0)?,
+            Weight::Trainable(v) => ops::embedding(v.as_tensor(), &flat)?,
             Weight::Frozen(FrozenWeight::Dense(t)) => t.index_select(&flat, 0)?,
             Weight::Frozen(f) => f.dense(self.dtypes.compute)?.index_select(&flat, 0)?,
         };

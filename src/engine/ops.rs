@@ -365,6 +365,76 @@ pub fn causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor>
         .to_dtype(dtype)
 }
 
+/// Rows `ids` (u32, one dimension) of `table` `[vocab, hidden]`: an embedding lookup whose
+/// backward makes the table's gradient in one buffer. candle's `index_select` backward adds the
+/// rows into a zero gradient with `index_add`, which returns a new tensor: the zeros and the sum
+/// (two vocabulary-sized matrices, 62.5 MiB each at 32,000 × 512 in fp32) were live at once.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let value = table.detach().index_select(ids, 0)?;
+    let ids = ids.clone();
+    with_backward(table, value, "embedding", move |table, _, grad| {
+        scatter_rows(table, &ids, grad)
+    })
+}
+
+/// `table`'s shape of zeros with `grad`'s rows added at rows `ids`: on the CPU in one new buffer
+/// (f32, bf16 and f16; each addition in f32, rounded once, as candle's addition does), elsewhere
+/// candle's `index_add`.
+fn scatter_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let (vocab, hidden) = table.dims2()?;
+    let (dtype, device) = (grad.dtype(), grad.device());
+    if !(device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)) {
+        return Tensor::zeros((vocab, hidden), dtype, device)?.index_add(
+            &ids.contiguous()?,
+            grad,
+            0,
+        );
+    }
+    let ids = ids.to_vec1::<u32>()?;
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        candle_core::bail!("embedding: id {id} outside the table's {vocab} rows");
+    }
+    let rows = grad.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    fn scatter<T: Copy>(
+        ids: &[u32],
+        rows: &[Vec<f32>],
+        (vocab, hidden): (usize, usize),
+        zero: T,
+        add: impl Fn(T, f32) -> T,
+    ) -> Vec<T> {
+        let mut out = vec![zero; vocab * hidden];
+        for (&id, row) in ids.iter().zip(rows) {
+            let at = id as usize * hidden;
+            for (d, &g) in out[at..at + hidden].iter_mut().zip(row) {
+                *d = add(*d, g);
+            }
+        }
+        out
+    }
+    let shape = (vocab, hidden);
+    match dtype {
+        DType::F32 => Tensor::from_vec(
+            scatter(&ids, &rows, shape, 0f32, |d, g| d + g),
+            shape,
+            device,
+        ),
+        DType::BF16 => Tensor::from_vec(
+            scatter(&ids, &rows, shape, half::bf16::ZERO, |d, g| {
+                half::bf16::from_f32(d.to_f32() + g)
+            }),
+            shape,
+            device,
+        ),
+        _ => Tensor::from_vec(
+            scatter(&ids, &rows, shape, half::f16::ZERO, |d, g| {
+                half::f16::from_f32(d.to_f32() + g)
+            }),
+            shape,
+            device,
+        ),
+    }
+}
+
 /// Causal self-attention `softmax(scale · q kᵀ + mask) v` on `[b, h, s, d]` tensors (k and v with
 /// q's heads; v may be a view, such as the projection's output with its heads transposed),
 /// returned as `[b, s, h, d]`: the heads side by side, ready for the output projection without a

@@ -370,12 +370,15 @@ impl Engine {
                 }
             }
         }
-        let grad_norm = optim::clip_grad_norm(&self.params, &mut grads, self.hyper.clip)?;
+        // Clipping's coefficient goes into the update (AdamW multiplies each gradient as it
+        // reads it), rather than into scaled copies of the gradients first.
+        let grad_norm = optim::grad_norm(&self.params, &grads)?;
+        let coefficient = optim::clip_coefficient(grad_norm, self.hyper.clip);
         observer.mark("clip", None, last);
         let overflowed = !grad_norm.is_finite();
         self.scaler.update(overflowed);
         if !overflowed {
-            self.optimizer.step(&grads, lr)?;
+            self.optimizer.step_scaled(&mut grads, lr, coefficient)?;
         }
         drop(grads);
         observer.mark("optimizer_step", None, last);

@@ -20,10 +20,12 @@ use std::collections::HashMap;
 /// One in-place pass of the CPU update over contiguous storage (see the module docs).
 #[derive(Clone, Copy)]
 enum InPlace {
-    /// `m ← (g − m)·c + m` with c = 1 − β1 (source: g).
-    FirstMoment { c: f32 },
-    /// `v ← (g² − v)·c + v` with c = 1 − β2 (source: g).
-    SecondMoment { c: f32 },
+    /// `m ← (g − m)·c + m` with c = 1 − β1 (source: g, first multiplied by `s`, gradient
+    /// clipping's coefficient, and rounded to its dtype as a separate scaling pass leaves it; 1
+    /// leaves it as it is).
+    FirstMoment { c: f32, s: f32 },
+    /// `v ← (g² − v)·c + v` with c = 1 − β2 (source: g, multiplied by `s` as above).
+    SecondMoment { c: f32, s: f32 },
     /// `p ← round(p·decay)` (when decay ≠ 1), then `p ← p − (m / (√v·k + eps))·step_size`
     /// (sources: m, v).
     Param {
@@ -32,6 +34,16 @@ enum InPlace {
         eps: f32,
         step_size: f32,
     },
+}
+
+/// `g · s` rounded to `T` and widened again (what a scaling pass stores), or `g` for `s` = 1.
+#[inline(always)]
+fn scaled<T: Elem>(g: T, s: f32) -> f32 {
+    if s == 1.0 {
+        g.get()
+    } else {
+        T::put(g.get() * s + 0.0).get()
+    }
 }
 
 impl InPlace {
@@ -44,15 +56,15 @@ impl InPlace {
                 vectorized(
                     #[inline(always)]
                     || match self {
-                        InPlace::FirstMoment { c } => {
+                        InPlace::FirstMoment { c, s } => {
                             for (m, g) in dst.iter_mut().zip(a) {
-                                let m0 = m.get();
-                                *m = T::put(((g.get() - m0) * c + 0.0) + m0);
+                                let (m0, g) = (m.get(), scaled(*g, s));
+                                *m = T::put(((g - m0) * c + 0.0) + m0);
                             }
                         }
-                        InPlace::SecondMoment { c } => {
+                        InPlace::SecondMoment { c, s } => {
                             for (v, g) in dst.iter_mut().zip(a) {
-                                let (v0, g) = (v.get(), g.get());
+                                let (v0, g) = (v.get(), scaled(*g, s));
                                 *v = T::put(((g * g - v0) * c + 0.0) + v0);
                             }
                         }
@@ -185,6 +197,8 @@ struct Consts {
     bias_correction2: f64,
     step_size: f64,
     decay: f64,
+    /// What every gradient is multiplied by first (clipping's coefficient; 1 for none).
+    grad_scale: f64,
 }
 
 impl Slot {
@@ -192,11 +206,14 @@ impl Slot {
     fn update_in_place(&self, grad: &Tensor, c: Consts) -> Result<()> {
         let (m, v) = (self.exp_avg.as_tensor(), self.exp_avg_sq.as_tensor());
         // The same f32 constants as candle's affine in `update_with_ops` (f64 rounded to f32).
+        let s = c.grad_scale as f32;
         let first = InPlace::FirstMoment {
             c: (1.0 - ADAM_BETA1) as f32,
+            s,
         };
         let second = InPlace::SecondMoment {
             c: (1.0 - ADAM_BETA2) as f32,
+            s,
         };
         m.inplace_op2(grad, &first)?;
         v.inplace_op2(grad, &second)?;
@@ -213,7 +230,11 @@ impl Slot {
     fn update_with_ops(&self, grad: &Tensor, c: Consts) -> Result<()> {
         let var = &self.param.var;
         let dtype = var.dtype();
-        let g = working(grad)?;
+        let mut g = working(grad)?;
+        if c.grad_scale != 1.0 {
+            // Rounded to the gradient's dtype, as a separate scaling pass would leave it.
+            g = working(&g.affine(c.grad_scale, 0.0)?.to_dtype(grad.dtype())?)?;
+        }
 
         // m ← m + (1 − β1)(g − m)   (torch's lerp_)
         let m = working(self.exp_avg.as_tensor())?;
@@ -251,7 +272,7 @@ impl Slot {
 
 impl AdamW {
     /// The step's constants, after counting the step.
-    fn next_consts(&mut self, lr: f64) -> Consts {
+    fn next_consts(&mut self, lr: f64, grad_scale: f64) -> Consts {
         self.step += 1;
         let t = self.step as f64;
         let bias_correction1 = 1.0 - ADAM_BETA1.powf(t);
@@ -259,13 +280,15 @@ impl AdamW {
             bias_correction2: 1.0 - ADAM_BETA2.powf(t),
             step_size: lr / bias_correction1,
             decay: 1.0 - lr * self.weight_decay,
+            grad_scale,
         }
     }
 }
 
-impl Optimizer for AdamW {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let c = self.next_consts(lr);
+impl AdamW {
+    /// One update from `grads` multiplied by `grad_scale` ([`Optimizer::step_scaled`]).
+    fn update(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let c = self.next_consts(lr, grad_scale);
         for slot in &self.slots {
             let Some(grad) = grads.get(slot.param.var.as_tensor()) else {
                 continue;
@@ -283,6 +306,16 @@ impl Optimizer for AdamW {
             }
         }
         Ok(())
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.update(grads, lr, 1.0)
+    }
+
+    fn step_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.update(grads, lr, grad_scale)
     }
 
     fn state_bytes(&self) -> u64 {
@@ -430,10 +463,10 @@ mod tests {
             for step in 0..4 {
                 let g = (Tensor::randn(0f32, 1.0, (3, 700), &Device::Cpu)? * 10f64.powi(-step))?
                     .to_dtype(dtype)?;
-                let c = fused.next_consts(1e-2);
+                let c = fused.next_consts(1e-2, 1.0);
                 assert!(in_place(&[fused.slots[0].param.var.as_tensor(), &g]));
                 fused.slots[0].update_in_place(&g, c)?;
-                let c = ops.next_consts(1e-2);
+                let c = ops.next_consts(1e-2, 1.0);
                 ops.slots[0].update_with_ops(&g, c)?;
                 let bits = |t: &Tensor| -> Result<Vec<f32>> {
                     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()

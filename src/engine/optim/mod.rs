@@ -21,7 +21,7 @@ mod testkit;
 
 use crate::config::{Hyper, OptimizerKind};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, TensorId, Var};
 use std::collections::{HashMap, HashSet};
 
 /// Adam's first-moment decay (PyTorch's and bitsandbytes' default).
@@ -45,6 +45,15 @@ pub trait Optimizer {
     /// One update from `grads` (already averaged over micro-batches, unscaled and clipped) at
     /// learning rate `lr`. Parameters without a gradient in `grads` are left alone.
     fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+    /// One update from `grads` multiplied by `grad_scale` (gradient clipping's coefficient, 1
+    /// for none): the same values as scaling every gradient first and then [`Optimizer::step`].
+    /// That is what this default does (one scaled copy of a gradient at a time); AdamW on the CPU
+    /// multiplies inside its update instead, so no gradient-sized copy is made.
+    fn step_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let ids = grads.get_ids().copied().collect();
+        scale_grads(grads, ids, grad_scale)?;
+        self.step(grads, lr)
+    }
     /// Exact bytes of optimizer state currently held (the step counter excluded).
     fn state_bytes(&self) -> u64;
     /// Every state tensor under a stable name, plus the step count (`STEP_STATE`), for checkpoints.
@@ -68,12 +77,21 @@ pub fn build(kind: OptimizerKind, params: Vec<Param>, hyper: &Hyper) -> Result<B
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. `max_norm <= 0` only measures.
+/// clipping. `max_norm <= 0` only measures. ([`grad_norm`], [`clip_coefficient`] and
+/// [`Optimizer::step_scaled`] do the same without scaling the gradients first.)
 ///
 /// As `torch.nn.utils.clip_grad_norm_`: squares are summed in f32, and when the norm exceeds the
 /// threshold every gradient is multiplied by `max_norm / (norm + 1e-6)`. A non-finite norm is
 /// returned without scaling anything, so the caller can skip the step (fp16 loss scaling does).
 pub fn clip_grad_norm(params: &[Param], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(params, grads)?;
+    let ids = params.iter().map(|p| p.var.as_tensor().id()).collect();
+    scale_grads(grads, ids, clip_coefficient(norm, max_norm))?;
+    Ok(norm)
+}
+
+/// The global L2 norm of `params`' gradients (squares summed in f32, as torch does).
+pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
     let mut squares = Vec::new();
     for param in params {
         if let Some(grad) = grads.get(param.var.as_tensor()) {
@@ -93,26 +111,39 @@ pub fn clip_grad_norm(params: &[Param], grads: &mut GradStore, max_norm: f64) ->
         .map(|s| s.to_device(&device))
         .collect::<Result<Vec<_>>>()?;
     let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
-    let norm = (total as f64).sqrt();
+    Ok((total as f64).sqrt())
+}
+
+/// What clipping to `max_norm` multiplies every gradient by at global norm `norm`:
+/// `max_norm / (norm + 1e-6)` when that is below 1, else 1 (also for `max_norm <= 0`, which
+/// does not clip, and for a non-finite norm, whose step the caller skips).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     if max_norm <= 0.0 || !norm.is_finite() {
-        return Ok(norm);
+        return 1.0;
     }
-    let coefficient = max_norm / (norm + 1e-6);
-    if coefficient < 1.0 {
-        for param in params {
-            let Some(grad) = grads.get(param.var.as_tensor()) else {
-                continue;
-            };
-            let scaled = match crate::engine::kernels::scale(grad, coefficient)? {
-                Some(scaled) => scaled,
-                None => working(grad)?
-                    .affine(coefficient, 0.0)?
-                    .to_dtype(grad.dtype())?,
-            };
-            grads.insert(param.var.as_tensor(), scaled);
-        }
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// The gradients of `ids` in `grads` multiplied by `factor` (nothing when it is 1), one at a
+/// time: each scaled copy replaces its gradient before the next is made.
+fn scale_grads(grads: &mut GradStore, ids: Vec<TensorId>, factor: f64) -> Result<()> {
+    if factor == 1.0 {
+        return Ok(());
     }
-    Ok(norm)
+    for id in ids {
+        let Some(grad) = grads.get_id(id).cloned() else {
+            continue;
+        };
+        let scaled = match crate::engine::kernels::scale(&grad, factor)? {
+            Some(scaled) => scaled,
+            None => working(&grad)?
+                .affine(factor, 0.0)?
+                .to_dtype(grad.dtype())?,
+        };
+        drop(grad);
+        grads.insert_id(id, scaled);
+    }
+    Ok(())
 }
 
 /// `Σ g²` in f32 of a contiguous CPU tensor (f32, bf16, f16), in one pass that reads it in place
@@ -458,6 +489,40 @@ mod tests {
             },
         ];
         assert!(build(OptimizerKind::Sgd, same_name, &Hyper::default()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_scaled_step_equals_clipping_first() -> Result<()> {
+        // Every optimizer, f32 and bf16 parameters (AdamW's in-place kernel multiplies inside
+        // its update, the others scale first): three steps with a clipping coefficient below 1
+        // give bit for bit the parameters of clipping the gradients and then stepping.
+        for dtype in [DType::F32, DType::BF16] {
+            let problem = LeastSquares::new(128, 64, 80, dtype)?;
+            for kind in KINDS {
+                let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
+                    let params = problem.params()?;
+                    let mut optimizer = build(kind, params.clone(), &Hyper::default())?;
+                    for _ in 0..3 {
+                        let (_, mut grads) = problem.loss_and_grads(&params)?;
+                        let norm = grad_norm(&params, &grads)?;
+                        let coefficient = clip_coefficient(norm, 0.05);
+                        assert!(coefficient < 1.0, "{kind}: norm {norm}");
+                        if fused {
+                            optimizer.step_scaled(&mut grads, 1e-2, coefficient)?;
+                        } else {
+                            clip_grad_norm(&params, &mut grads, 0.05)?;
+                            optimizer.step(&grads, 1e-2)?;
+                        }
+                    }
+                    values(&params)
+                };
+                assert_eq!(run(true)?, run(false)?, "{kind} {dtype:?}");
+            }
+        }
+        assert_eq!(clip_coefficient(13.0, 20.0), 1.0);
+        assert_eq!(clip_coefficient(f64::NAN, 1.0), 1.0);
+        assert_eq!(clip_coefficient(13.0, 0.0), 1.0);
         Ok(())
     }
 
