@@ -393,14 +393,8 @@ impl CustomOp2 for CausalProduct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
-            candle_core::bail!("causal-product: f32 operands only");
-        };
-        let (a, b) = (Operand::from_slice(x, l1), Operand::from_slice(y, l2));
+        let (a, b, shape) = f32_operands(s1, l1, s2, l2)?;
         let (m, k, n) = (a.rows, a.cols, b.cols);
-        let mut dims = l1.dims().to_vec();
-        let last = dims.len() - 1;
-        dims[last] = n;
         let len = a.starts.len() * m * n;
         let mut out = Vec::<f32>::with_capacity(len);
         let output = Output(out.as_mut_ptr());
@@ -451,7 +445,7 @@ impl CustomOp2 for CausalProduct {
         });
         // SAFETY: every task wrote its rows in full (the product's columns, then zeros).
         unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -707,6 +701,24 @@ fn tiled<T: Half>(
     Ok((T::storage(out), Shape::from(dims)))
 }
 
+/// Two f32 storages as product operands (`[..., m, k]` and `[..., k, n]`), and the product's
+/// shape `[..., m, n]`.
+fn f32_operands<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<(Operand<'a, f32>, Operand<'a, f32>, Shape)> {
+    let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
+        candle_core::bail!("matmul: f32 operands expected");
+    };
+    let (a, b) = (Operand::from_slice(x, l1), Operand::from_slice(y, l2));
+    let mut dims = l1.dims().to_vec();
+    let last = dims.len() - 1;
+    dims[last] = b.cols;
+    Ok((a, b, Shape::from(dims)))
+}
+
 /// The f32 product on gemm, as candle's own but for two things: a new output is not zero-filled
 /// first (gemm overwrites every element), and batched products (attention's, one per sequence
 /// and head) run their entries on the threads in parallel, each on one thread, where candle runs
@@ -718,18 +730,12 @@ fn f32_product(
     s2: &CpuStorage,
     l2: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
-        candle_core::bail!("matmul: operands of different dtypes");
-    };
-    let (a, b) = (Operand::from_slice(x, l1), Operand::from_slice(y, l2));
+    let (a, b, shape) = f32_operands(s1, l1, s2, l2)?;
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let batches = a.starts.len();
-    let mut dims = l1.dims().to_vec();
-    let last = dims.len() - 1;
-    dims[last] = n;
     let len = batches * m * n;
     if len == 0 || k == 0 {
-        return Ok((CpuStorage::F32(vec![0.0; len]), Shape::from(dims)));
+        return Ok((CpuStorage::F32(vec![0.0; len]), shape));
     }
     let mut out = Vec::<f32>::with_capacity(len);
     let output = Output(out.as_mut_ptr());
@@ -749,7 +755,7 @@ fn f32_product(
     }
     // SAFETY: every entry's output was written in full.
     unsafe { out.set_len(len) };
-    Ok((CpuStorage::F32(out), Shape::from(dims)))
+    Ok((CpuStorage::F32(out), shape))
 }
 
 /// `dst` (rows × cols, row-major f32) = the tile's product: its blocks of `k_block` of the inner
