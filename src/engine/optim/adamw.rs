@@ -283,9 +283,7 @@ impl AdamW {
             grad_scale,
         }
     }
-}
 
-impl AdamW {
     /// One update from `grads` multiplied by `grad_scale` ([`Optimizer::step_scaled`]).
     fn update(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let c = self.next_consts(lr, grad_scale);
