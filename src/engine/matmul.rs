@@ -186,17 +186,22 @@ pub fn cpu_kernels() -> &'static str {
 /// f16 on the CPU take the tiled path, f32 `f32_product` (gemm directly); everything else is
 /// candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let tiled = on_cpu_products(a)
-        && b.dtype() == a.dtype()
-        && a.rank() >= 2
-        && a.rank() == b.rank()
-        && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2]
-        && a.dims()[a.rank() - 1] == b.dims()[b.rank() - 2];
-    if tiled {
+    if on_cpu_products_of(a, b) {
         a.apply_op2(b, Tiled)
     } else {
         a.matmul(b)
     }
+}
+
+/// Whether memtune's CPU products multiply `a` by `b`: [`on_cpu_products`] for `a`, `b` of its
+/// dtype, and shapes `[..., m, k]` and `[..., k, n]` with the same leading dimensions.
+fn on_cpu_products_of(a: &Tensor, b: &Tensor) -> bool {
+    on_cpu_products(a)
+        && b.dtype() == a.dtype()
+        && a.rank() >= 2
+        && a.rank() == b.rank()
+        && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2]
+        && a.dims()[a.rank() - 1] == b.dims()[b.rank() - 2]
 }
 
 /// Whether [`matmul`] multiplies `t` (with an operand of its dtype) on memtune's CPU products,
@@ -358,19 +363,14 @@ pub const CAUSAL_BLOCK: usize = 64;
 /// products' work at a sequence of 256 (the rest is masked or zero); elsewhere [`matmul`]'s
 /// whole product, equal where the result is used.
 pub fn causal_product(a: &Tensor, b: &Tensor, kind: Causal) -> Result<Tensor> {
-    let square = |t: &Tensor| t.rank() >= 2 && t.dims()[t.rank() - 2] == t.dims()[t.rank() - 1];
-    let (ra, rb) = (a.rank(), b.rank());
-    let fits = a.device().is_cpu()
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && ra >= 2
-        && ra == rb
-        && a.dims()[..ra - 2] == b.dims()[..rb - 2]
-        && a.dims()[ra - 1] == b.dims()[rb - 2]
-        && match kind {
-            Causal::Output => a.dims()[ra - 2] == b.dims()[rb - 1],
-            Causal::Lower | Causal::Upper => square(a),
-        };
+    let fits = on_cpu_products_of(a, b) && a.dtype() == DType::F32 && {
+        let (da, db) = (a.dims(), b.dims());
+        let m = da[da.len() - 2];
+        match kind {
+            Causal::Output => m == db[db.len() - 1],
+            Causal::Lower | Causal::Upper => m == da[da.len() - 1],
+        }
+    };
     if fits {
         a.apply_op2_no_bwd(b, &CausalProduct(kind))
     } else {
@@ -414,33 +414,28 @@ impl CustomOp2 for CausalProduct {
                 Causal::Lower => (0..n, 0..r1),
                 Causal::Upper => (0..n, r0..k),
             };
-            if inner.is_empty() {
-                for r in 0..rows {
-                    // SAFETY: row `r0 + r` of entry `bi` is this task's alone, inside `out`.
-                    unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), n) }.fill(0.0);
-                }
-                return;
+            // The product's columns, written by gemm (none over an empty inner dimension).
+            let written = if inner.is_empty() { 0 } else { cols.end };
+            if written > 0 {
+                // SAFETY: the blocks lie inside the operands (rows `r0..r1` and columns `inner`
+                // of `a`, rows `inner` and columns `cols` of `b`, within entry `bi`'s
+                // dimensions, which candle's layouts place inside the storages); the output rows
+                // `r0..r1` of entry `bi` are this task's alone.
+                unsafe {
+                    gemm_block(
+                        (rows, inner.len(), cols.len()),
+                        (dst, n),
+                        (&a, a_row + inner.start * a.col_stride),
+                        (&b, b_at + inner.start * b.row_stride),
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
             }
-            // SAFETY: the blocks lie inside the operands (rows `r0..r1` and columns `inner` of
-            // `a`, rows `inner` and columns `cols` of `b`, within entry `bi`'s dimensions, which
-            // candle's layouts place inside the storages); the output rows `r0..r1` of entry
-            // `bi` are this task's alone.
-            unsafe {
-                gemm_block(
-                    (rows, inner.len(), cols.len()),
-                    (dst, n),
-                    (&a, a_row + inner.start * a.col_stride),
-                    (&b, b_at + inner.start * b.row_stride),
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
-            if cols.end < n {
-                for r in 0..rows {
-                    // SAFETY: as above; the columns after the block, never multiplied.
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), n) };
-                    row[cols.end..].fill(0.0);
-                }
+            for r in 0..rows {
+                // SAFETY: as above; the columns gemm did not write, as zeros.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), n) };
+                row[written..].fill(0.0);
             }
         });
         // SAFETY: every task wrote its rows in full (the product's columns, then zeros).

@@ -7,7 +7,7 @@
 
 use super::{
     ADAM_BETA1, ADAM_BETA2, ADAM_EPS, Optimizer, Param, STEP_STATE, load_vars, read_step,
-    step_tensor, validate, working,
+    scaled_grad, step_tensor, validate, working,
 };
 use crate::config::Hyper;
 use crate::engine::kernels::{Elem, GRAIN, fusable, slice, vectorized};
@@ -230,11 +230,12 @@ impl Slot {
     fn update_with_ops(&self, grad: &Tensor, c: Consts) -> Result<()> {
         let var = &self.param.var;
         let dtype = var.dtype();
-        let mut g = working(grad)?;
-        if c.grad_scale != 1.0 {
-            // Rounded to the gradient's dtype, as a separate scaling pass would leave it.
-            g = working(&g.affine(c.grad_scale, 0.0)?.to_dtype(grad.dtype())?)?;
-        }
+        // Scaled in the gradient's dtype, as a separate scaling pass would leave it.
+        let g = if c.grad_scale != 1.0 {
+            working(&scaled_grad(grad, c.grad_scale)?)?
+        } else {
+            working(grad)?
+        };
 
         // m ← m + (1 − β1)(g − m)   (torch's lerp_)
         let m = working(self.exp_avg.as_tensor())?;

@@ -134,16 +134,20 @@ fn scale_grads(grads: &mut GradStore, ids: Vec<TensorId>, factor: f64) -> Result
         let Some(grad) = grads.get_id(id).cloned() else {
             continue;
         };
-        let scaled = match crate::engine::kernels::scale(&grad, factor)? {
-            Some(scaled) => scaled,
-            None => working(&grad)?
-                .affine(factor, 0.0)?
-                .to_dtype(grad.dtype())?,
-        };
+        let scaled = scaled_grad(&grad, factor)?;
         drop(grad);
         grads.insert_id(id, scaled);
     }
     Ok(())
+}
+
+/// `grad · factor` in `grad`'s dtype: the fused kernel where it applies, else widened to f32,
+/// scaled and rounded back (the same values).
+fn scaled_grad(grad: &Tensor, factor: f64) -> Result<Tensor> {
+    match crate::engine::kernels::scale(grad, factor)? {
+        Some(scaled) => Ok(scaled),
+        None => working(grad)?.affine(factor, 0.0)?.to_dtype(grad.dtype()),
+    }
 }
 
 /// `Σ g²` in f32 of a contiguous CPU tensor (f32, bf16, f16), in one pass that reads it in place
