@@ -347,9 +347,25 @@ pub struct ProfileArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Clip the global gradient norm to this value; 0 disables clipping. Default 1.0, as `train`.
+    #[arg(long, help_heading = "Optimisation")]
+    pub clip: Option<f64>,
+    #[command(flatten)]
+    pub update: UpdateArgs,
 }
 
 impl ProfileArgs {
+    /// The optimisation settings the probe of `knobs` trains with: the probe's, with `--clip`
+    /// and `--update-in-backward`.
+    pub fn hyper(&self, knobs: &Knobs) -> Result<Hyper> {
+        let clip = HyperArgs {
+            clip: self.clip,
+            ..HyperArgs::default()
+        };
+        let hyper = clip.apply(crate::probe::runner::probe_hyper())?;
+        self.update.apply(hyper, knobs)
+    }
+
     pub fn to_request(&self) -> Result<crate::probe::runner::ProbeRequest> {
         let full = resolve_model(&self.model)?;
         let spec = match self.layers {
@@ -551,6 +567,30 @@ pub struct HyperArgs {
     pub momentum: Option<f64>,
 }
 
+/// How the update meets backward (shared by `train` and `profile`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct UpdateArgs {
+    /// Update each layer's weights as soon as backward has made their gradients, and free them:
+    /// a full fine-tune then holds one layer's gradients at a time (besides the embedding's and the
+    /// head's) instead of all of them until the end of the step. Same updates as without it. Needs
+    /// --clip 0 and --accum 1, and not fp16. `tune`'s predictions do not count the saving.
+    #[arg(long, help_heading = "Optimisation")]
+    pub update_in_backward: bool,
+}
+
+impl UpdateArgs {
+    /// `h` with these flags, refused (naming the flags) where `knobs` or `h` rule them out.
+    fn apply(&self, mut h: Hyper, knobs: &Knobs) -> Result<Hyper> {
+        if self.update_in_backward {
+            h.update_in_backward = true;
+        }
+        if let Some(why) = h.update_in_backward_conflict(knobs) {
+            bail!("{why}");
+        }
+        Ok(h)
+    }
+}
+
 impl HyperArgs {
     pub fn apply(&self, mut h: Hyper) -> Result<Hyper> {
         if let Some(v) = self.lr {
@@ -611,6 +651,8 @@ pub struct TrainArgs {
     pub knobs: KnobArgs,
     #[command(flatten)]
     pub hyper: HyperArgs,
+    #[command(flatten)]
+    pub update: UpdateArgs,
     /// Random seed (initialisation, data order, dropout). Default 0.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -778,6 +820,7 @@ impl TrainArgs {
         let spec = resolve_model(&model)?;
         let knobs = self.knobs.apply(file.knobs(Knobs::default())?, &spec)?;
         let hyper = self.hyper.apply(file.hyper(Hyper::default())?)?;
+        let hyper = self.update.apply(hyper, &knobs)?;
         let steps = self.steps.or(run_file.steps).unwrap_or(100);
         if steps == 0 {
             bail!("--steps must be at least 1");

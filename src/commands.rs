@@ -181,6 +181,7 @@ pub fn meter_for(
 /// `memtune profile`.
 pub fn profile(args: &ProfileArgs) -> Result<()> {
     let req = args.to_request()?;
+    let hyper = args.hyper(&req.knobs)?;
     // Fail on a bad output path before the work, not after.
     for path in [&args.csv, &args.timeline_csv].into_iter().flatten() {
         std::fs::OpenOptions::new()
@@ -201,7 +202,7 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
         );
     }
     let rss_before = crate::probe::meter::os_current_rss_bytes();
-    let result = crate::probe::runner::run_probe(&req, meter.as_ref())?;
+    let result = crate::probe::runner::run_probe_with(&req, hyper, meter.as_ref())?;
     let rss_peak = crate::probe::meter::os_peak_rss_bytes();
     let probe_id = probe_id(&result);
     if let Some(path) = &args.csv {

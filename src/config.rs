@@ -225,7 +225,7 @@ impl Default for Knobs {
     }
 }
 
-/// Optimisation hyper-parameters that do not change memory.
+/// Optimisation hyper-parameters: none changes memory but `update_in_backward`, which lowers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hyper {
     pub lr: f64,
@@ -235,6 +235,15 @@ pub struct Hyper {
     /// Global gradient-norm clipping threshold; 0 disables it.
     pub clip: f64,
     pub momentum: f64,
+    /// Update each part of the model (the head, each layer, the embedding) as soon as backward
+    /// has made its gradients, and free them, instead of keeping every gradient until one update
+    /// at the end (PyTorch's "optimizer step in backward", torchtune's `optimizer_in_bwd`). A full
+    /// fine-tune then holds one layer's gradients at a time besides the embedding's and the head's
+    /// rather than all of them. Needs `clip` 0 (the global norm needs every gradient before any
+    /// update), one micro-batch a step and no fp16 loss scaling. The cost model does not model it:
+    /// its memory predictions stay an upper bound for such runs.
+    #[serde(default)]
+    pub update_in_backward: bool,
 }
 
 impl Default for Hyper {
@@ -246,11 +255,40 @@ impl Default for Hyper {
             warmup_steps: 0,
             clip: 1.0,
             momentum: 0.9,
+            update_in_backward: false,
         }
     }
 }
 
 impl Hyper {
+    /// Why `update_in_backward` cannot run with these settings and `knobs`, naming the flags;
+    /// `None` when it can, or is off.
+    pub fn update_in_backward_conflict(&self, knobs: &Knobs) -> Option<String> {
+        if !self.update_in_backward {
+            return None;
+        }
+        let why = if self.clip > 0.0 {
+            format!(
+                "--clip 0 (got {}): clipping by the global gradient norm needs every gradient \
+                 before the first update",
+                self.clip
+            )
+        } else if knobs.accum > 1 {
+            format!(
+                "--accum 1 (got {}): accumulation adds every micro-batch's gradients before the \
+                 update",
+                knobs.accum
+            )
+        } else if knobs.precision == Precision::Fp16 {
+            "a precision other than fp16: fp16's loss scaling skips a step whose gradients \
+             overflow, which needs every gradient before the first update"
+                .to_string()
+        } else {
+            return None;
+        };
+        Some(format!("--update-in-backward needs {why}"))
+    }
+
     /// Learning rate at optimizer step `step` (0-based) of `total`.
     pub fn lr_at(&self, step: usize, total: usize) -> f64 {
         match self.schedule {

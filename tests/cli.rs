@@ -79,6 +79,39 @@ fn train_lowers_the_loss_with_every_memory_knob_at_once() {
 }
 
 #[test]
+fn train_updates_in_backward_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = text_file(dir.path());
+    let o = memtune(&[
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        &data,
+        "--steps",
+        "10",
+        "--method",
+        "full",
+        "--lr",
+        "3e-3",
+        "--clip",
+        "0",
+        "--update-in-backward",
+        "--seq",
+        "32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["config"]["hyper"]["update_in_backward"], true);
+    let (initial, fin) = (
+        j["initial_loss"].as_f64().unwrap(),
+        j["final_loss"].as_f64().unwrap(),
+    );
+    assert!(fin < initial, "final {fin} !< initial {initial}");
+}
+
+#[test]
 fn bad_input_gets_clear_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let data = text_file(dir.path());
@@ -134,6 +167,30 @@ fn bad_input_gets_clear_errors_not_panics() {
                 "adam",
             ],
             "adamw8bit",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "tiny",
+                "--data",
+                &data,
+                "--update-in-backward",
+            ],
+            "--update-in-backward needs --clip 0",
+        ),
+        (
+            &[
+                "profile",
+                "--model",
+                "tiny",
+                "--clip",
+                "0",
+                "--accum",
+                "2",
+                "--update-in-backward",
+            ],
+            "--update-in-backward needs --accum 1",
         ),
         (&["profile", "--model", "tiny", "--layers", "9"], "--layers"),
         (&["profile", "--model", "tiny", "--device", "cuda"], "CUDA"),

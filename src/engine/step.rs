@@ -113,6 +113,44 @@ fn forward_backward_keeping(
     observer: &mut dyn StepObserver,
     micro_batch: usize,
 ) -> Result<(f64, GradStore)> {
+    // Made when the first part comes, where a store of its own would be.
+    let mut grads: Option<GradStore> = None;
+    let value = forward_backward_into(
+        model,
+        batch,
+        normalizer,
+        loss_scale,
+        observer,
+        micro_batch,
+        &mut |part| {
+            let into = match grads.as_mut() {
+                Some(into) => into,
+                None => grads.insert(empty_grad_store(&model.device)?),
+            };
+            merge_grads(into, part, keep)
+        },
+    )?;
+    let grads = match grads {
+        Some(grads) => grads,
+        None => empty_grad_store(&model.device)?,
+    };
+    Ok((value, grads))
+}
+
+/// Forward and backward of one micro-batch, handing each part's gradient store to `take` as
+/// backward makes it: the head's (final norm, head, and a tied embedding's first share), each
+/// layer's from the last to the first, then the embedding's. A parameter's gradient is whole in
+/// the store of the last part that uses it; the stores also hold gradients that are not the
+/// parameters' (the layers' inputs). Returns the loss value (already divided by `normalizer`).
+fn forward_backward_into(
+    model: &Model,
+    batch: &Batch,
+    normalizer: f64,
+    loss_scale: f64,
+    observer: &mut dyn StepObserver,
+    micro_batch: usize,
+    take: &mut dyn FnMut(&mut GradStore) -> Result<()>,
+) -> Result<f64> {
     let targets = LossTargets {
         ids: batch.targets.clone(),
         mask: batch.mask.clone(),
@@ -153,7 +191,7 @@ fn forward_backward_keeping(
     let loss = model.head_loss(top.as_tensor(), &targets, Some(loss_scale))?;
     observer.mark("loss", None, micro_batch);
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let head_grads = loss.affine(loss_scale, 0.0)?.backward()?;
+    let mut head_grads = loss.affine(loss_scale, 0.0)?.backward()?;
     drop(loss);
     // A variable's gradient can carry a graph (backward formulas multiply by other variables);
     // detach it, or the next surrogate's backward would differentiate through it.
@@ -163,8 +201,7 @@ fn forward_backward_keeping(
         .ok_or_else(|| {
             candle_core::Error::Msg("loss has no gradient for the last hidden state".into())
         })?;
-    let mut grads = empty_grad_store(&model.device)?;
-    merge_grads(&mut grads, &head_grads, keep)?;
+    take(&mut head_grads)?;
     drop(head_grads);
     observer.mark("backward", Some(n_layers), micro_batch);
 
@@ -183,23 +220,23 @@ fn forward_backward_keeping(
                 }
                 None => candle_core::bail!("checkpoint stack underflow at layer {l}"),
             };
-            let layer_grads = seeded_backward(&y, &upstream)?;
+            let mut layer_grads = seeded_backward(&y, &upstream)?;
             upstream = layer_grads
                 .get(input.as_tensor())
                 .map(Tensor::detach)
                 .ok_or_else(|| {
                     candle_core::Error::Msg(format!("layer {l} input got no gradient"))
                 })?;
-            merge_grads(&mut grads, &layer_grads, keep)?;
+            take(&mut layer_grads)?;
         }
         observer.mark("backward", Some(l), micro_batch);
     }
     // The embedding's gradient (when it is trained) flows through the graph kept from `embed`.
     if model.embed_is_trainable() {
-        let embed_grads = seeded_backward(&embedded, &upstream)?;
-        merge_grads(&mut grads, &embed_grads, keep)?;
+        let mut embed_grads = seeded_backward(&embedded, &upstream)?;
+        take(&mut embed_grads)?;
     }
-    Ok((value, grads))
+    Ok(value)
 }
 
 /// Backward from `y` with `upstream` as its gradient. On the CPU, a scalar op on `y` whose
@@ -295,6 +332,9 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(model: Model, hyper: Hyper) -> Result<Self> {
+        if let Some(why) = hyper.update_in_backward_conflict(&model.knobs) {
+            candle_core::bail!("{why}");
+        }
         let params = model.trainable();
         let optimizer = optim::build(model.knobs.optimizer, params.clone(), &hyper)?;
         let scaler = LossScaler::new(model.knobs.precision);
@@ -358,6 +398,15 @@ impl Engine {
         lr: f64,
         observer: &mut dyn StepObserver,
     ) -> Result<StepStats> {
+        if self.hyper.update_in_backward {
+            return match micro_batches {
+                [batch] => self.step_in_backward(batch, lr, observer),
+                _ => candle_core::bail!(
+                    "--update-in-backward takes one micro-batch a step, got {}",
+                    micro_batches.len()
+                ),
+            };
+        }
         let tokens = micro_batches.iter().map(Batch::tokens).sum();
         let (loss, mut grads) = self.accumulate(micro_batches, observer)?;
         let last = micro_batches.len().saturating_sub(1);
@@ -387,6 +436,80 @@ impl Engine {
             grad_norm,
             skipped: overflowed,
             tokens,
+        })
+    }
+
+    /// One optimizer step that updates each part's parameters as soon as backward has made their
+    /// gradients, and drops them ([`Hyper::update_in_backward`]): the same values as
+    /// [`Engine::train_step`] without clipping. A trained embedding waits for the last part (tied
+    /// to the head, it has gradients from the first part too). A non-finite gradient fails the
+    /// step, since the parts before it have been updated already.
+    fn step_in_backward(
+        &mut self,
+        batch: &Batch,
+        lr: f64,
+        observer: &mut dyn StepObserver,
+    ) -> Result<StepStats> {
+        let embedding = match &self.model.embed {
+            super::model::Weight::Trainable(var) => Some(var.as_tensor().clone()),
+            super::model::Weight::Frozen(_) => None,
+        };
+        let waiting: HashSet<TensorId> = embedding.iter().map(Tensor::id).collect();
+        let mut embedding_grads: Option<GradStore> = None;
+        let mut squares = 0.0;
+        self.optimizer.begin_step();
+        let (model, params, optimizer) = (&self.model, &self.params, &mut self.optimizer);
+        let mut update = |grads: &GradStore, part: &str| -> Result<()> {
+            let norm = optim::grad_norm(params, grads)?;
+            if !norm.is_finite() {
+                candle_core::bail!(
+                    "non-finite gradient in {part}: a step that updates in backward cannot skip \
+                     the update (the parts after it in backward have been updated)"
+                );
+            }
+            squares += norm * norm;
+            optimizer.update(grads, lr)
+        };
+        let mut part = 0;
+        let n_layers = model.layers.len();
+        let loss = forward_backward_into(
+            model,
+            batch,
+            batch.counted_tokens.max(1) as f64,
+            1.0,
+            observer,
+            0,
+            &mut |grads| {
+                let name = match part {
+                    0 => "the head".to_string(),
+                    p if p <= n_layers => format!("layer {}", n_layers - p),
+                    _ => "the embedding".to_string(),
+                };
+                part += 1;
+                if let Some(embedding) = &embedding
+                    && grads.get(embedding).is_some()
+                {
+                    let into = match embedding_grads.as_mut() {
+                        Some(into) => into,
+                        None => embedding_grads.insert(empty_grad_store(&model.device)?),
+                    };
+                    merge_grads(into, grads, &waiting)?;
+                    grads.remove(embedding);
+                }
+                update(grads, &name)
+            },
+        )?;
+        observer.mark("micro_batch_done", None, 0);
+        observer.mark("clip", None, 0);
+        if let Some(grads) = embedding_grads {
+            update(&grads, "the embedding")?;
+        }
+        observer.mark("optimizer_step", None, 0);
+        Ok(StepStats {
+            loss,
+            grad_norm: squares.sqrt(),
+            skipped: false,
+            tokens: batch.tokens(),
         })
     }
 }

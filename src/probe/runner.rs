@@ -88,8 +88,27 @@ impl StepObserver for Recorder<'_> {
     }
 }
 
-/// Runs `req`, reading `meter`.
+/// The optimisation settings a probe trains with: the defaults (clipping at 1.0, as `train`
+/// does) at a learning rate small enough not to disturb the weights.
+pub fn probe_hyper() -> crate::config::Hyper {
+    crate::config::Hyper {
+        lr: 1e-5,
+        ..Default::default()
+    }
+}
+
+/// Runs `req`, reading `meter`, with [`probe_hyper`]'s settings.
 pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeResult> {
+    run_probe_with(req, probe_hyper(), meter)
+}
+
+/// Runs `req`, reading `meter`, with the optimisation settings `hyper` (their learning rate is
+/// ignored: probes step at 1e-5).
+pub fn run_probe_with(
+    req: &ProbeRequest,
+    hyper: crate::config::Hyper,
+    meter: &dyn MemoryMeter,
+) -> Result<ProbeResult> {
     let knobs = &req.knobs;
     let steps = req.steps.max(1);
     // Data first, so that its bytes are part of the baseline.
@@ -120,8 +139,8 @@ pub fn run_probe(req: &ProbeRequest, meter: &dyn MemoryMeter) -> Result<ProbeRes
     .context("building the model for the probe")?;
     let after_weights = meter.current_bytes();
     let hyper = crate::config::Hyper {
-        lr: 1e-5,
-        ..Default::default()
+        lr: probe_hyper().lr,
+        ..hyper
     };
     let mut engine = Engine::new(model, hyper).context("building the optimizer for the probe")?;
     let after_optimizer = meter.current_bytes();

@@ -94,8 +94,11 @@ fn decay_into(state: &Var, fresh: Tensor, beta: f64) -> Result<()> {
 }
 
 impl Optimizer for Adafactor {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    fn begin_step(&mut self) {
         self.step += 1;
+    }
+
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let beta = 1.0 - (self.step as f64).powf(DECAY_RATE);
         for slot in &self.slots {
             let var = &slot.param.var;

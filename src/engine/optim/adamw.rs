@@ -272,9 +272,8 @@ impl Slot {
 }
 
 impl AdamW {
-    /// The step's constants, after counting the step.
-    fn next_consts(&mut self, lr: f64, grad_scale: f64) -> Consts {
-        self.step += 1;
+    /// The constants of the step counted last.
+    fn consts(&self, lr: f64, grad_scale: f64) -> Consts {
         let t = self.step as f64;
         let bias_correction1 = 1.0 - ADAM_BETA1.powf(t);
         Consts {
@@ -285,9 +284,9 @@ impl AdamW {
         }
     }
 
-    /// One update from `grads` multiplied by `grad_scale` ([`Optimizer::step_scaled`]).
-    fn update(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
-        let c = self.next_consts(lr, grad_scale);
+    /// One update from `grads` multiplied by `grad_scale` ([`Optimizer::update_scaled`]).
+    fn update_with(&self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let c = self.consts(lr, grad_scale);
         for slot in &self.slots {
             let Some(grad) = grads.get(slot.param.var.as_tensor()) else {
                 continue;
@@ -309,12 +308,16 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.update(grads, lr, 1.0)
+    fn begin_step(&mut self) {
+        self.step += 1;
     }
 
-    fn step_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
-        self.update(grads, lr, grad_scale)
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.update_with(grads, lr, 1.0)
+    }
+
+    fn update_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.update_with(grads, lr, grad_scale)
     }
 
     fn state_bytes(&self) -> u64 {
@@ -462,10 +465,12 @@ mod tests {
             for step in 0..4 {
                 let g = (Tensor::randn(0f32, 1.0, (3, 700), &Device::Cpu)? * 10f64.powi(-step))?
                     .to_dtype(dtype)?;
-                let c = fused.next_consts(1e-2, 1.0);
+                fused.begin_step();
+                let c = fused.consts(1e-2, 1.0);
                 assert!(in_place(&[fused.slots[0].param.var.as_tensor(), &g]));
                 fused.slots[0].update_in_place(&g, c)?;
-                let c = ops.next_consts(1e-2, 1.0);
+                ops.begin_step();
+                let c = ops.consts(1e-2, 1.0);
                 ops.slots[0].update_with_ops(&g, c)?;
                 let bits = |t: &Tensor| -> Result<Vec<f32>> {
                     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()

@@ -466,8 +466,11 @@ impl AdamW8bit {
 }
 
 impl Optimizer for AdamW8bit {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    fn begin_step(&mut self) {
         self.step += 1;
+    }
+
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let constants = StepConstants::new(self.step, lr, self.weight_decay);
         for slot in &mut self.slots {
             let var = &slot.param.var;

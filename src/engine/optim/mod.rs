@@ -42,17 +42,34 @@ pub struct Param {
 }
 
 pub trait Optimizer {
-    /// One update from `grads` (already averaged over micro-batches, unscaled and clipped) at
-    /// learning rate `lr`. Parameters without a gradient in `grads` are left alone.
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
-    /// One update from `grads` multiplied by `grad_scale` (gradient clipping's coefficient, 1
-    /// for none): the same values as scaling every gradient first and then [`Optimizer::step`].
-    /// That is what this default does (one scaled copy of a gradient at a time); AdamW on the CPU
-    /// multiplies inside its update instead, so no gradient-sized copy is made.
-    fn step_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    /// Counts one optimizer step (the step number Adam's bias corrections and Adafactor's decay
+    /// read) without updating anything. [`Optimizer::step`] calls it once and then updates every
+    /// parameter; a step that updates its parameters in parts, as backward makes their gradients
+    /// (`Hyper::update_in_backward`), calls it once and then [`Optimizer::update`] per part.
+    fn begin_step(&mut self);
+    /// Updates the parameters that have a gradient in `grads` (already averaged over
+    /// micro-batches, unscaled and clipped) at learning rate `lr`, as the step counted by the last
+    /// [`Optimizer::begin_step`]. Parameters without a gradient in `grads` are left alone.
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+    /// [`Optimizer::update`] from `grads` multiplied by `grad_scale` (gradient clipping's
+    /// coefficient, 1 for none): the same values as scaling every gradient first. That is what
+    /// this default does (one scaled copy of a gradient at a time); AdamW on the CPU multiplies
+    /// inside its update instead, so no gradient-sized copy is made.
+    fn update_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let ids = grads.get_ids().copied().collect();
         scale_grads(grads, ids, grad_scale)?;
-        self.step(grads, lr)
+        self.update(grads, lr)
+    }
+    /// One whole optimizer step: [`Optimizer::begin_step`], then [`Optimizer::update`].
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.begin_step();
+        self.update(grads, lr)
+    }
+    /// One whole optimizer step from `grads` multiplied by `grad_scale`
+    /// ([`Optimizer::update_scaled`]).
+    fn step_scaled(&mut self, grads: &mut GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.begin_step();
+        self.update_scaled(grads, lr, grad_scale)
     }
     /// Exact bytes of optimizer state currently held (the step counter excluded).
     fn state_bytes(&self) -> u64;

@@ -51,8 +51,11 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    fn begin_step(&mut self) {
         self.step += 1;
+    }
+
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         for slot in &self.slots {
             let var = &slot.param.var;
             let Some(grad) = grads.get(var.as_tensor()) else {
