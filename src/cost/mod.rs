@@ -76,8 +76,10 @@ pub trait Prober {
 /// the same bytes. 21: a trained embedding's gradient is made in one buffer (candle's
 /// `index_add` held the zeros and the sum at once), and clipping's coefficient goes into AdamW's
 /// update instead of a scaled copy of each gradient: a full fine-tune's update phase holds one
-/// vocabulary-sized matrix fewer.)
-pub const COST_MODEL_VERSION: u32 = 21;
+/// vocabulary-sized matrix fewer. 22: f32 products call gemm on at most 4,096 output rows at a
+/// time, so that gemm no longer packs a copy of a vocabulary-sized operand (the chunked loss's
+/// head gradient).)
+pub const COST_MODEL_VERSION: u32 = 22;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -234,18 +234,28 @@ unsafe fn gemm_entry(
     parallelism: gemm::Parallelism,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm_block(
-            (m, k, n),
-            (dst, n),
-            (a, a.starts[bi]),
-            (b, b.starts[bi]),
-            accumulate,
-            parallelism,
-        )
+    for r0 in (0..m).step_by(GEMM_ROWS) {
+        // SAFETY: the caller's contract; rows `r0..r0 + rows` of the entry's `a` and of `dst`.
+        unsafe {
+            gemm_block(
+                (GEMM_ROWS.min(m - r0), k, n),
+                (dst.add(r0 * n), n),
+                (a, a.starts[bi] + r0 * a.row_stride),
+                (b, b.starts[bi]),
+                accumulate,
+                parallelism,
+            )
+        }
     }
 }
+
+/// Output rows per gemm call in [`gemm_entry`]. gemm computes a row-major product as its
+/// transpose and, on rayon's threads, packs that transpose's whole right operand: `kc` × the
+/// output's rows, a copy as large as the left operand's block. For a product with a vocabulary's
+/// rows (the chunked loss's head gradient, `d logitsᵀ · h`) that was 15.6 MiB at 128 tokens and a
+/// 32,000 vocabulary, and more for a longer chunk; in blocks of 4,096 rows it is at most
+/// `kc` × 4,096.
+const GEMM_ROWS: usize = 4096;
 
 /// `dst = a · b` (or `dst += a · b` with `accumulate`) for an `m × k` block of `a` starting at
 /// element `a_at` and a `k × n` block of `b` starting at `b_at`, at the operands' strides, into
@@ -1862,6 +1872,25 @@ mod tests {
         assert!(!accumulate_product(&dst.t().unwrap(), &h.t().unwrap(), &g).unwrap());
         assert_eq!(dst.to_vec2::<f32>().unwrap(), before);
         assert!(accumulate_product(&dst, &g, &h).is_err());
+    }
+
+    #[test]
+    fn products_with_more_rows_than_a_gemm_call_match_candles() {
+        // More output rows than GEMM_ROWS, in the row blocks gemm_entry splits them into: the
+        // left operand read row-major, transposed (the chunked loss's head gradient) and as
+        // batch entries; and accumulated in place.
+        let rows = 2 * GEMM_ROWS + 37;
+        let f32s = |shape: &[usize], seed| randn(shape, seed, DType::F32);
+        let (g, h) = (f32s(&[24, rows], 4), f32s(&[24, 16], 5));
+        check(&g.t().unwrap(), &h);
+        check(&g.t().unwrap().contiguous().unwrap(), &h);
+        let (x, y) = (f32s(&[2, rows, 8], 6), f32s(&[2, 8, 5], 7));
+        check(&x, &y);
+        let dst = f32s(&[rows, 16], 8);
+        let want = (&dst + g.t().unwrap().matmul(&h).unwrap()).unwrap();
+        assert!(accumulate_product(&dst, &g.t().unwrap(), &h).unwrap());
+        let diff = max_abs(&(&dst - &want).unwrap());
+        assert!(diff < 1e-5 * max_abs(&want), "{diff}");
     }
 
     #[test]
