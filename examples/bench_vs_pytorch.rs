@@ -11,7 +11,12 @@
 //!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16]
 //!
 //! `--dtype` keeps only that precision's half of the matrix (with `--quick`, its four rows: fp32's by
-//! default).
+//! default). `--update-in-backward` runs this build's rows with `--clip 0 --update-in-backward`
+//! (the same updates as PyTorch's peer, which does not clip, each layer's applied as soon as
+//! backward has made its gradients); a `--before` binary runs without them.
+//!
+//! The last column is the share of the machine's CPU time the host stole from this VM while the
+//! row ran (`/proc/stat`): rows with more than a few percent measured a contended machine.
 //!
 //! memtune's memory is its exact allocator peak above the pre-model baseline (and the OS high-water
 //! mark); PyTorch's is the peer's ΔRSS (peak RSS minus RSS after imports) and its profiler peak.
@@ -167,9 +172,38 @@ fn peer_args(peer: &Path, c: &Config) -> Vec<String> {
     args
 }
 
+/// CPU time stolen from this VM and all CPU time so far, in clock ticks (`/proc/stat`'s `cpu` line);
+/// zeros where it cannot be read.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (
+        fields.get(7).copied().unwrap_or(0),
+        fields.iter().sum::<u64>(),
+    )
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "bench_vs_pytorch [--python PY] [--peer DIR] [--quick] [--repeats N] [--before OLD_MEMTUNE] \
+             [--dtype fp32|bf16] [--update-in-backward]\n\
+             memtune's training step against ../shared/peer/train_step.py, side by side \
+             (see the header of examples/bench_vs_pytorch.rs)"
+        );
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
+    let in_backward = args.iter().any(|a| a == "--update-in-backward");
     let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
     let python = arg("--python").unwrap_or_else(|| "python3".into());
     let peer = PathBuf::from(arg("--peer").unwrap_or_else(|| "../shared/peer".into()));
@@ -202,10 +236,10 @@ fn main() {
         ""
     };
     println!(
-        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols}"
+        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols} steal |"
     );
     println!(
-        "|---|---|---|---|---|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
         if before.is_some() { "---|---|" } else { "" }
     );
     for c in configs(quick, only_dtype.as_deref().unwrap_or("fp32"))
@@ -213,15 +247,23 @@ fn main() {
         .filter(|c| only_dtype.as_deref().is_none_or(|d| d == c.dtype))
     {
         let cfg = write_config(&dir, &c);
-        let ours_args = memtune_args(&cfg, &c);
+        let base_args = memtune_args(&cfg, &c);
+        let mut ours_args = base_args.clone();
+        if in_backward {
+            ours_args.extend(["--clip", "0", "--update-in-backward"].map(String::from));
+        }
         let (mut ours, mut theirs, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        let (stolen0, total0) = cpu_ticks();
         for _ in 0..repeats {
             ours.extend(run_json(Command::new(&memtune).args(&ours_args)));
             theirs.extend(run_json(Command::new(&python).args(peer_args(&peer, &c))));
             if let Some(b) = &before {
-                old.extend(run_json(Command::new(b).args(&ours_args)));
+                old.extend(run_json(Command::new(b).args(&base_args)));
             }
         }
+        let (stolen1, total1) = cpu_ticks();
+        let steal = 100.0 * stolen1.saturating_sub(stolen0) as f64
+            / total1.saturating_sub(total0).max(1) as f64;
         let (Some(o), Some(t)) = (ours.first(), theirs.first()) else {
             continue;
         };
@@ -243,7 +285,7 @@ fn main() {
             format!(" {old_tps:.0} | {:.2}× |", our_tps / old_tps.max(1e-9))
         };
         println!(
-            "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |{before_text}",
+            "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |{before_text} {steal:.1}% |",
             c.name,
             c.batch,
             c.seq,
