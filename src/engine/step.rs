@@ -51,6 +51,17 @@ fn empty_grad_store(device: &candle_core::Device) -> Result<GradStore> {
     Tensor::zeros((), DType::F32, device)?.backward()
 }
 
+/// The store in `slot`, made (empty) on first use.
+fn made<'a>(
+    slot: &'a mut Option<GradStore>,
+    device: &candle_core::Device,
+) -> Result<&'a mut GradStore> {
+    match slot {
+        Some(store) => Ok(store),
+        None => Ok(slot.insert(empty_grad_store(device)?)),
+    }
+}
+
 /// The ids of the model's trainable parameters: the only gradients worth keeping.
 fn trainable_ids(model: &Model) -> HashSet<TensorId> {
     model
@@ -122,13 +133,7 @@ fn forward_backward_keeping(
         loss_scale,
         observer,
         micro_batch,
-        &mut |part| {
-            let into = match grads.as_mut() {
-                Some(into) => into,
-                None => grads.insert(empty_grad_store(&model.device)?),
-            };
-            merge_grads(into, part, keep)
-        },
+        &mut |part| merge_grads(made(&mut grads, &model.device)?, part, keep),
     )?;
     let grads = match grads {
         Some(grads) => grads,
@@ -489,11 +494,7 @@ impl Engine {
                 if let Some(embedding) = &embedding
                     && grads.get(embedding).is_some()
                 {
-                    let into = match embedding_grads.as_mut() {
-                        Some(into) => into,
-                        None => embedding_grads.insert(empty_grad_store(&model.device)?),
-                    };
-                    merge_grads(into, grads, &waiting)?;
+                    merge_grads(made(&mut embedding_grads, &model.device)?, grads, &waiting)?;
                     grads.remove(embedding);
                 }
                 update(grads, &name)
