@@ -202,6 +202,7 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
         );
     }
     let rss_before = crate::probe::meter::os_current_rss_bytes();
+    let (clip, in_backward) = (hyper.clip, hyper.update_in_backward);
     let result = crate::probe::runner::run_probe_with(&req, hyper, meter.as_ref())?;
     let rss_peak = crate::probe::meter::os_peak_rss_bytes();
     let probe_id = probe_id(&result);
@@ -235,9 +236,13 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
             j["rss_baseline_bytes"] = before.into();
             j["rss_peak_minus_baseline_bytes"] = peak.saturating_sub(before).into();
         }
+        j["clip"] = clip.into();
+        j["update_in_backward"] = in_backward.into();
         println!("{}", serde_json::to_string(&j)?);
     } else {
         print_profile(&result);
+        let when = if in_backward { ", in backward" } else { "" };
+        println!("updates: clip {clip}{when}");
     }
     Ok(())
 }

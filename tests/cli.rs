@@ -258,6 +258,8 @@ fn profile_json_and_csv_append() {
         assert_eq!(parts, peak, "components explain the measured peak exactly");
         assert!(j["components"]["weights"].as_u64().unwrap() > 0);
         assert_eq!(j["config"]["method"], method);
+        assert_eq!(j["clip"], 1.0, "profile clips as train does");
+        assert_eq!(j["update_in_backward"], false);
     }
     let text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(
