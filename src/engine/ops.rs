@@ -11,6 +11,7 @@
 //! - [`chunked_cross_entropy`]: the next-token loss computed a chunk of rows at a time, in forward
 //!   and again in backward, so the batch × seq × vocab fp32 logits never exist at once.
 
+use super::kernels::Elem;
 use super::matmul::{Causal, causal_product, matmul as mm};
 use super::model::wide;
 use candle_core::backend::BackendStorage;
@@ -395,43 +396,27 @@ fn scatter_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<Tensor> {
         candle_core::bail!("embedding: id {id} outside the table's {vocab} rows");
     }
     let rows = grad.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    fn scatter<T: Copy>(
+    fn scatter<T: Elem + candle_core::WithDType>(
         ids: &[u32],
         rows: &[Vec<f32>],
-        (vocab, hidden): (usize, usize),
-        zero: T,
-        add: impl Fn(T, f32) -> T,
-    ) -> Vec<T> {
-        let mut out = vec![zero; vocab * hidden];
+        shape: (usize, usize),
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let (vocab, hidden) = shape;
+        let mut out = vec![T::put(0.0); vocab * hidden];
         for (&id, row) in ids.iter().zip(rows) {
             let at = id as usize * hidden;
             for (d, &g) in out[at..at + hidden].iter_mut().zip(row) {
-                *d = add(*d, g);
+                *d = T::put(d.get() + g);
             }
         }
-        out
+        Tensor::from_vec(out, shape, device)
     }
     let shape = (vocab, hidden);
     match dtype {
-        DType::F32 => Tensor::from_vec(
-            scatter(&ids, &rows, shape, 0f32, |d, g| d + g),
-            shape,
-            device,
-        ),
-        DType::BF16 => Tensor::from_vec(
-            scatter(&ids, &rows, shape, half::bf16::ZERO, |d, g| {
-                half::bf16::from_f32(d.to_f32() + g)
-            }),
-            shape,
-            device,
-        ),
-        _ => Tensor::from_vec(
-            scatter(&ids, &rows, shape, half::f16::ZERO, |d, g| {
-                half::f16::from_f32(d.to_f32() + g)
-            }),
-            shape,
-            device,
-        ),
+        DType::F32 => scatter::<f32>(&ids, &rows, shape, device),
+        DType::BF16 => scatter::<half::bf16>(&ids, &rows, shape, device),
+        _ => scatter::<half::f16>(&ids, &rows, shape, device),
     }
 }
 
