@@ -469,7 +469,7 @@ impl Engine {
             if !norm.is_finite() {
                 candle_core::bail!(
                     "non-finite gradient in {part}: a step that updates in backward cannot skip \
-                     the update (the parts after it in backward have been updated)"
+                     the update (the parts backward reached before it have been updated)"
                 );
             }
             squares += norm * norm;
