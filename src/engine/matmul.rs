@@ -233,18 +233,218 @@ unsafe fn gemm_entry(
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    for r0 in (0..m).step_by(GEMM_ROWS) {
-        // SAFETY: the caller's contract; rows `r0..r0 + rows` of the entry's `a` and of `dst`.
+    let n = b.cols;
+    if a.rows <= COLUMN_BLOCK_ROWS && transposes_columns(b) {
+        // SAFETY: the caller's contract.
+        return unsafe { gemm_column_blocks(a, b, bi, dst, accumulate, parallelism) };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm_rows(
+            (a, 0..a.rows),
+            (b, b.starts[bi]),
+            bi,
+            (dst, n),
+            accumulate,
+            parallelism,
+        )
+    }
+}
+
+/// [`gemm_entry`]'s product of `a`'s rows `rows` by the right operand's `k × n` block at element
+/// `b_at`, into `dst`'s rows of `n` elements (`dst` points at the first row's, rows `dst_rows`
+/// apart), in calls of at most [`GEMM_ROWS`] rows.
+///
+/// # Safety
+/// As [`gemm_entry`]'s, for those rows of `a` and `dst` and that block of `b`.
+unsafe fn gemm_rows(
+    (a, rows): (&Operand<f32>, std::ops::Range<usize>),
+    (b, b_at): (&Operand<f32>, usize),
+    bi: usize,
+    (dst, dst_rows): (*mut f32, usize),
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    let (k, n) = (b.rows, b.cols);
+    for r0 in rows.clone().step_by(GEMM_ROWS) {
+        // SAFETY: the caller's contract; rows `r0..r0 + GEMM_ROWS` (at most) of `a` and `dst`.
         unsafe {
             gemm_block(
-                (GEMM_ROWS.min(m - r0), k, n),
-                (dst.add(r0 * n), n),
+                (GEMM_ROWS.min(rows.end - r0), k, n),
+                (dst.add((r0 - rows.start) * dst_rows), dst_rows),
                 (a, a.starts[bi] + r0 * a.row_stride),
-                (b, b.starts[bi]),
+                (b, b_at),
                 accumulate,
                 parallelism,
             )
+        }
+    }
+}
+
+/// Elements of a transposed right operand one task copies at once (128 KiB of f32, a block that
+/// stays in the core's L2 cache while gemm reads it), in blocks of at least 64 columns (gemm's
+/// f32 micro-panel on AVX-512 is 64 rows of its transposed product).
+const COLUMN_BLOCK_ELEMENTS: usize = 1 << 15;
+
+/// Rows of the left operand up to which [`gemm_entry`] copies a transposed right operand in
+/// column blocks. gemm's own packing of it costs the same for any number of rows, so it weighs
+/// most on short products (a third of the time at 128 rows); from 2,048 rows the two paths ran
+/// within the noise of each other in `examples/matmul_f32.rs`.
+const COLUMN_BLOCK_ROWS: usize = 1024;
+
+/// Whether [`gemm_entry`] multiplies by `b` in column blocks: `b` is a transposed view (its
+/// columns contiguous, as a weight `W` `[n, k]` is read for `x · Wᵀ`), wide enough for a block
+/// of 16 columns, and the CPU has AVX-512 for the 16 × 16 transposes (`MEMTUNE_NO_COLUMN_BLOCKS=1`
+/// turns this off, for side-by-side timing).
+///
+/// gemm computes a row-major product as its transpose, `Wᵀᵀ · xᵀ`, whose left operand is then
+/// `W` row by row, and it packs a left operand's columns: from rows `k` elements apart one
+/// element at a time (a scalar load and store per element), on every thread that uses the panel.
+/// For a forward product at 128 tokens that packing cost a third of the product's time
+/// (`examples/matmul_f32.rs`).
+fn transposes_columns(b: &Operand<f32>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        b.row_stride == 1
+            && b.col_stride != 1
+            && b.rows >= 16
+            && b.cols >= 16
+            && *HAS.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::env::var_os("MEMTUNE_NO_COLUMN_BLOCKS").is_none()
+            })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = b;
+        false
+    }
+}
+
+/// [`gemm_entry`] for a transposed right operand ([`transposes_columns`]): blocks of its columns
+/// are copied row-major into a task's scratch with AVX-512 16 × 16 transposes, and each block's
+/// columns of the output are a gemm call on one thread that reads the copy as it is. The blocks
+/// run on rayon's threads (work-stealing, so a thread the host slows takes fewer) or, with
+/// `Parallelism::None`, one after another on this one. The same products and sums as gemm's own
+/// path, over the inner dimension in gemm's blocks of it.
+///
+/// # Safety
+/// As [`gemm_entry`]'s.
+unsafe fn gemm_column_blocks(
+    a: &Operand<f32>,
+    b: &Operand<f32>,
+    bi: usize,
+    dst: *mut f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    let (m, k, n) = (a.rows, b.rows, b.cols);
+    let width = (COLUMN_BLOCK_ELEMENTS / k / 64 * 64).max(64).min(n);
+    let columns = n.div_ceil(width);
+    // With fewer column blocks than tasks enough to balance the threads, rows are split too (a
+    // column block is then copied once per row block, each of at least 64 rows).
+    let threads = match parallelism {
+        gemm::Parallelism::None => 1,
+        _ => rayon::current_num_threads().max(1),
+    };
+    let row_blocks = if threads == 1 {
+        1
+    } else {
+        (TASKS_PER_THREAD * threads)
+            .div_ceil(columns)
+            .clamp(1, m.div_ceil(64))
+    };
+    let height = m.div_ceil(row_blocks);
+    let output = Output(dst);
+    // Task `t` is column block `t / row_blocks`, row block `t % row_blocks`; a worker's scratch
+    // remembers the column block it holds, so consecutive tasks copy it once.
+    let task = |(scratch, held): &mut (Vec<f32>, Option<usize>), t: usize| {
+        let (j, i) = (t / row_blocks, t % row_blocks);
+        let (j0, w) = (j * width, width.min(n - j * width));
+        let (r0, r1) = (i * height, ((i + 1) * height).min(m));
+        if r0 >= r1 {
+            return;
+        }
+        if scratch.len() < k * w {
+            scratch.resize(k * w, 0.0);
+        }
+        let copy = &mut scratch[..k * w];
+        if *held != Some(j) {
+            transpose_columns(b, b.starts[bi] + j0 * b.col_stride, w, copy);
+            *held = Some(j);
+        }
+        let copy = Operand {
+            data: &*copy,
+            rows: k,
+            cols: w,
+            row_stride: w,
+            col_stride: 1,
+            starts: Vec::new(),
+        };
+        // SAFETY: the caller's contract for `a` and `dst`; this task writes only the output's
+        // rows `r0..r1` of columns `j0..j0 + w`, which no other task touches; `copy` is `k × w`,
+        // row-major.
+        unsafe {
+            gemm_rows(
+                (a, r0..r1),
+                (&copy, 0),
+                bi,
+                (output.at(r0 * n + j0), n),
+                accumulate,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    let tasks = columns * row_blocks;
+    if threads == 1 {
+        let mut scratch = (Vec::new(), None);
+        (0..tasks).for_each(|t| task(&mut scratch, t));
+    } else {
+        (0..tasks)
+            .into_par_iter()
+            .for_each_init(|| (Vec::new(), None), task);
+    }
+}
+
+/// Tasks per thread [`gemm_column_blocks`] aims for at least, so that a thread the host slows
+/// leaves fewer of them undone when the others finish.
+const TASKS_PER_THREAD: usize = 4;
+
+/// `dst` (`k × w`, row-major) = the `w` columns of `b` from element `at` (each `k` contiguous
+/// elements, `b.col_stride` apart), transposed 16 × 16 at a time on AVX-512 and element by
+/// element at the edges.
+fn transpose_columns(b: &Operand<f32>, at: usize, w: usize, dst: &mut [f32]) {
+    let (k, cs) = (b.rows, b.col_stride);
+    let src = &b.data[at..at + (w - 1) * cs + k];
+    let (kw, ww) = (k / 16 * 16, w / 16 * 16);
+    #[cfg(target_arch = "x86_64")]
+    for c0 in (0..ww).step_by(16) {
+        for r0 in (0..kw).step_by(16) {
+            // SAFETY: AVX-512F ([`transposes_columns`]); the 16 runs of 16 f32 (32 halves) from
+            // column c0 + i, row r0 lie in `src`, and the 16 rows r0.. of 16 f32 from column c0
+            // in `dst` (`k × w`).
+            unsafe {
+                dot::x86_pack::words(
+                    src.as_ptr().add(c0 * cs + r0) as *const u16,
+                    2 * cs,
+                    dst.as_mut_ptr().add(r0 * w + c0) as *mut u32,
+                    w,
+                )
+            }
+        }
+    }
+    // The edges: rows past the last whole 16 for every column, columns past the last whole 16
+    // for every row (all of them without AVX-512's loop).
+    let (kw, ww) = if cfg!(target_arch = "x86_64") {
+        (kw, ww)
+    } else {
+        (0, 0)
+    };
+    for c in 0..w {
+        let rows = if c < ww { kw..k } else { 0..k };
+        for r in rows {
+            dst[r * w + c] = src[c * cs + r];
         }
     }
 }
@@ -1089,7 +1289,7 @@ mod dot {
 
     /// Packing's transposes on AVX-512, 16 × 16 words at a time.
     #[cfg(target_arch = "x86_64")]
-    mod x86_pack {
+    pub mod x86_pack {
         use std::arch::x86_64::*;
 
         /// `m[0..16]` transposed: word `c` of row `i` becomes word `i` of row `c`. Plain loops,
@@ -1891,6 +2091,39 @@ mod tests {
         assert!(accumulate_product(&dst, &g.t().unwrap(), &h).unwrap());
         let diff = max_abs(&(&dst - &want).unwrap());
         assert!(diff < 1e-5 * max_abs(&want), "{diff}");
+    }
+
+    #[test]
+    fn transposed_right_operands_in_column_blocks_match_candles() {
+        // A transposed right operand (x · Wᵀ) is multiplied in column blocks copied by 16 × 16
+        // transposes: inner dimensions and widths that are and are not multiples of 16, one
+        // block and several, a narrowed weight (columns further apart than its rows are long),
+        // batch entries (each on one thread), rows split into blocks, accumulated in place, and
+        // past COLUMN_BLOCK_ROWS (gemm's own path).
+        let f32s = |shape: &[usize], seed| randn(shape, seed, DType::F32);
+        for (m, k, n) in [
+            (5, 37, 3543),
+            (33, 64, 48),
+            (7, 16, 20),
+            (130, 512, 300),
+            (3, 5, 40),
+        ] {
+            let (x, w) = (f32s(&[m, k], 11), f32s(&[n, k], 12));
+            check(&x, &w.t().unwrap());
+            let wide = f32s(&[n, k + 5], 13);
+            check(&x, &wide.narrow(1, 2, k).unwrap().t().unwrap());
+        }
+        let (q, kt) = (f32s(&[6, 40, 32], 14), f32s(&[6, 72, 32], 15));
+        check(&q, &kt.transpose(1, 2).unwrap());
+        for rows in [COLUMN_BLOCK_ROWS, COLUMN_BLOCK_ROWS + 9] {
+            let (x, w) = (f32s(&[rows, 24], 16), f32s(&[40, 24], 17));
+            check(&x, &w.t().unwrap());
+            let dst = f32s(&[rows, 40], 18);
+            let want = (&dst + x.matmul(&w.t().unwrap()).unwrap()).unwrap();
+            assert!(accumulate_product(&dst, &x, &w.t().unwrap()).unwrap());
+            let diff = max_abs(&(&dst - &want).unwrap());
+            assert!(diff < 1e-5 * max_abs(&want), "{diff}");
+        }
     }
 
     #[test]
