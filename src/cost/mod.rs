@@ -78,9 +78,9 @@ pub trait Prober {
 /// update instead of a scaled copy of each gradient: a full fine-tune's update phase holds one
 /// vocabulary-sized matrix fewer. 22: f32 products call gemm on at most 4,096 output rows at a
 /// time, so that gemm no longer packs a copy of a vocabulary-sized operand (the chunked loss's
-/// head gradient). 23: f32 products by a transposed weight (`x · Wᵀ`) of up to 1,024 rows copy
+/// head gradient). 23: f32 products by a transposed weight (`x · Wᵀ`) of up to 512 rows copy
 /// it in column blocks with AVX-512 transposes instead of gemm's element-by-element packing:
-/// faster forward steps, a 128 KiB scratch per thread.)
+/// faster short forward products, a 128 KiB scratch per thread.)
 pub const COST_MODEL_VERSION: u32 = 23;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.

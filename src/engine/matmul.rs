@@ -288,9 +288,10 @@ const COLUMN_BLOCK_ELEMENTS: usize = 1 << 15;
 
 /// Rows of the left operand up to which [`gemm_entry`] copies a transposed right operand in
 /// column blocks. gemm's own packing of it costs the same for any number of rows, so it weighs
-/// most on short products (a third of the time at 128 rows); from 2,048 rows the two paths ran
-/// within the noise of each other in `examples/matmul_f32.rs`.
-const COLUMN_BLOCK_ROWS: usize = 1024;
+/// most on short products (1.15–1.40× faster at 128 rows of the benchmark matrix's shapes); at
+/// 1,024 rows the two paths ran within the noise of each other (0.91–1.01×) in
+/// `examples/matmul_f32.rs`.
+const COLUMN_BLOCK_ROWS: usize = 512;
 
 /// Whether [`gemm_entry`] multiplies by `b` in column blocks: `b` is a transposed view (its
 /// columns contiguous, as a weight `W` `[n, k]` is read for `x · Wᵀ`), wide enough for a block
