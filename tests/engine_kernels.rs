@@ -365,7 +365,16 @@ fn chunked_and_full_losses_on_fused_kernels_match_the_f64_full_loss() {
             Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap(),
         );
         let loss = if chunked {
-            chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true, None).unwrap()
+            chunked_cross_entropy(
+                hv.as_tensor(),
+                wv.as_tensor(),
+                &targets,
+                5,
+                true,
+                None,
+                None,
+            )
+            .unwrap()
         } else {
             let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
             full_cross_entropy(&logits, &targets).unwrap()
@@ -490,8 +499,16 @@ fn chunked_loss_gradients_made_in_forward_match_those_recomputed_in_backward() {
             Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap(),
             Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap(),
         );
-        let loss =
-            chunked_cross_entropy(hv.as_tensor(), wv.as_tensor(), &targets, 5, true, told).unwrap();
+        let loss = chunked_cross_entropy(
+            hv.as_tensor(),
+            wv.as_tensor(),
+            &targets,
+            5,
+            true,
+            told,
+            None,
+        )
+        .unwrap();
         value_and_head_grads(&loss, &hv, &wv, brought)
     };
     for dtype in [DType::F64, DType::F32, DType::BF16] {

@@ -80,8 +80,10 @@ pub trait Prober {
 /// time, so that gemm no longer packs a copy of a vocabulary-sized operand (the chunked loss's
 /// head gradient). 23: f32 products by a transposed weight (`x · Wᵀ`) of up to 512 rows copy
 /// it in column blocks with AVX-512 transposes instead of gemm's element-by-element packing:
-/// faster short forward products, a 128 KiB scratch per thread.)
-pub const COST_MODEL_VERSION: u32 = 23;
+/// faster short forward products, a 128 KiB scratch per thread. 24: a 16-bit head's gradient stays
+/// 16-bit until a second loss chunk is added to it (a single chunk's was widened to f32 and
+/// rounded back): 16-bit full fine-tunes peak lower in the loss.)
+pub const COST_MODEL_VERSION: u32 = 24;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

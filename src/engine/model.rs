@@ -586,11 +586,15 @@ impl Model {
     /// Final norm, head and next-token loss for hidden states `x`: `[b, s, h]`. `upstream`: the
     /// gradient backward will bring, when a training step will ask for one (the chunked loss then
     /// makes its gradients in the forward pass; see [`ops::chunked_cross_entropy`]).
+    /// `head_rows`: where an untied trainable head's gradient may go block by block
+    /// ([`ops::HeadRows`], in the head parameter's dtype), where the chunked loss can hand it on
+    /// so; backward then gives the head no gradient.
     pub fn head_loss(
         &self,
         x: &Tensor,
         targets: &LossTargets,
         upstream: Option<f64>,
+        head_rows: Option<ops::HeadRows>,
     ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let xn = self.rms_norm(x, &self.norm)?.reshape((b * s, h))?;
@@ -599,6 +603,12 @@ impl Model {
             LossMode::Chunked => {
                 let trainable = matches!(head, Weight::Trainable(_));
                 let w = head.as_compute(self.dtypes.compute)?;
+                // A block of the compute-dtype copy's gradient becomes the parameter's as
+                // backward through the conversion would make it (the same rounding).
+                let dtype = self.dtypes.trainable;
+                let mut converted = head_rows
+                    .filter(|_| self.lm_head.is_some())
+                    .map(|sink| move |first: usize, g: &Tensor| sink(first, &g.to_dtype(dtype)?));
                 ops::chunked_cross_entropy(
                     &xn,
                     &w,
@@ -606,6 +616,7 @@ impl Model {
                     loss_chunk_rows(self.spec.vocab_size),
                     trainable,
                     upstream,
+                    converted.as_mut().map(|f| f as ops::HeadRows),
                 )
             }
             LossMode::Full => {

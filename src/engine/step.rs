@@ -7,7 +7,7 @@
 //! which yields the layer's parameter gradients and the gradient of its input.
 
 use super::model::Model;
-use super::ops::LossTargets;
+use super::ops::{self, LossTargets};
 use super::optim::{self, Optimizer, Param};
 use crate::config::{Hyper, Precision};
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -133,7 +133,10 @@ fn forward_backward_keeping(
         loss_scale,
         observer,
         micro_batch,
-        &mut |part| merge_grads(made(&mut grads, &model.device)?, part, keep),
+        Sinks {
+            parts: &mut |part| merge_grads(made(&mut grads, &model.device)?, part, keep),
+            head_rows: None,
+        },
     )?;
     let grads = match grads {
         Some(grads) => grads,
@@ -142,11 +145,21 @@ fn forward_backward_keeping(
     Ok((value, grads))
 }
 
-/// Forward and backward of one micro-batch, handing each part's gradient store to `take` as
-/// backward makes it: the head's (final norm, head, and a tied embedding's first share), each
-/// layer's from the last to the first, then the embedding's. A parameter's gradient is whole in
-/// the store of the last part that uses it; the stores also hold gradients that are not the
-/// parameters' (the layers' inputs). Returns the loss value (already divided by `normalizer`).
+/// Where [`forward_backward_into`] hands gradients as they are made.
+struct Sinks<'a> {
+    /// Each part's gradient store, as backward makes it.
+    parts: &'a mut dyn FnMut(&mut GradStore) -> Result<()>,
+    /// An untied trainable head's gradient, block by block in the forward pass, where the loss
+    /// can make it so ([`Model::head_loss`]); the head's part then has no gradient for it.
+    head_rows: Option<ops::HeadRows<'a>>,
+}
+
+/// Forward and backward of one micro-batch, handing each part's gradient store to
+/// `sinks.parts` as backward makes it: the head's (final norm, head, and a tied embedding's
+/// first share), each layer's from the last to the first, then the embedding's. A parameter's
+/// gradient is whole in the store of the last part that uses it; the stores also hold gradients
+/// that are not the parameters' (the layers' inputs). Returns the loss value (already divided by
+/// `normalizer`).
 fn forward_backward_into(
     model: &Model,
     batch: &Batch,
@@ -154,8 +167,9 @@ fn forward_backward_into(
     loss_scale: f64,
     observer: &mut dyn StepObserver,
     micro_batch: usize,
-    take: &mut dyn FnMut(&mut GradStore) -> Result<()>,
+    sinks: Sinks,
 ) -> Result<f64> {
+    let take = sinks.parts;
     let targets = LossTargets {
         ids: batch.targets.clone(),
         mask: batch.mask.clone(),
@@ -193,7 +207,7 @@ fn forward_backward_into(
     }
     let top = Var::sharing(&x);
     drop(x);
-    let loss = model.head_loss(top.as_tensor(), &targets, Some(loss_scale))?;
+    let loss = model.head_loss(top.as_tensor(), &targets, Some(loss_scale), sinks.head_rows)?;
     observer.mark("loss", None, micro_batch);
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let mut head_grads = loss.affine(loss_scale, 0.0)?.backward()?;
@@ -447,8 +461,10 @@ impl Engine {
     /// One optimizer step that updates each part's parameters as soon as backward has made their
     /// gradients, and drops them ([`Hyper::update_in_backward`]): the same values as
     /// [`Engine::train_step`] without clipping. A trained embedding waits for the last part (tied
-    /// to the head, it has gradients from the first part too). A non-finite gradient fails the
-    /// step, since the parts before it have been updated already.
+    /// to the head, it has gradients from the first part too). An untied head whose optimizer
+    /// updates by rows (AdamW on the CPU) is updated block by block as the chunked loss makes its
+    /// gradient, where all rows are one chunk: its whole gradient never exists. A non-finite
+    /// gradient fails the step, since the parts before it have been updated already.
     fn step_in_backward(
         &mut self,
         batch: &Batch,
@@ -461,19 +477,46 @@ impl Engine {
         };
         let waiting: HashSet<TensorId> = embedding.iter().map(Tensor::id).collect();
         let mut embedding_grads: Option<GradStore> = None;
-        let mut squares = 0.0;
         self.optimizer.begin_step();
-        let (model, params, optimizer) = (&self.model, &self.params, &mut self.optimizer);
-        let mut update = |grads: &GradStore, part: &str| -> Result<()> {
-            let norm = optim::grad_norm(params, grads)?;
-            if !norm.is_finite() {
-                candle_core::bail!(
-                    "non-finite gradient in {part}: a step that updates in backward cannot skip \
-                     the update (the parts backward reached before it have been updated)"
-                );
+        // An untied head AdamW can update by rows takes its gradient block by block as the loss
+        // makes it, so the whole gradient never exists.
+        let head = match &self.model.lm_head {
+            Some(super::model::Weight::Trainable(var)) if self.optimizer.updates_rows(var) => {
+                Some(var.clone())
             }
-            squares += norm * norm;
+            _ => None,
+        };
+        let (model, params) = (&self.model, &self.params);
+        // The optimizer and the sum of squares, for both sinks (never borrowed at once: the
+        // head's blocks come in the forward pass, the parts in backward).
+        let state = std::cell::RefCell::new((&mut self.optimizer, 0.0));
+        let finite = |norm: f64, part: &str| -> Result<()> {
+            if norm.is_finite() {
+                return Ok(());
+            }
+            candle_core::bail!(
+                "non-finite gradient in {part}: a step that updates in backward cannot skip the \
+                 update (the parts backward reached before it have been updated)"
+            )
+        };
+        let update = |grads: &GradStore, part: &str| -> Result<()> {
+            let norm = optim::grad_norm(params, grads)?;
+            finite(norm, part)?;
+            let mut held = state.borrow_mut();
+            let (optimizer, squares) = &mut *held;
+            *squares += norm * norm;
             optimizer.update(grads, lr)
+        };
+        let mut head_rows = |first: usize, grad: &Tensor| -> Result<()> {
+            let Some(var) = &head else {
+                candle_core::bail!("head rows without an untied trainable head");
+            };
+            let squares_here = optim::squares(grad)?;
+            finite(squares_here, "the head")?;
+            let mut held = state.borrow_mut();
+            let (optimizer, squares) = &mut *held;
+            *squares += squares_here;
+            optimizer.update_rows(var, first, grad, lr)
         };
         let mut part = 0;
         let n_layers = model.layers.len();
@@ -484,20 +527,23 @@ impl Engine {
             1.0,
             observer,
             0,
-            &mut |grads| {
-                let name = match part {
-                    0 => "the head".to_string(),
-                    p if p <= n_layers => format!("layer {}", n_layers - p),
-                    _ => "the embedding".to_string(),
-                };
-                part += 1;
-                if let Some(embedding) = &embedding
-                    && grads.get(embedding).is_some()
-                {
-                    merge_grads(made(&mut embedding_grads, &model.device)?, grads, &waiting)?;
-                    grads.remove(embedding);
-                }
-                update(grads, &name)
+            Sinks {
+                parts: &mut |grads| {
+                    let name = match part {
+                        0 => "the head".to_string(),
+                        p if p <= n_layers => format!("layer {}", n_layers - p),
+                        _ => "the embedding".to_string(),
+                    };
+                    part += 1;
+                    if let Some(embedding) = &embedding
+                        && grads.get(embedding).is_some()
+                    {
+                        merge_grads(made(&mut embedding_grads, &model.device)?, grads, &waiting)?;
+                        grads.remove(embedding);
+                    }
+                    update(grads, &name)
+                },
+                head_rows: head.is_some().then_some(&mut head_rows as ops::HeadRows),
             },
         )?;
         observer.mark("micro_batch_done", None, 0);
@@ -506,6 +552,7 @@ impl Engine {
             update(&grads, "the embedding")?;
         }
         observer.mark("optimizer_step", None, 0);
+        let squares = state.borrow().1;
         Ok(StepStats {
             loss,
             grad_norm: squares.sqrt(),

@@ -160,7 +160,7 @@ pub fn eval_loss(model: &Model, batches: &[Batch]) -> Result<f64> {
             x = model.layer_forward(l, &x, false)?;
         }
         total += model
-            .head_loss(&x, &targets, None)?
+            .head_loss(&x, &targets, None, None)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
     }

@@ -201,29 +201,35 @@ struct Consts {
     grad_scale: f64,
 }
 
+/// The CPU's in-place update (see the module docs) of parameter `p` with moments `m` and `v`
+/// (the whole tensors or the same block of each): three passes, no temporaries.
+fn update_in_place(p: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, c: Consts) -> Result<()> {
+    // The same f32 constants as candle's affine in `update_with_ops` (f64 rounded to f32).
+    let s = c.grad_scale as f32;
+    let first = InPlace::FirstMoment {
+        c: (1.0 - ADAM_BETA1) as f32,
+        s,
+    };
+    let second = InPlace::SecondMoment {
+        c: (1.0 - ADAM_BETA2) as f32,
+        s,
+    };
+    m.inplace_op2(grad, &first)?;
+    v.inplace_op2(grad, &second)?;
+    let param = InPlace::Param {
+        decay: c.decay as f32,
+        k: (1.0 / c.bias_correction2.sqrt()) as f32,
+        eps: ADAM_EPS as f32,
+        step_size: c.step_size as f32,
+    };
+    p.inplace_op3(m, v, &param)
+}
+
 impl Slot {
-    /// The CPU's in-place update (see the module docs): three passes, no temporaries.
+    /// The CPU's in-place update of the whole parameter.
     fn update_in_place(&self, grad: &Tensor, c: Consts) -> Result<()> {
         let (m, v) = (self.exp_avg.as_tensor(), self.exp_avg_sq.as_tensor());
-        // The same f32 constants as candle's affine in `update_with_ops` (f64 rounded to f32).
-        let s = c.grad_scale as f32;
-        let first = InPlace::FirstMoment {
-            c: (1.0 - ADAM_BETA1) as f32,
-            s,
-        };
-        let second = InPlace::SecondMoment {
-            c: (1.0 - ADAM_BETA2) as f32,
-            s,
-        };
-        m.inplace_op2(grad, &first)?;
-        v.inplace_op2(grad, &second)?;
-        let param = InPlace::Param {
-            decay: c.decay as f32,
-            k: (1.0 / c.bias_correction2.sqrt()) as f32,
-            eps: ADAM_EPS as f32,
-            step_size: c.step_size as f32,
-        };
-        self.param.var.as_tensor().inplace_op3(m, v, &param)
+        update_in_place(self.param.var.as_tensor(), m, v, grad, c)
     }
 
     /// The update with candle's ops, on any device.
@@ -307,9 +313,44 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// `var`'s slot, and its parameter and moments as tensors.
+    fn slot_of(&self, var: &Var) -> Option<[&Tensor; 3]> {
+        let id = var.as_tensor().id();
+        self.slots
+            .iter()
+            .find(|s| s.param.var.as_tensor().id() == id)
+            .map(|s| {
+                [
+                    s.param.var.as_tensor(),
+                    s.exp_avg.as_tensor(),
+                    s.exp_avg_sq.as_tensor(),
+                ]
+            })
+    }
+}
+
 impl Optimizer for AdamW {
     fn begin_step(&mut self) {
         self.step += 1;
+    }
+
+    fn updates_rows(&self, var: &Var) -> bool {
+        self.slot_of(var)
+            .is_some_and(|state| state[0].rank() == 2 && in_place(&state))
+    }
+
+    fn update_rows(&mut self, var: &Var, start: usize, grad: &Tensor, lr: f64) -> Result<()> {
+        let Some(state) = self.slot_of(var) else {
+            candle_core::bail!("adamw: rows of a parameter it does not update");
+        };
+        let rows = grad.dim(0)?;
+        let [p, m, v] = state.map(|t| t.narrow(0, start, rows));
+        let (p, m, v) = (p?, m?, v?);
+        if !in_place(&[&p, &m, &v, grad]) {
+            candle_core::bail!("adamw: rows update needs the CPU's in-place kernels");
+        }
+        update_in_place(&p, &m, &v, grad, self.consts(lr, 1.0))
     }
 
     fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {

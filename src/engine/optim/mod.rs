@@ -71,6 +71,22 @@ pub trait Optimizer {
         self.begin_step();
         self.update_scaled(grads, lr, grad_scale)
     }
+    /// Whether [`Optimizer::update_rows`] can update `var` (a matrix) a block of rows at a time:
+    /// an element-wise update whose state the CPU's in-place kernels can write a block of (AdamW
+    /// on the CPU). False by default.
+    fn updates_rows(&self, var: &Var) -> bool {
+        let _ = var;
+        false
+    }
+    /// Updates rows `start..start + grad.dim(0)` of `var` from `grad`, those rows' gradient
+    /// (unscaled, unclipped), to the values [`Optimizer::update`] gives them from the whole
+    /// gradient, for the step counted by the last [`Optimizer::begin_step`]. Only where
+    /// [`Optimizer::updates_rows`] holds: a head updated in blocks as the loss makes its gradient
+    /// (`Hyper::update_in_backward`) never holds the whole gradient.
+    fn update_rows(&mut self, var: &Var, start: usize, grad: &Tensor, lr: f64) -> Result<()> {
+        let _ = (var, start, grad, lr);
+        candle_core::bail!("{}: no update by rows", self.name())
+    }
     /// Exact bytes of optimizer state currently held (the step counter excluded).
     fn state_bytes(&self) -> u64;
     /// Every state tensor under a stable name, plus the step count (`STEP_STATE`), for checkpoints.
@@ -129,6 +145,19 @@ pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
         .collect::<Result<Vec<_>>>()?;
     let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
     Ok((total as f64).sqrt())
+}
+
+/// `Σ g²` of one gradient, summed in f32 as [`grad_norm`] sums a parameter's.
+pub fn squares(grad: &Tensor) -> Result<f64> {
+    Ok(match sum_of_squares(grad) {
+        Some(sum) => sum as f64,
+        None => grad
+            .detach()
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64,
+    })
 }
 
 /// What clipping to `max_norm` multiplies every gradient by at global norm `norm`:
