@@ -125,7 +125,15 @@ fn updating_in_backward_takes_the_same_steps_as_updating_at_the_end() {
             precision,
             ..base.clone()
         };
-        assert_same_steps(&format!("full {precision}, tied"), &spec(true), &knobs);
+        for tied in [true, false] {
+            // Untied, the head is updated block by block as the loss makes its gradient, which
+            // the fused kernel makes there (rounded to bf16 as candle's ops round theirs).
+            assert_same_steps(
+                &format!("full {precision}, tied {tied}"),
+                &spec(tied),
+                &knobs,
+            );
+        }
     }
     for optimizer in [
         OptimizerKind::Adamw8bit,

@@ -728,10 +728,11 @@ fn widened(t: Tensor, dtype: DType) -> Result<Tensor> {
 
 /// One chunk's `d loss / d logits` times `upstream` (softmax − one-hot target, each row weighted by
 /// its mask), from the chunk's logits and per-row log-sum-exp `lse` (`[len, 1]`): the fused kernel
-/// where `host` holds the chunk's rows on the host (their log-sum-exp, target ids and scales; f32
-/// activations on the CPU; it writes the gradient over the logits, which nothing else holds),
-/// candle's ops otherwise (f64 models, bf16/f16 activations, and off the CPU). The logits go as
-/// soon as their gradient exists: the matmuls after it widen it.
+/// where `host` holds the chunk's rows on the host (their log-sum-exp, target ids and scales;
+/// f32 logits on the CPU, given for f32 activations and for 16-bit ones whose head goes to
+/// [`HeadRows`]; it writes the gradient over the logits, which nothing else holds, and rounds it
+/// to `dtype`), candle's ops otherwise (f64 models, other 16-bit activations, and off the CPU).
+/// The logits go as soon as their gradient exists: the matmuls after it widen it.
 fn logits_grad(
     logits: Tensor,
     host: Option<(&[f32], &[u32], &[f32])>,
@@ -744,7 +745,7 @@ fn logits_grad(
     if let Some((lse_rows, ids, scale)) = host
         && super::kernels::cross_entropy_grad_in_place(&logits, lse_rows, ids, scale)?
     {
-        return Ok(logits);
+        return logits.to_dtype(dtype);
     }
     let wide = logits.dtype();
     let len = logits.dim(0)?;
@@ -977,9 +978,12 @@ fn chunked_cross_entropy_in(
         };
         total += nll_sum;
         if let Some(upstream) = upstream {
-            // The fused kernel for f32 activations only, as in backward (see there).
+            // The fused kernel for f32 activations only, as in backward (see there), and for
+            // 16-bit ones where the weight's gradient goes to `head_rows`: a step that updates in
+            // backward, which the cost model does not model (its fit is what keeps 16-bit logits
+            // on the composite), so their gradient is made in place there too.
             let fused_rows = match (&host, &lse_rows) {
-                (Some(host), Some(lse_rows)) if h.dtype() == DType::F32 => {
+                (Some(host), Some(lse_rows)) if h.dtype() == DType::F32 || head_rows.is_some() => {
                     let scale = host.scales(start, len, upstream / targets.normalizer);
                     Some((lse_rows, host.ids(start, len), scale))
                 }
@@ -1028,7 +1032,12 @@ fn chunked_cross_entropy_in(
         weight_trainable,
         early: std::sync::Mutex::new(early),
     };
-    h.apply_op2(w, op)
+    // With the weight's gradient handed on, backward must not reach `w` (a conversion of a
+    // parameter would wait for a gradient that never comes).
+    match head_rows {
+        Some(_) => h.apply_op2(&w_detached, op),
+        None => h.apply_op2(w, op),
+    }
 }
 
 /// The same loss over the full fp32 logits, all rows at once (what Hugging Face does): the logits
