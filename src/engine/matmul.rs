@@ -341,6 +341,9 @@ unsafe fn gemm_column_blocks(
     parallelism: gemm::Parallelism,
 ) {
     let (m, k, n) = (a.rows, b.rows, b.cols);
+    if m == 0 {
+        return;
+    }
     let width = (COLUMN_BLOCK_ELEMENTS / k / 64 * 64).max(64).min(n);
     let columns = n.div_ceil(width);
     // With fewer column blocks than tasks enough to balance the threads, rows are split too (a
@@ -2125,6 +2128,11 @@ mod tests {
             let diff = max_abs(&(&dst - &want).unwrap());
             assert!(diff < 1e-5 * max_abs(&want), "{diff}");
         }
+        // No rows: nothing to add, and no block to split.
+        let (x, w) = (f32s(&[0, 24], 19), f32s(&[40, 24], 20));
+        let dst = f32s(&[0, 40], 21);
+        accumulate_product(&dst, &x, &w.t().unwrap()).unwrap();
+        assert_eq!(matmul(&x, &w.t().unwrap()).unwrap().dims(), &[0, 40]);
     }
 
     #[test]
