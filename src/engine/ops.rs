@@ -917,7 +917,7 @@ pub fn chunked_cross_entropy(
         h,
         w,
         targets,
-        (chunk, HEAD_BLOCK_ELEMENTS / h.dim(1)?.max(1)),
+        (chunk, (HEAD_BLOCK_ELEMENTS / h.dim(1)?.max(1)).max(1)),
         weight_trainable,
         upstream,
         head_rows,
@@ -930,7 +930,7 @@ pub type HeadRows<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
 /// Elements of a head's gradient block handed to [`HeadRows`] at once (4 MiB in f32).
 const HEAD_BLOCK_ELEMENTS: usize = 1 << 20;
 
-/// [`chunked_cross_entropy`] with `(chunk rows, head block rows)`.
+/// [`chunked_cross_entropy`] with `(chunk rows, head block rows)` (both at least 1).
 fn chunked_cross_entropy_in(
     h: &Tensor,
     w: &Tensor,
@@ -1005,8 +1005,8 @@ fn chunked_cross_entropy_in(
             )?;
             if let Some(sink) = head_rows.as_mut() {
                 let vocab = d_logits.dim(1)?;
-                for first in (0..vocab).step_by(block_rows.max(1)) {
-                    let rows = block_rows.max(1).min(vocab - first);
+                for first in (0..vocab).step_by(block_rows) {
+                    let rows = block_rows.min(vocab - first);
                     let g = d_logits.narrow(1, first, rows)?.t()?;
                     sink(first, &mm(&g, &h_detached)?)?;
                 }

@@ -507,17 +507,16 @@ impl Engine {
             *squares += norm * norm;
             optimizer.update(grads, lr)
         };
-        let mut head_rows = |first: usize, grad: &Tensor| -> Result<()> {
-            let Some(var) = &head else {
-                candle_core::bail!("head rows without an untied trainable head");
-            };
-            let squares_here = optim::squares(grad)?;
-            finite(squares_here, "the head")?;
-            let mut held = state.borrow_mut();
-            let (optimizer, squares) = &mut *held;
-            *squares += squares_here;
-            optimizer.update_rows(var, first, grad, lr)
-        };
+        let mut head_rows = head.as_ref().map(|var| {
+            |first: usize, grad: &Tensor| -> Result<()> {
+                let squares_here = optim::squares(grad)?;
+                finite(squares_here, "the head")?;
+                let mut held = state.borrow_mut();
+                let (optimizer, squares) = &mut *held;
+                *squares += squares_here;
+                optimizer.update_rows(var, first, grad, lr)
+            }
+        });
         let mut part = 0;
         let n_layers = model.layers.len();
         let loss = forward_backward_into(
@@ -543,7 +542,7 @@ impl Engine {
                     }
                     update(grads, &name)
                 },
-                head_rows: head.is_some().then_some(&mut head_rows as ops::HeadRows),
+                head_rows: head_rows.as_mut().map(|f| f as ops::HeadRows),
             },
         )?;
         observer.mark("micro_batch_done", None, 0);

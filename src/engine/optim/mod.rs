@@ -128,10 +128,7 @@ pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
     let mut squares = Vec::new();
     for param in params {
         if let Some(grad) = grads.get(param.var.as_tensor()) {
-            squares.push(match sum_of_squares(grad) {
-                Some(sum) => Tensor::new(sum, grad.device())?,
-                None => grad.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?,
-            });
+            squares.push(squares_on_device(grad)?);
         }
     }
     let Some(first) = squares.first() else {
@@ -149,15 +146,16 @@ pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
 
 /// `Σ g²` of one gradient, summed in f32 as [`grad_norm`] sums a parameter's.
 pub fn squares(grad: &Tensor) -> Result<f64> {
-    Ok(match sum_of_squares(grad) {
-        Some(sum) => sum as f64,
-        None => grad
-            .detach()
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64,
-    })
+    Ok(squares_on_device(grad)?.to_scalar::<f32>()? as f64)
+}
+
+/// `Σ g²` of one gradient in f32, a scalar tensor on its device: [`sum_of_squares`] where it
+/// applies, else candle's ops.
+fn squares_on_device(grad: &Tensor) -> Result<Tensor> {
+    match sum_of_squares(grad) {
+        Some(sum) => Tensor::new(sum, grad.device()),
+        None => grad.detach().to_dtype(DType::F32)?.sqr()?.sum_all(),
+    }
 }
 
 /// What clipping to `max_norm` multiplies every gradient by at global norm `norm`:
