@@ -82,8 +82,11 @@ pub trait Prober {
 /// it in column blocks with AVX-512 transposes instead of gemm's element-by-element packing:
 /// faster short forward products, a 128 KiB scratch per thread. 24: a 16-bit head's gradient stays
 /// 16-bit until a second loss chunk is added to it (a single chunk's was widened to f32 and
-/// rounded back): 16-bit full fine-tunes peak lower in the loss.)
-pub const COST_MODEL_VERSION: u32 = 24;
+/// rounded back): 16-bit full fine-tunes peak lower in the loss. 25: a training forward pass
+/// frees the activations no backward formula reads (`engine::ops::release`): the projections'
+/// outputs once RoPE or a sum has copied them, a frozen product's input where no adapter reads
+/// it; a layer keeps fewer bytes.)
+pub const COST_MODEL_VERSION: u32 = 25;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

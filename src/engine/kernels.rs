@@ -79,7 +79,10 @@ pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
 /// The contiguous elements of a storage under `layout`.
 pub(crate) fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
+        Some((start, end)) => match data.get(start..end) {
+            Some(elements) => Ok(elements),
+            None => candle_core::bail!("fused kernel: the input's data was released"),
+        },
         None => candle_core::bail!("fused kernel: non-contiguous input"),
     }
 }

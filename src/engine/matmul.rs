@@ -681,8 +681,10 @@ impl candle_core::InplaceOp3 for AccumulateProduct {
         let Some((start, end)) = dl.contiguous_offsets() else {
             candle_core::bail!("accumulate-product: the destination is not contiguous");
         };
-        let (a, b) = (Operand::from_slice(x, al), Operand::from_slice(y, bl));
-        let d = &mut d[start..end];
+        let (a, b) = (Operand::from_slice(x, al)?, Operand::from_slice(y, bl)?);
+        let Some(d) = d.get_mut(start..end) else {
+            candle_core::bail!("accumulate-product: the destination's data was released");
+        };
         if d.len() != a.rows * b.cols || b.rows != a.cols {
             candle_core::bail!("accumulate-product: shapes do not match");
         }
@@ -712,10 +714,28 @@ struct Operand<'a, T> {
 }
 
 impl<'a, T> Operand<'a, T> {
-    fn from_slice(data: &'a [T], layout: &Layout) -> Self {
+    /// The operand at `layout` in `data`, which must hold every element the layout addresses (a
+    /// tensor whose data was released, see `ops::release`, fails here instead of being read out
+    /// of bounds by the kernels' raw pointers).
+    fn from_slice(data: &'a [T], layout: &Layout) -> Result<Self> {
         let dims = layout.dims();
         let strides = layout.stride();
         let r = dims.len();
+        if dims.iter().all(|&d| d > 0) {
+            let last = dims
+                .iter()
+                .zip(strides)
+                .map(|(&d, &s)| (d - 1) * s)
+                .sum::<usize>()
+                + layout.start_offset();
+            if last >= data.len() {
+                candle_core::bail!(
+                    "matmul: an operand of shape {dims:?} addresses element {last} of {} (its data \
+                     was released?)",
+                    data.len()
+                );
+            }
+        }
         // Every batch entry's offset, walking the leading dimensions with their strides.
         let mut starts = vec![layout.start_offset()];
         for d in 0..r - 2 {
@@ -724,14 +744,14 @@ impl<'a, T> Operand<'a, T> {
                 .flat_map(|&s| (0..dims[d]).map(move |i| s + i * strides[d]))
                 .collect();
         }
-        Self {
+        Ok(Self {
             data,
             rows: dims[r - 2],
             cols: dims[r - 1],
             row_stride: strides[r - 2],
             col_stride: strides[r - 1],
             starts,
-        }
+        })
     }
 }
 
@@ -740,7 +760,7 @@ impl<'a, T: Half> Operand<'a, T> {
         let Some(data) = T::slice(storage) else {
             candle_core::bail!("tiled matmul: operands of different dtypes");
         };
-        Ok(Operand::from_slice(data, layout))
+        Operand::from_slice(data, layout)
     }
 
     /// Rows `rows` × columns `cols` of batch entry `b`, widened into `out`, in the operand's own
@@ -921,7 +941,7 @@ fn f32_operands<'a>(
     let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
         candle_core::bail!("matmul: f32 operands expected");
     };
-    let (a, b) = (Operand::from_slice(x, l1), Operand::from_slice(y, l2));
+    let (a, b) = (Operand::from_slice(x, l1)?, Operand::from_slice(y, l2)?);
     let mut dims = l1.dims().to_vec();
     let last = dims.len() - 1;
     dims[last] = b.cols;

@@ -164,7 +164,9 @@ impl Linear {
             (Weight::Trainable(v), _) => mm(x, &v.as_tensor().to_dtype(dtype)?.t()?)?,
         };
         if let (Weight::Trainable(_), Some(bias)) = (&self.weight, &self.bias) {
-            y = y.broadcast_add(&bias.as_compute(dtype)?)?;
+            let biased = y.broadcast_add(&bias.as_compute(dtype)?)?;
+            release_if(train, &y)?;
+            y = biased;
         }
         if let Some(lora) = &self.lora {
             let x_in = if train && lora.dropout > 0.0 {
@@ -183,10 +185,27 @@ impl Linear {
             } else {
                 down.affine(lora.scale, 0.0)?
             };
-            y = (y + mm(&down, &b.t()?)?)?;
+            let up = mm(&down, &b.t()?)?;
+            let sum = (&y + &up)?;
+            // A sum's backward reads neither term.
+            release_if(train, &y)?;
+            release_if(train, &up)?;
+            y = sum;
         }
         Ok(y)
     }
+
+    /// Whether backward reads this layer's input: for a trainable weight's gradient, or for the
+    /// adapter's. A frozen product's input gradient needs only the weight.
+    fn keeps_input(&self) -> bool {
+        matches!(self.weight, Weight::Trainable(_)) || self.lora.is_some()
+    }
+}
+
+/// In a training forward pass, frees `t`'s data ([`ops::release`]): the caller's last use of an
+/// activation that only graph nodes whose backward does not read it still hold.
+fn release_if(train: bool, t: &Tensor) -> Result<()> {
+    if train { ops::release(t) } else { Ok(()) }
 }
 
 /// One decoder layer.
@@ -559,23 +578,51 @@ impl Model {
             .forward(&xn, dt, train)?
             .reshape((b, s, nkv, hd))?
             .transpose(1, 2)?;
+        // What backward does not read goes as soon as forward is done with it (`release_if`):
+        // the projections' outputs once RoPE or a repeat has copied them, a norm's output once no
+        // product that keeps its input is left, a product's output once it is summed.
+        if !(layer.q.keeps_input() || layer.k.keeps_input() || layer.v.keeps_input()) {
+            release_if(train, &xn)?;
+        }
         let tables = self.seq_tables(s)?;
-        let q = ops::rope(&q, &tables.cos, &tables.sin)?;
-        let k = ops::rope(&k, &tables.cos, &tables.sin)?;
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let (q_in, k_in) = (q, k);
+        let q = ops::rope(&q_in, &tables.cos, &tables.sin)?;
+        let k = ops::rope(&k_in, &tables.cos, &tables.sin)?;
+        release_if(train, &q_in)?;
+        release_if(train, &k_in)?;
+        let (k, v) = if nh == nkv {
+            (k, v)
+        } else {
+            let repeated = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            release_if(train, &k)?;
+            release_if(train, &v)?;
+            repeated
+        };
 
         // Softmax in fp32, as Hugging Face's eager attention does; backward recomputes it.
         let attn = ops::causal_attention(&q, &k, &v, &tables.mask, 1.0 / (hd as f64).sqrt())?
             .reshape((b * s, nh * hd))?;
-        let x = (x + layer.o.forward(&attn, dt, train)?.reshape((b, s, h))?)?;
+        let o = layer.o.forward(&attn, dt, train)?;
+        if !layer.o.keeps_input() {
+            release_if(train, &attn)?;
+        }
+        let x = (x + o.reshape((b, s, h))?)?;
+        release_if(train, &o)?;
 
         let xn = self.rms_norm(&x, &layer.post_norm)?.reshape((b * s, h))?;
         let gate = layer.gate.forward(&xn, dt, train)?;
         let up = layer.up.forward(&xn, dt, train)?;
-        let mlp = layer
-            .down
-            .forward(&kernels::swiglu(&gate, &up)?, dt, train)?;
-        x + mlp.reshape((b, s, h))?
+        if !(layer.gate.keeps_input() || layer.up.keeps_input()) {
+            release_if(train, &xn)?;
+        }
+        let act = kernels::swiglu(&gate, &up)?;
+        let mlp = layer.down.forward(&act, dt, train)?;
+        if !layer.down.keeps_input() {
+            release_if(train, &act)?;
+        }
+        let out = (x + mlp.reshape((b, s, h))?)?;
+        release_if(train, &mlp)?;
+        Ok(out)
     }
 
     /// The head's weight and whether it is trainable (the embedding matrix when tied).

@@ -96,6 +96,42 @@ where
     }
 }
 
+/// Frees the data of `t` (CPU only; elsewhere nothing), keeping its shape and its place in the
+/// autograd graph. candle's graph keeps every op's inputs alive until backward has passed them,
+/// whether or not their backward formula reads them; PyTorch's autograd keeps only the tensors a
+/// formula saves. A training forward pass releases, right after their last use, the activations
+/// that only such graph nodes still hold and no backward formula reads: the outputs of products
+/// and norms consumed by a sum, RoPE or a frozen product (whose backward needs only the weight).
+///
+/// The caller guarantees that nothing reads `t` (or a view of its storage) again; a memtune kernel
+/// or product that is handed one anyway fails with an error (its data is empty), and candle's own
+/// CPU ops panic on the out-of-range slice.
+pub fn release(t: &Tensor) -> Result<()> {
+    if t.device().is_cpu() {
+        t.inplace_op1(&Release)?;
+    }
+    Ok(())
+}
+
+struct Release;
+
+impl candle_core::InplaceOp1 for Release {
+    fn name(&self) -> &'static str {
+        "release"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _: &Layout) -> Result<()> {
+        match storage {
+            CpuStorage::F32(v) => *v = Vec::new(),
+            CpuStorage::BF16(v) => *v = Vec::new(),
+            CpuStorage::F16(v) => *v = Vec::new(),
+            CpuStorage::F64(v) => *v = Vec::new(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// `value` as the output of an op on `x` with gradient `backward(x, value, dvalue)`.
 pub fn with_backward<F>(
     x: &Tensor,
@@ -1082,6 +1118,49 @@ pub fn full_cross_entropy(logits: &Tensor, targets: &LossTargets) -> Result<Tens
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// A released tensor keeps its shape and its place in the graph (a sum's gradient still
+    /// reaches the variable behind it), frees its data, and memtune's products and fused
+    /// kernels refuse it with an error rather than read past its (empty) data.
+    #[test]
+    fn released_tensors_keep_the_graph_and_refuse_to_be_read() {
+        let v = Var::from_tensor(&Tensor::arange(0f32, 12., &Device::Cpu).unwrap()).unwrap();
+        let x = v.as_tensor().reshape((3, 4)).unwrap();
+        let y = (&x * 2.0).unwrap();
+        let z = (&y + 1.0).unwrap();
+        release(&y).unwrap();
+        assert_eq!(y.dims(), &[3, 4]);
+        {
+            let (storage, _) = y.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+                panic!("not f32 on the CPU")
+            };
+            assert!(data.is_empty());
+        }
+        let g = z.sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = g
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(gx, vec![2.0; 12]);
+        let w = Tensor::ones((4, 5), DType::F32, &Device::Cpu).unwrap();
+        let err = super::super::matmul::matmul(&y, &w)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("released"), "{err}");
+        let err = super::super::kernels::swiglu(&y, &y)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("released"), "{err}");
+        // A transposed view of it too.
+        let err = super::super::matmul::matmul(&w.t().unwrap(), &y.t().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("released"), "{err}");
+    }
 
     /// A one-chunk loss that hands its weight's gradient on in blocks gives the same blocks, bit
     /// for bit, as the gradient backward gives without them, the same input gradient, and none
