@@ -405,9 +405,18 @@ unsafe fn gemm_column_blocks(
         let mut scratch = (Vec::new(), None);
         (0..tasks).for_each(|t| task(&mut scratch, t));
     } else {
-        (0..tasks)
-            .into_par_iter()
-            .for_each_init(|| (Vec::new(), None), task);
+        // One scratch per thread, all allocated here: how many exist at once then does not
+        // depend on how the tasks fall on the threads (rayon makes one per job it splits off),
+        // so a step's memory peak is the same from run to run.
+        let slots: Vec<std::sync::Mutex<(Vec<f32>, Option<usize>)>> = (0..threads)
+            .map(|_| std::sync::Mutex::new((vec![0.0; k * width], None)))
+            .collect();
+        (0..tasks).into_par_iter().for_each(|t| {
+            let slot = &slots[rayon::current_thread_index().unwrap_or(0) % threads];
+            // Uncontended: a task runs on one thread and calls into no other task.
+            let mut scratch = slot.lock().unwrap_or_else(|e| e.into_inner());
+            task(&mut scratch, t)
+        });
     }
 }
 
