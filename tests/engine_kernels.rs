@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use memtune::config::{Knobs, Method, Precision};
 use memtune::data::random_batch;
-use memtune::engine::kernels::{scaled_causal_softmax, swiglu};
+use memtune::engine::kernels::{exp_in_place, exp_tensor, scaled_causal_softmax, swiglu};
 use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
 use memtune::engine::ops::swiglu as swiglu_any_device;
 use memtune::engine::ops::{
@@ -96,6 +96,40 @@ fn assert_all_close(dtype: DType, got: (&Tensor, &[Tensor]), want: (&Tensor, &[T
         let e = rel_err(g, w);
         assert!(e < tol, "{dtype:?} gradient of input {k}: {e}");
     }
+}
+
+/// The in-place exponential (the chunked loss's composite gradient) writes exactly the values
+/// `exp_tensor` makes, across parallel chunks, and leaves what it cannot do in place alone.
+#[test]
+fn exp_in_place_equals_exp_tensor_bit_for_bit() {
+    let x = (randn(&[37, 3001], 5).to_dtype(DType::F32).unwrap() * 20.0).unwrap();
+    let want: Vec<f32> = exp_tensor(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let y = x.copy().unwrap();
+    assert!(exp_in_place(&y).unwrap());
+    let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(
+        want.iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    let bf = x.to_dtype(DType::BF16).unwrap();
+    assert!(!exp_in_place(&bf).unwrap());
+    let t = x.t().unwrap();
+    assert!(!exp_in_place(&t).unwrap());
+    assert_eq!(
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        x.t()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
 }
 
 #[test]

@@ -85,8 +85,10 @@ pub trait Prober {
 /// rounded back): 16-bit full fine-tunes peak lower in the loss. 25: a training forward pass
 /// frees the activations no backward formula reads (`engine::ops::release`): the projections'
 /// outputs once RoPE or a sum has copied them, a frozen product's input where no adapter reads
-/// it; a layer keeps fewer bytes.)
-pub const COST_MODEL_VERSION: u32 = 25;
+/// it; a layer keeps fewer bytes. 26: the chunked loss's composite gradient (16-bit logits, and
+/// on a GPU) exponentiates its shifted logits in place on the CPU: one logits-sized f32 tensor
+/// fewer at the loss's peak.)
+pub const COST_MODEL_VERSION: u32 = 26;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

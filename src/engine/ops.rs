@@ -785,8 +785,15 @@ fn logits_grad(
     }
     let wide = logits.dtype();
     let len = logits.dim(0)?;
-    let probs = super::kernels::exp_tensor(&logits.broadcast_sub(lse)?)?;
+    // `exp` in place where it can: the logits, their shifted copy and its exponential were three
+    // logits-sized tensors at once.
+    let shifted = logits.broadcast_sub(lse)?;
     drop(logits);
+    let probs = if super::kernels::exp_in_place(&shifted)? {
+        shifted
+    } else {
+        super::kernels::exp_tensor(&shifted)?
+    };
     let row_scale = (targets.mask.narrow(0, start, len)?.to_dtype(wide)?
         * (upstream / targets.normalizer))?
         .unsqueeze(1)?;
