@@ -87,8 +87,10 @@ pub trait Prober {
 /// outputs once RoPE or a sum has copied them, a frozen product's input where no adapter reads
 /// it; a layer keeps fewer bytes. 26: the chunked loss's composite gradient (16-bit logits, and
 /// on a GPU) exponentiates its shifted logits in place on the CPU: one logits-sized f32 tensor
-/// fewer at the loss's peak.)
-pub const COST_MODEL_VERSION: u32 = 26;
+/// fewer at the loss's peak. 27: bf16 products on AVX512-BF16 without AMX run on AMX's driver
+/// (each task packs its columns once per inner block of up to 512, its rows as they lie, and
+/// rounds its sums straight into the output): faster bf16 steps, other scratch bytes.)
+pub const COST_MODEL_VERSION: u32 = 27;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -845,9 +845,6 @@ struct Scratch {
     lhs: Vec<f32>,
     rhs: Vec<f32>,
     dst: Vec<f32>,
-    /// The native path's packed operands (see [`dot`]).
-    lhs_pairs: Vec<u32>,
-    rhs_pairs: Vec<u32>,
 }
 
 /// The tiled product of two 16-bit operands.
@@ -864,9 +861,14 @@ fn tiled<T: Half>(
     let last = dims.len() - 1;
     dims[last] = n;
     #[cfg(target_arch = "x86_64")]
-    if T::native_dot() && dot::amx() {
-        // SAFETY: `amx()` held.
-        let out = unsafe { dot::amx_product(&a, &b) };
+    if T::native_dot() {
+        let out = if dot::amx() {
+            // SAFETY: `amx()` held.
+            unsafe { dot::packed_product::<T, dot::Amx>(&a, &b) }
+        } else {
+            // SAFETY: `native_dot()` held: `dot::available()`.
+            unsafe { dot::packed_product::<T, dot::Dot>(&a, &b) }
+        };
         return Ok((T::storage(out), Shape::from(dims)));
     }
     let mut out = vec![T::ZERO; batches * m * n];
@@ -899,21 +901,11 @@ fn tiled<T: Half>(
     // a probe's peak moved by one widened tile between identical runs.
     let workers = rayon::current_num_threads().clamp(1, tiles.len());
     let rows = m.min(ROW_BLOCK);
-    let native = T::native_dot();
     let mut scratch: Vec<Scratch> = (0..workers)
-        .map(|_| {
-            let (f32_lhs, f32_rhs, pairs_lhs, pairs_rhs) = if native {
-                (0, 0, dot::lhs_len(rows), dot::rhs_len(panel))
-            } else {
-                (rows * k_block, k_block * panel, 0, 0)
-            };
-            Scratch {
-                lhs: Vec::with_capacity(f32_lhs),
-                rhs: Vec::with_capacity(f32_rhs),
-                dst: vec![0f32; rows * panel],
-                lhs_pairs: Vec::with_capacity(pairs_lhs),
-                rhs_pairs: Vec::with_capacity(pairs_rhs),
-            }
+        .map(|_| Scratch {
+            lhs: Vec::with_capacity(rows * k_block),
+            rhs: Vec::with_capacity(k_block * panel),
+            dst: vec![0f32; rows * panel],
         })
         .collect();
     scratch.par_iter_mut().enumerate().for_each(|(w, s)| {
@@ -921,11 +913,7 @@ fn tiled<T: Half>(
             let (rs, cs) = (r0..(r0 + ROW_BLOCK).min(m), c0..(c0 + panel).min(n));
             let nc = cs.len();
             let dst = &mut s.dst[..rs.len() * nc];
-            if native {
-                dot::tile(&a, &b, bi, rs, cs, &mut s.lhs_pairs, &mut s.rhs_pairs, dst);
-            } else {
-                widened_tile(&a, &b, bi, rs, cs, k_block, &mut s.lhs, &mut s.rhs, dst);
-            }
+            widened_tile(&a, &b, bi, rs, cs, k_block, &mut s.lhs, &mut s.rhs, dst);
             let base = bi * m * n;
             for (r, row) in dst.chunks(nc).enumerate() {
                 let at = base + (r0 + r) * n + c0;
@@ -1082,10 +1070,10 @@ impl CustomOp2 for Tiled {
 /// bf16 products on AVX512-BF16: `vdpbf16ps` multiplies pairs of bf16 and adds both products to
 /// f32 lanes, twice the multiply-adds of an f32 FMA per instruction, with no widening pass.
 ///
-/// A tile is summed over blocks of [`dot::KC`] of the inner dimension. Each block packs the tile's
-/// rows of the left operand as micro-panels of [`dot::MR`] rows and its columns of the right one as
-/// micro-panels of [`dot::NR`] columns, both as 32-bit pairs of consecutive inner elements (a
-/// missing last one is zero), and the kernel keeps an MR × NR block of f32 sums in 24 registers.
+/// [`dot::packed_product`] packs a task's columns of the right operand as micro-panels of
+/// [`dot::NR`] columns and its rows of the left one row by row, both as 32-bit pairs of consecutive
+/// inner elements (a missing last one is zero), and [`dot::Dot`] keeps an [`dot::MR`] × NR block of
+/// f32 sums in 24 registers, reading the left rows' pairs where they were packed.
 /// Inputs below bf16's normal range count as zero and tiny sums flush to zero (the instruction's
 /// rules); otherwise the sums are f32 sums of the exact products, in another order than the
 /// widened path's.
@@ -1096,8 +1084,6 @@ mod dot {
     pub const MR: usize = 12;
     /// Columns of a micro-panel of the right operand (two registers of 16 f32).
     pub const NR: usize = 32;
-    /// Inner-dimension elements per block (even).
-    pub const KC: usize = 384;
 
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -1111,16 +1097,6 @@ mod dot {
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
-    }
-
-    /// Pairs a tile of `rows` rows packs per block.
-    pub fn lhs_len(rows: usize) -> usize {
-        rows.div_ceil(MR) * MR * KC / 2
-    }
-
-    /// Pairs a tile of `cols` columns packs per block.
-    pub fn rhs_len(cols: usize) -> usize {
-        cols.div_ceil(NR) * NR * KC / 2
     }
 
     fn pair(lo: u16, hi: u16) -> u32 {
@@ -1168,6 +1144,7 @@ mod dot {
     /// last one zero. `base` is the batch entry's start; `lane_stride` and `inner_stride` are the
     /// operand's strides along the lanes and along the inner dimension.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn pack<const W: usize>(
         data: &[u16],
         base: usize,
@@ -1455,103 +1432,6 @@ mod dot {
         }
     }
 
-    /// `dst` (rows × cols, row-major f32) = the tile's product, summed over the whole inner
-    /// dimension.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tile<T: Half>(
-        a: &Operand<T>,
-        b: &Operand<T>,
-        bi: usize,
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
-        lhs: &mut Vec<u32>,
-        rhs: &mut Vec<u32>,
-        dst: &mut [f32],
-    ) {
-        let (mr, nc, k) = (rows.len(), cols.len(), a.cols);
-        dst.fill(0.0);
-        let mut block = [0f32; MR * NR];
-        for k0 in (0..k).step_by(KC) {
-            let ks = k0..(k0 + KC).min(k);
-            let kp = ks.len().div_ceil(2);
-            let (a_bits, b_bits) = (bits(a.data), bits(b.data));
-            let (a_at, b_at) = (a.starts[bi], b.starts[bi]);
-            pack::<MR>(
-                a_bits,
-                a_at,
-                rows.clone(),
-                a.row_stride,
-                ks.clone(),
-                a.col_stride,
-                kp,
-                lhs,
-            );
-            pack::<NR>(
-                b_bits,
-                b_at,
-                cols.clone(),
-                b.col_stride,
-                ks,
-                b.row_stride,
-                kp,
-                rhs,
-            );
-            for (jp, j0) in (0..nc).step_by(NR).enumerate() {
-                let width = NR.min(nc - j0);
-                let b_panel = &rhs[jp * kp * NR..(jp + 1) * kp * NR];
-                for (ip, i0) in (0..mr).step_by(MR).enumerate() {
-                    let height = MR.min(mr - i0);
-                    let a_panel = &lhs[ip * kp * MR..(ip + 1) * kp * MR];
-                    // SAFETY: `available()` held when the tile was given this path; the panels
-                    // hold kp × MR and kp × NR pairs, `block` MR × NR sums.
-                    unsafe { kernel(kp, a_panel.as_ptr(), b_panel.as_ptr(), &mut block) };
-                    for i in 0..height {
-                        let out = &mut dst[(i0 + i) * nc + j0..(i0 + i) * nc + j0 + width];
-                        for (o, v) in out.iter_mut().zip(&block[i * NR..i * NR + width]) {
-                            *o += v;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// `block` = the MR × NR product of one left and one right micro-panel of `kp` pairs.
-    ///
-    /// # Safety
-    /// The CPU has AVX512F and AVX512-BF16; `a` points at kp × MR pairs, `b` at kp × NR.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel(kp: usize, a: *const u32, b: *const u32, block: &mut [f32; MR * NR]) {
-        use std::arch::x86_64::*;
-        // SAFETY: the loads stay inside the panels (see the contract above); the transmutes
-        // reinterpret 512 bits as 32 bf16.
-        unsafe {
-            let mut lo = [_mm512_setzero_ps(); MR];
-            let mut hi = [_mm512_setzero_ps(); MR];
-            for p in 0..kp {
-                let bp = b.add(p * NR);
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
-                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
-                let ap = a.add(p * MR);
-                for i in 0..MR {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
-                    lo[i] = _mm512_dpbf16_ps(lo[i], av, b0);
-                    hi[i] = _mm512_dpbf16_ps(hi[i], av, b1);
-                }
-            }
-            for i in 0..MR {
-                _mm512_storeu_ps(block.as_mut_ptr().add(i * NR), lo[i]);
-                _mm512_storeu_ps(block.as_mut_ptr().add(i * NR + 16), hi[i]);
-            }
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn kernel(_: usize, _: *const u32, _: *const u32, _: &mut [f32; MR * NR]) {
-        unreachable!("the native bf16 path is x86-64 only")
-    }
-
     /// Rows of an AMX tile (and pairs of the inner dimension it holds: 64 bytes a row).
     const AMX_ROWS: usize = 16;
 
@@ -1559,6 +1439,10 @@ mod dot {
     /// operand's packed rows take at most [`ROW_BLOCK`] × 8 KiB, and a longer inner dimension (a
     /// vocabulary's, in the head's input gradient `g · W`) is summed over blocks.
     const AMX_K: usize = 4096;
+
+    /// [`Dot`]'s [`Micro::INNER`]: a micro-panel of [`NR`] columns then takes at most 32 KiB,
+    /// a core's first-level cache, from which it is read again for every [`MR`] rows.
+    pub const DOT_K: usize = 512;
 
     /// Whether bf16 tiles run on AMX (Intel's tile unit: `tdpbf16ps` multiplies a 16 × 32 by a
     /// 32 × 16 bf16 tile into 16 × 16 f32 sums, the same arithmetic as `vdpbf16ps`): the CPU has
@@ -1591,24 +1475,23 @@ mod dot {
         false
     }
 
-    /// The whole product `a · b` on AMX, written straight into a new output. Each task takes
+    /// The whole product `a · b` on micro-kernel `K` (AMX's tiles or AVX512-BF16's `vdpbf16ps`),
+    /// written straight into a new output. Each task takes
     /// one batch entry's columns `panel` wide (a multiple of [`NR`]) by a chunk of its rows, packs
     /// its right operand's columns once per block of at most [`AMX_K`] inner elements (the whole
     /// inner dimension, usually; as [`tile`]'s micro-panels of [`NR`] columns, `pitch` pairs
     /// each, a multiple of 16, zero-padded), and then, per [`ROW_BLOCK`] rows, packs those rows
-    /// of the left operand as rows of pairs (rows padded to 32). Each 32 × 32 block of the output
-    /// is four accumulator tiles (tmm0–3) fed by two left tiles (tmm4–5) and two right ones
-    /// (tmm6–7), 16 pairs at a time over the inner block. With one inner block its sums are
+    /// of the left operand as rows of pairs (rows padded to a multiple of `K::ROWS`), and `K`
+    /// multiplies them block by block (see [`Micro::blocks_into`]). With one inner block its sums are
     /// rounded into the output as they leave the tiles, so nothing is zero-filled, copied or
     /// added twice; with more, they are summed in an f32 buffer and rounded after the last.
     /// Chunks are as few as keep every thread busy: each chunk packs its columns again.
     ///
     /// # Safety
-    /// [`amx`] holds.
+    /// `K`'s instructions run on this CPU: [`amx`] holds for [`Amx`], [`available`] for [`Dot`].
     #[cfg(target_arch = "x86_64")]
-    pub unsafe fn amx_product<T: Half>(a: &Operand<T>, b: &Operand<T>) -> Vec<T> {
+    pub unsafe fn packed_product<T: Half, K: Micro>(a: &Operand<T>, b: &Operand<T>) -> Vec<T> {
         use rayon::prelude::*;
-        use std::arch::asm;
         let (m, k, n) = (a.rows, a.cols, b.cols);
         let batches = a.starts.len();
         let len = batches * m * n;
@@ -1618,7 +1501,10 @@ mod dot {
         let block = 2 * AMX_ROWS;
         // The inner dimension in blocks of at most AMX_K: one block (the usual case) rounds the
         // tiles' sums straight into the output; more add them up in an f32 buffer first.
-        let kc = k.min(AMX_K);
+        let kc = k
+            .div_ceil(k.div_ceil(K::INNER))
+            .next_multiple_of(block)
+            .min(k);
         let k_blocks = k.div_ceil(kc);
         let pitch = kc.div_ceil(block) * AMX_ROWS;
         let mut panel = (PANEL_ELEMENTS / kc / NR * NR).clamp(NR, n.div_ceil(NR) * NR);
@@ -1653,7 +1539,7 @@ mod dot {
         let output = Output(out.as_mut_ptr());
         let (a_bits, b_bits) = (bits(a.data), bits(b.data));
         // Each worker's buffers are made before any task runs (see `tiled`).
-        let rows_max = ROW_BLOCK.min(chunk_rows);
+        let rows_max = ROW_BLOCK.min(chunk_rows).next_multiple_of(K::ROWS);
         let panel_max = panel.min(n.div_ceil(NR) * NR);
         let sums_len = if k_blocks > 1 {
             chunk_rows * panel_max
@@ -1676,18 +1562,9 @@ mod dot {
                 crate::engine::kernels::vectorized(
                     #[inline(always)]
                     || {
-                        // Palette 1; eight tiles of 16 rows × 64 bytes.
-                        let mut config = [0u8; 64];
-                        config[0] = 1;
-                        for t in 0..8 {
-                            config[16 + 2 * t] = 64;
-                            config[48 + t] = AMX_ROWS as u8;
-                        }
-                        // SAFETY: `amx()` held; the configuration is a valid palette-1 layout.
-                        unsafe {
-                            asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack))
-                        };
-                        let mut sums = [0f32; 2 * AMX_ROWS * NR];
+                        // SAFETY: `K`'s instructions run here (this function's contract).
+                        unsafe { K::begin() };
+                        let mut sums = [0f32; SUMS];
                         for &(bi, r0, c0) in tiles.iter().skip(w).step_by(workers) {
                             let cs = c0..(c0 + panel).min(n);
                             let nc = cs.len();
@@ -1718,15 +1595,15 @@ mod dot {
                                         pitch,
                                         lhs,
                                     );
-                                    lhs.resize(mr.div_ceil(block) * block * pitch, 0);
+                                    lhs.resize(mr.div_ceil(K::ROWS) * K::ROWS * pitch, 0);
                                     let at = (bi * m + rb) * n + c0;
                                     let acc_at = (rb - r0) * nc;
-                                    // SAFETY: `amx()` held and the tiles are configured; the
+                                    // SAFETY: `K`'s instructions run here and `K::begin` ran; the
                                     // buffers are packed as `blocks_into` reads them; rows `rs` ×
                                     // columns `cs` of entry `bi` are this task's alone, and `acc`
                                     // holds this tile's rows × columns (chunk_rows × panel).
                                     unsafe {
-                                        blocks_into(
+                                        K::blocks_into(
                                             lhs,
                                             rhs,
                                             pitch,
@@ -1761,8 +1638,8 @@ mod dot {
                                 }
                             }
                         }
-                        // SAFETY: releases this thread's tile state (the configuration above).
-                        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+                        // SAFETY: ends what `K::begin` began on this thread.
+                        unsafe { K::end() };
                     },
                 )
             });
@@ -1772,23 +1649,86 @@ mod dot {
         out
     }
 
-    /// The `mr × nc` product of `lhs` (rows of `pitch` pairs, padded to a multiple of 32 rows)
-    /// and `rhs` (micro-panels of [`NR`] columns × `pitch` pairs), block by 32 × 32 block: `put(i,
-    /// j, sums)` receives row `i`'s sums for columns `j..j + sums.len()`.
-    ///
-    /// # Safety
-    /// [`amx`] holds and this thread's tiles are configured as in [`amx_product`].
+    /// The f32 sums one call of [`Micro::blocks_into`] hands out at a time: 32 rows × [`NR`].
+    const SUMS: usize = 2 * AMX_ROWS * NR;
+
+    /// How [`packed_product`] multiplies its packed operands.
     #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn blocks_into(
-        lhs: &[u32],
-        rhs: &[u32],
-        pitch: usize,
-        mr: usize,
-        nc: usize,
-        sums: &mut [f32; 2 * AMX_ROWS * NR],
-        mut put: impl FnMut(usize, usize, &[f32]),
-    ) {
+    pub trait Micro {
+        /// The packed left operand's rows are padded to a multiple of this (the rows one block
+        /// reads at once).
+        const ROWS: usize;
+
+        /// Inner-dimension elements packed at once at most (a multiple of 32): a longer inner
+        /// dimension is cut into even blocks, summed in f32.
+        const INNER: usize;
+
+        /// Sets this thread up for [`Micro::blocks_into`].
+        ///
+        /// # Safety
+        /// This kernel's instructions run on this CPU.
+        unsafe fn begin() {}
+
+        /// Ends what [`Micro::begin`] set up.
+        ///
+        /// # Safety
+        /// [`Micro::begin`] ran on this thread.
+        unsafe fn end() {}
+
+        /// The `mr × nc` product of `lhs` (rows of `pitch` pairs, padded to a multiple of
+        /// [`Micro::ROWS`] rows) and `rhs` (micro-panels of [`NR`] columns × `pitch` pairs), block
+        /// by block: `put(i, j, sums)` receives row `i`'s sums for columns `j..j + sums.len()`.
+        ///
+        /// # Safety
+        /// [`Micro::begin`] ran on this thread; the buffers hold what the contract above says.
+        unsafe fn blocks_into(
+            lhs: &[u32],
+            rhs: &[u32],
+            pitch: usize,
+            mr: usize,
+            nc: usize,
+            sums: &mut [f32; SUMS],
+            put: impl FnMut(usize, usize, &[f32]),
+        );
+    }
+
+    /// AMX: each 32 × 32 block of the output is four accumulator tiles (tmm0–3) fed by two left
+    /// tiles (tmm4–5) and two right ones (tmm6–7), 16 pairs at a time over the inner block.
+    pub struct Amx;
+
+    #[cfg(target_arch = "x86_64")]
+    impl Micro for Amx {
+        const ROWS: usize = 2 * AMX_ROWS;
+        const INNER: usize = AMX_K;
+
+        unsafe fn begin() {
+            use std::arch::asm;
+            // Palette 1; eight tiles of 16 rows × 64 bytes.
+            let mut config = [0u8; 64];
+            config[0] = 1;
+            for t in 0..8 {
+                config[16 + 2 * t] = 64;
+                config[48 + t] = AMX_ROWS as u8;
+            }
+            // SAFETY: `amx()` held (the contract); the configuration is a valid palette-1 layout.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack)) };
+        }
+
+        unsafe fn end() {
+            // SAFETY: releases this thread's tile state (the configuration `begin` loaded).
+            unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+        }
+
+        #[inline(always)]
+        unsafe fn blocks_into(
+            lhs: &[u32],
+            rhs: &[u32],
+            pitch: usize,
+            mr: usize,
+            nc: usize,
+            sums: &mut [f32; SUMS],
+            mut put: impl FnMut(usize, usize, &[f32]),
+        ) {
         use std::arch::asm;
         debug_assert!(lhs.len() >= mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS * pitch);
         debug_assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
@@ -1845,6 +1785,86 @@ mod dot {
                         s = in(reg) NR * 4,
                         options(nostack)
                     );
+                }
+                for i in 0..height {
+                    put(i0 + i, j0, &sums[i * NR..i * NR + width]);
+                }
+            }
+        }
+    }
+    }
+
+    /// AVX512-BF16: [`MR`] rows × [`NR`] columns of sums in 24 registers, each step broadcasting
+    /// one pair of each row against two registers of a micro-panel's pairs (`vdpbf16ps`).
+    pub struct Dot;
+
+    #[cfg(target_arch = "x86_64")]
+    impl Micro for Dot {
+        const ROWS: usize = MR;
+        const INNER: usize = DOT_K;
+
+        #[inline(always)]
+        unsafe fn blocks_into(
+            lhs: &[u32],
+            rhs: &[u32],
+            pitch: usize,
+            mr: usize,
+            nc: usize,
+            sums: &mut [f32; SUMS],
+            put: impl FnMut(usize, usize, &[f32]),
+        ) {
+            // SAFETY: `available()` held (the contract of `packed_product` for `Dot`).
+            unsafe { dot_blocks(lhs, rhs, pitch, mr, nc, sums, put) }
+        }
+    }
+
+    /// [`Dot`]'s blocks.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; the buffers hold what [`Micro::blocks_into`] says.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_blocks(
+        lhs: &[u32],
+        rhs: &[u32],
+        pitch: usize,
+        mr: usize,
+        nc: usize,
+        sums: &mut [f32; SUMS],
+        mut put: impl FnMut(usize, usize, &[f32]),
+    ) {
+        use std::arch::x86_64::*;
+        assert!(lhs.len() >= mr.div_ceil(MR) * MR * pitch);
+        assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
+        for (jp, j0) in (0..nc).step_by(NR).enumerate() {
+            let width = NR.min(nc - j0);
+            let b = rhs[jp * pitch * NR..].as_ptr();
+            for i0 in (0..mr).step_by(MR) {
+                let height = MR.min(mr - i0);
+                let a = lhs[i0 * pitch..].as_ptr();
+                // SAFETY: row `i` < MR of this block reads `pitch` words from `a + i · pitch`,
+                // the micro-panel `pitch` × NR words from `b`, all inside the buffers (asserted
+                // above); the transmutes reinterpret 512 bits as 32 bf16.
+                unsafe {
+                    let mut lo = [_mm512_setzero_ps(); MR];
+                    let mut hi = [_mm512_setzero_ps(); MR];
+                    for p in 0..pitch {
+                        let bp = b.add(p * NR);
+                        let b0: __m512bh =
+                            std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+                        let b1: __m512bh =
+                            std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+                        for i in 0..MR {
+                            let av: __m512bh =
+                                std::mem::transmute(_mm512_set1_epi32(*a.add(i * pitch + p) as i32));
+                            lo[i] = _mm512_dpbf16_ps(lo[i], av, b0);
+                            hi[i] = _mm512_dpbf16_ps(hi[i], av, b1);
+                        }
+                    }
+                    for i in 0..MR {
+                        _mm512_storeu_ps(sums.as_mut_ptr().add(i * NR), lo[i]);
+                        _mm512_storeu_ps(sums.as_mut_ptr().add(i * NR + 16), hi[i]);
+                    }
                 }
                 for i in 0..height {
                     put(i0 + i, j0, &sums[i * NR..i * NR + width]);
@@ -1996,8 +2016,8 @@ mod tests {
             check(&q, &k.t().unwrap());
             // Odd inner dimensions, over more than one of the native path's blocks, with the
             // left operand and the right one in either memory order.
-            let long = randn(&[5, 2 * dot::KC + 3], 10);
-            let right = randn(&[2 * dot::KC + 3, 41], 11);
+            let long = randn(&[5, 2 * dot::DOT_K + 3], 10);
+            let right = randn(&[2 * dot::DOT_K + 3, 41], 11);
             check(&long, &right);
             check(
                 &long,
