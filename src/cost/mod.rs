@@ -88,7 +88,7 @@ pub trait Prober {
 /// it; a layer keeps fewer bytes. 26: the chunked loss's composite gradient (16-bit logits, and
 /// on a GPU) exponentiates its shifted logits in place on the CPU: one logits-sized f32 tensor
 /// fewer at the loss's peak. 27: bf16 products on AVX512-BF16 without AMX run on AMX's driver
-/// (each task packs its columns once per inner block of up to 512, its rows as they lie, and
+/// (each task packs its columns once per inner block of up to 4,096, its rows as rows of pairs, and
 /// rounds its sums straight into the output): faster bf16 steps, other scratch bytes.)
 pub const COST_MODEL_VERSION: u32 = 27;
 

@@ -1478,15 +1478,16 @@ mod dot {
     }
 
     /// The whole product `a · b` on micro-kernel `K` (AMX's tiles or AVX512-BF16's `vdpbf16ps`),
-    /// written straight into a new output. Each task takes
-    /// one batch entry's columns `panel` wide (a multiple of [`NR`]) by a chunk of its rows, packs
-    /// its right operand's columns once per block of at most [`AMX_K`] inner elements (the whole
-    /// inner dimension, usually; as [`tile`]'s micro-panels of [`NR`] columns, `pitch` pairs
-    /// each, a multiple of 16, zero-padded), and then, per [`ROW_BLOCK`] rows, packs those rows
-    /// of the left operand as rows of pairs (rows padded to a multiple of `K::ROWS`), and `K`
-    /// multiplies them block by block (see [`Micro::blocks_into`]). With one inner block its sums are
-    /// rounded into the output as they leave the tiles, so nothing is zero-filled, copied or
-    /// added twice; with more, they are summed in an f32 buffer and rounded after the last.
+    /// written straight into a new output. Each task takes one batch entry's columns `panel` wide
+    /// (a multiple of [`NR`]) by a chunk of its rows, packs its right operand's columns once per
+    /// block of at most [`Micro::INNER`] inner elements (the whole inner dimension, usually; even
+    /// blocks otherwise), as micro-panels of [`NR`] columns, `pitch` pairs each, a multiple of 16,
+    /// zero-padded, and then, per [`ROW_BLOCK`] rows (fewer where [`Micro::LHS_BYTES`] says),
+    /// packs those rows of the left operand as rows of pairs (rows padded to a multiple of
+    /// [`Micro::ROWS`]), and `K` multiplies them block by block (see [`Micro::blocks_into`]).
+    /// With one inner block its sums are rounded into the output as they leave the kernel, so
+    /// nothing is zero-filled, copied or added twice; with more, they are summed in an f32
+    /// buffer and rounded after the last.
     /// Chunks are as few as keep every thread busy: each chunk packs its columns again.
     ///
     /// # Safety
