@@ -1442,8 +1442,8 @@ mod dot {
 
     /// [`Dot`]'s [`Micro::INNER`], as AMX's: a micro-panel of [`NR`] columns then takes at most
     /// 256 KiB, in a core's second-level cache with the left rows read against it. Side by side
-    /// on an AMD EPYC (Zen 4), 4,096 ran L4 8 × 256 full bf16 steps 4% and 1 × 128 LoRA ones 10%
-    /// faster than 512 (the head's input gradient `g · W` then sums 8 blocks, not 63).
+    /// on an AMD EPYC (Zen 4), 4,096 ran L4 8 × 256 full bf16 steps 2% and 1 × 128 LoRA ones 9%
+    /// faster than 512, medians of 3 (the head's input gradient `g · W` then sums 8 blocks, not 63).
     pub const DOT_K: usize = AMX_K;
 
     /// Whether bf16 tiles run on AMX (Intel's tile unit: `tdpbf16ps` multiplies a 16 × 32 by a
