@@ -1502,8 +1502,9 @@ mod dot {
             return vec![T::ZERO; len];
         }
         let block = 2 * AMX_ROWS;
-        // The inner dimension in blocks of at most AMX_K: one block (the usual case) rounds the
-        // tiles' sums straight into the output; more add them up in an f32 buffer first.
+        // The inner dimension in even blocks of at most K::INNER: one block (the usual case)
+        // rounds the kernel's sums straight into the output; more add them up in an f32 buffer
+        // first.
         let kc = k
             .div_ceil(k.div_ceil(K::INNER))
             .next_multiple_of(block)
@@ -1656,6 +1657,7 @@ mod dot {
     }
 
     /// The f32 sums one call of [`Micro::blocks_into`] hands out at a time: 32 rows × [`NR`].
+    #[cfg(target_arch = "x86_64")]
     const SUMS: usize = 2 * AMX_ROWS * NR;
 
     /// How [`packed_product`] multiplies its packed operands.
@@ -1705,6 +1707,7 @@ mod dot {
 
     /// AMX: each 32 × 32 block of the output is four accumulator tiles (tmm0–3) fed by two left
     /// tiles (tmm4–5) and two right ones (tmm6–7), 16 pairs at a time over the inner block.
+    #[cfg(target_arch = "x86_64")]
     pub struct Amx;
 
     #[cfg(target_arch = "x86_64")]
@@ -1808,6 +1811,7 @@ mod dot {
 
     /// AVX512-BF16: [`MR`] rows × [`NR`] columns of sums in 24 registers, each step broadcasting
     /// one pair of each row against two registers of a micro-panel's pairs (`vdpbf16ps`).
+    #[cfg(target_arch = "x86_64")]
     pub struct Dot;
 
     #[cfg(target_arch = "x86_64")]
@@ -1816,7 +1820,9 @@ mod dot {
         const INNER: usize = DOT_K;
         const LHS_BYTES: usize = 256 << 10;
 
-        #[inline(always)]
+        /// The CPU has AVX512F and AVX512-BF16 ([`available`]: the contract of
+        /// [`packed_product`] for `Dot`).
+        #[target_feature(enable = "avx512f,avx512bf16")]
         unsafe fn blocks_into(
             lhs: &[u32],
             rhs: &[u32],
@@ -1824,63 +1830,45 @@ mod dot {
             mr: usize,
             nc: usize,
             sums: &mut [f32; SUMS],
-            put: impl FnMut(usize, usize, &[f32]),
+            mut put: impl FnMut(usize, usize, &[f32]),
         ) {
-            // SAFETY: `available()` held (the contract of `packed_product` for `Dot`).
-            unsafe { dot_blocks(lhs, rhs, pitch, mr, nc, sums, put) }
-        }
-    }
-
-    /// [`Dot`]'s blocks.
-    ///
-    /// # Safety
-    /// The CPU has AVX512F and AVX512-BF16; the buffers hold what [`Micro::blocks_into`] says.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn dot_blocks(
-        lhs: &[u32],
-        rhs: &[u32],
-        pitch: usize,
-        mr: usize,
-        nc: usize,
-        sums: &mut [f32; SUMS],
-        mut put: impl FnMut(usize, usize, &[f32]),
-    ) {
-        use std::arch::x86_64::*;
-        assert!(lhs.len() >= mr.div_ceil(MR) * MR * pitch);
-        assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
-        for (jp, j0) in (0..nc).step_by(NR).enumerate() {
-            let width = NR.min(nc - j0);
-            let b = rhs[jp * pitch * NR..].as_ptr();
-            for i0 in (0..mr).step_by(MR) {
-                let height = MR.min(mr - i0);
-                let a = lhs[i0 * pitch..].as_ptr();
-                // SAFETY: row `i` < MR of this block reads `pitch` words from `a + i · pitch`,
-                // the micro-panel `pitch` × NR words from `b`, all inside the buffers (asserted
-                // above); the transmutes reinterpret 512 bits as 32 bf16.
-                unsafe {
-                    let mut lo = [_mm512_setzero_ps(); MR];
-                    let mut hi = [_mm512_setzero_ps(); MR];
-                    for p in 0..pitch {
-                        let bp = b.add(p * NR);
-                        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
-                        let b1: __m512bh =
-                            std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+            use std::arch::x86_64::*;
+            assert!(lhs.len() >= mr.div_ceil(MR) * MR * pitch);
+            assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
+            for (jp, j0) in (0..nc).step_by(NR).enumerate() {
+                let width = NR.min(nc - j0);
+                let b = rhs[jp * pitch * NR..].as_ptr();
+                for i0 in (0..mr).step_by(MR) {
+                    let height = MR.min(mr - i0);
+                    let a = lhs[i0 * pitch..].as_ptr();
+                    // SAFETY: row `i` < MR of this block reads `pitch` words from `a + i · pitch`,
+                    // the micro-panel `pitch` × NR words from `b`, all inside the buffers (asserted
+                    // above); the transmutes reinterpret 512 bits as 32 bf16.
+                    unsafe {
+                        let mut lo = [_mm512_setzero_ps(); MR];
+                        let mut hi = [_mm512_setzero_ps(); MR];
+                        for p in 0..pitch {
+                            let bp = b.add(p * NR);
+                            let b0: __m512bh =
+                                std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+                            let b1: __m512bh =
+                                std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+                            for i in 0..MR {
+                                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                                    *a.add(i * pitch + p) as i32,
+                                ));
+                                lo[i] = _mm512_dpbf16_ps(lo[i], av, b0);
+                                hi[i] = _mm512_dpbf16_ps(hi[i], av, b1);
+                            }
+                        }
                         for i in 0..MR {
-                            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                                *a.add(i * pitch + p) as i32,
-                            ));
-                            lo[i] = _mm512_dpbf16_ps(lo[i], av, b0);
-                            hi[i] = _mm512_dpbf16_ps(hi[i], av, b1);
+                            _mm512_storeu_ps(sums.as_mut_ptr().add(i * NR), lo[i]);
+                            _mm512_storeu_ps(sums.as_mut_ptr().add(i * NR + 16), hi[i]);
                         }
                     }
-                    for i in 0..MR {
-                        _mm512_storeu_ps(sums.as_mut_ptr().add(i * NR), lo[i]);
-                        _mm512_storeu_ps(sums.as_mut_ptr().add(i * NR + 16), hi[i]);
+                    for i in 0..height {
+                        put(i0 + i, j0, &sums[i * NR..i * NR + width]);
                     }
-                }
-                for i in 0..height {
-                    put(i0 + i, j0, &sums[i * NR..i * NR + width]);
                 }
             }
         }
