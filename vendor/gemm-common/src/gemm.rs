@@ -117,35 +117,17 @@ pub const DEFAULT_RHS_PACKING_THRESHOLD: usize = 128;
 pub const DEFAULT_LHS_PACKING_THRESHOLD_SINGLE_THREAD: usize = 8;
 pub const DEFAULT_LHS_PACKING_THRESHOLD_MULTI_THREAD: usize = 16;
 
-/// memtune: whether the AVX-512 kernels (feature `x86-v4`) are used where the CPU has them.
-/// `GEMM_AVX512=1` or `0` decides; otherwise they are, except on AMD CPUs before Zen 5 (family
-/// 0x1A), which execute 512-bit instructions as two 256-bit halves: there the AVX2 kernels were
-/// measured faster on large products (memtune's reports/BENCHMARKS.md).
+/// memtune: whether the AVX-512 kernels (feature `x86-v4`) are used where the CPU has them:
+/// yes, unless the environment variable `GEMM_AVX512` is `0` (memtune's reports/BENCHMARKS.md
+/// measured them faster on an Intel Xeon and on AMD's Zen 4, which executes 512-bit instructions
+/// as two 256-bit halves, at every shape memtune trains).
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 pub fn prefer_avx512() -> bool {
     #[cfg(feature = "std")]
     if let Ok(choice) = std::env::var("GEMM_AVX512") {
         return choice.trim() != "0";
     }
-    !split_avx512()
-}
-
-/// Whether this is an AMD CPU of family 0x19 or older (Zen 4 and before).
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-fn split_avx512() -> bool {
-    #[cfg(target_arch = "x86")]
-    use core::arch::x86::__cpuid;
-    #[cfg(target_arch = "x86_64")]
-    use core::arch::x86_64::__cpuid;
-    let (vendor, signature) = (__cpuid(0), __cpuid(1).eax);
-    let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
-    let base = (signature >> 8) & 0xf;
-    let family = if base == 0xf {
-        base + ((signature >> 20) & 0xff)
-    } else {
-        base
-    };
-    amd && family < 0x1a
+    true
 }
 
 static THREADING_THRESHOLD: AtomicUsize = AtomicUsize::new(DEFAULT_THREADING_THRESHOLD);
