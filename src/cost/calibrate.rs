@@ -366,11 +366,11 @@ pub struct CalibrationProgress {
 /// memtune version).
 pub fn cache_path(cache_dir: &Path, spec: &ModelSpec, device: &str) -> PathBuf {
     // The CPU's product kernels change step times (and a few buffers): a cache folder moved to a
-    // CPU without AVX512-BF16 must not reuse probes timed with it.
+    // CPU without AVX512-BF16, or a run with GEMM_AVX512=0, must not reuse probes timed with them.
     let kernels = if device == "cpu" {
         crate::engine::matmul::cpu_kernels()
     } else {
-        ""
+        String::new()
     };
     let key = format!("{}|{}{}|{}", shape_key(spec), device, kernels, version());
     cache_dir.join(format!(

@@ -173,13 +173,29 @@ const ROW_BLOCK: usize = 256;
 /// Inner-dimension elements one task widens at once.
 const K_BLOCK: usize = 4096;
 
-/// Which 16-bit product kernels this CPU runs: part of the calibration cache's key.
-pub fn cpu_kernels() -> &'static str {
-    match (bf16::native_dot(), dot::amx()) {
+/// Which product kernels this CPU runs, part of the calibration cache's key: the 16-bit ones, and
+/// `+noavx512` where `GEMM_AVX512=0` keeps gemm's f32 products off the AVX-512 kernels this CPU
+/// has (vendor/gemm-common/MEMTUNE.md).
+pub fn cpu_kernels() -> String {
+    let bf16 = match (bf16::native_dot(), dot::amx()) {
         (true, true) => "+bf16amx",
         (true, false) => "+bf16dot",
         _ => "",
+    };
+    let f32 = if gemm_avx512_off() { "+noavx512" } else { "" };
+    format!("{bf16}{f32}")
+}
+
+/// Whether `GEMM_AVX512=0` turns off AVX-512 kernels this CPU has (the vendored gemm-common's
+/// `prefer_avx512` reads the same variable).
+fn gemm_avx512_off() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::env::var("GEMM_AVX512").is_ok_and(|v| v.trim() == "0")
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `a · b` for tensors `[..., m, k]` and `[..., k, n]` with the same leading dimensions. bf16 and
@@ -2197,7 +2213,10 @@ mod tests {
         // AMX only with the native path, and the calibration cache's key says which ran.
         assert!(!dot::amx() || bf16::native_dot());
         let key = if dot::amx() { "+bf16amx" } else { "+bf16dot" };
-        assert_eq!(cpu_kernels(), if bf16::native_dot() { key } else { "" });
+        let bf16_key = if bf16::native_dot() { key } else { "" };
+        assert!(cpu_kernels().starts_with(bf16_key));
+        // gemm's f32 kernels: `+noavx512` exactly where GEMM_AVX512=0 turns off kernels it has.
+        assert_eq!(cpu_kernels().ends_with("+noavx512"), gemm_avx512_off());
     }
 
     #[test]
