@@ -90,8 +90,10 @@ pub trait Prober {
 /// fewer at the loss's peak. 27: bf16 products on AVX512-BF16 without AMX run on AMX's driver
 /// (each task packs its columns once per inner block of up to 4,096, its rows as rows of pairs, and
 /// rounds its sums straight into the output): faster bf16 steps, other scratch bytes. 28: gemm's
-/// AVX-512 kernels on AMD's Zen 4 too (they were kept to its AVX2 ones there): faster f32 steps.)
-pub const COST_MODEL_VERSION: u32 = 28;
+/// AVX-512 kernels on AMD's Zen 4 too (they were kept to its AVX2 ones there): faster f32 steps.
+/// 29: `vdpbf16ps` products spread their packed left rows over the first-level cache's sets (an
+/// odd number of lines apart): weight gradients over 1,024 tokens or more run faster in bf16.)
+pub const COST_MODEL_VERSION: u32 = 29;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

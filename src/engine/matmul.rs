@@ -1561,7 +1561,12 @@ mod dot {
         // Each worker's buffers are made before any task runs (see `tiled`).
         // Rows of the left operand packed at once: ROW_BLOCK, or fewer where a long inner block
         // would take them past what `K` keeps in cache.
-        let row_block = (K::LHS_BYTES / (pitch * 4)).clamp(K::ROWS, ROW_BLOCK);
+        let lhs_pitch = if K::SPREAD_ROWS && (pitch / 16).is_multiple_of(2) {
+            pitch + 16
+        } else {
+            pitch
+        };
+        let row_block = (K::LHS_BYTES / (lhs_pitch * 4)).clamp(K::ROWS, ROW_BLOCK);
         let rows_max = row_block.min(chunk_rows).next_multiple_of(K::ROWS);
         let panel_max = panel.min(n.div_ceil(NR) * NR);
         let sums_len = if k_blocks > 1 {
@@ -1572,7 +1577,7 @@ mod dot {
         let mut scratch: Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> = (0..workers)
             .map(|_| {
                 (
-                    Vec::with_capacity(rows_max * pitch),
+                    Vec::with_capacity(rows_max * lhs_pitch),
                     Vec::with_capacity(panel_max * pitch),
                     vec![0f32; sums_len],
                 )
@@ -1615,10 +1620,10 @@ mod dot {
                                         a.row_stride,
                                         ks.clone(),
                                         a.col_stride,
-                                        pitch,
+                                        lhs_pitch,
                                         lhs,
                                     );
-                                    lhs.resize(mr.div_ceil(K::ROWS) * K::ROWS * pitch, 0);
+                                    lhs.resize(mr.div_ceil(K::ROWS) * K::ROWS * lhs_pitch, 0);
                                     let at = (bi * m + rb) * n + c0;
                                     let acc_at = (rb - r0) * nc;
                                     // SAFETY: `K`'s instructions run here and `K::begin` ran; the
@@ -1630,6 +1635,7 @@ mod dot {
                                             lhs,
                                             rhs,
                                             pitch,
+                                            lhs_pitch,
                                             mr,
                                             nc,
                                             &mut sums,
@@ -1692,6 +1698,13 @@ mod dot {
         /// rows whatever their length.
         const LHS_BYTES: usize;
 
+        /// Whether the packed left rows are spread over the first-level cache's sets: their
+        /// stride is then an odd number of 64-byte lines (one line more than `pitch` pairs where
+        /// those are an even number), so the [`MR`] rows a block reads side by side fall in
+        /// distinct sets instead of one (a `pitch` of 1,024 or 2,048 pairs, 4 or 8 KiB, maps
+        /// every row to the same set).
+        const SPREAD_ROWS: bool;
+
         /// Sets this thread up for [`Micro::blocks_into`].
         ///
         /// # Safety
@@ -1704,9 +1717,10 @@ mod dot {
         /// [`Micro::begin`] ran on this thread.
         unsafe fn end() {}
 
-        /// The `mr × nc` product of `lhs` (rows of `pitch` pairs, padded to a multiple of
-        /// [`Micro::ROWS`] rows) and `rhs` (micro-panels of [`NR`] columns × `pitch` pairs), block
-        /// by block: `put(i, j, sums)` receives row `i`'s sums for columns `j..j + sums.len()`.
+        /// The `mr × nc` product of `lhs` (rows of `pitch` pairs, `lhs_pitch` words apart, padded
+        /// to a multiple of [`Micro::ROWS`] rows) and `rhs` (micro-panels of [`NR`] columns ×
+        /// `pitch` pairs), block by block: `put(i, j, sums)` receives row `i`'s sums for columns
+        /// `j..j + sums.len()`.
         ///
         /// # Safety
         /// [`Micro::begin`] ran on this thread; the buffers hold what the contract above says.
@@ -1714,6 +1728,7 @@ mod dot {
             lhs: &[u32],
             rhs: &[u32],
             pitch: usize,
+            lhs_pitch: usize,
             mr: usize,
             nc: usize,
             sums: &mut [f32; SUMS],
@@ -1731,6 +1746,7 @@ mod dot {
         const ROWS: usize = 2 * AMX_ROWS;
         const INNER: usize = AMX_K;
         const LHS_BYTES: usize = usize::MAX;
+        const SPREAD_ROWS: bool = false;
 
         unsafe fn begin() {
             use std::arch::asm;
@@ -1755,21 +1771,23 @@ mod dot {
             lhs: &[u32],
             rhs: &[u32],
             pitch: usize,
+            lhs_pitch: usize,
             mr: usize,
             nc: usize,
             sums: &mut [f32; SUMS],
             mut put: impl FnMut(usize, usize, &[f32]),
         ) {
             use std::arch::asm;
-            debug_assert!(lhs.len() >= mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS * pitch);
+            debug_assert!(lhs_pitch >= pitch);
+            debug_assert!(lhs.len() >= mr.div_ceil(2 * AMX_ROWS) * 2 * AMX_ROWS * lhs_pitch);
             debug_assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
-            let (a_stride, b_stride) = (pitch * 4, NR * 4);
+            let (a_stride, b_stride) = (lhs_pitch * 4, NR * 4);
             for (jp, j0) in (0..nc).step_by(NR).enumerate() {
                 let width = NR.min(nc - j0);
                 let b_panel = rhs[jp * pitch * NR..].as_ptr();
                 for i0 in (0..mr).step_by(2 * AMX_ROWS) {
                     let height = (2 * AMX_ROWS).min(mr - i0);
-                    let a_rows = lhs[i0 * pitch..].as_ptr();
+                    let a_rows = lhs[i0 * lhs_pitch..].as_ptr();
                     // SAFETY: every load reads 16 rows of 64 bytes at the given stride inside `lhs`
                     // or `rhs` (see the contract above); the stores write `sums` (32 rows × NR f32).
                     unsafe {
@@ -1782,7 +1800,7 @@ mod dot {
                         );
                         for q in 0..pitch / AMX_ROWS {
                             let a0 = a_rows.add(q * AMX_ROWS);
-                            let a1 = a0.add(AMX_ROWS * pitch);
+                            let a1 = a0.add(AMX_ROWS * lhs_pitch);
                             let b0 = b_panel.add(q * AMX_ROWS * NR);
                             let b1 = b0.add(AMX_ROWS);
                             asm!(
@@ -1835,6 +1853,7 @@ mod dot {
         const ROWS: usize = MR;
         const INNER: usize = DOT_K;
         const LHS_BYTES: usize = 256 << 10;
+        const SPREAD_ROWS: bool = true;
 
         /// The CPU has AVX512F and AVX512-BF16 ([`available`]: the contract of
         /// [`packed_product`] for `Dot`).
@@ -1843,21 +1862,24 @@ mod dot {
             lhs: &[u32],
             rhs: &[u32],
             pitch: usize,
+            lhs_pitch: usize,
             mr: usize,
             nc: usize,
             sums: &mut [f32; SUMS],
             mut put: impl FnMut(usize, usize, &[f32]),
         ) {
             use std::arch::x86_64::*;
-            assert!(lhs.len() >= mr.div_ceil(MR) * MR * pitch);
+            assert!(lhs_pitch >= pitch);
+            assert!(lhs.len() >= mr.div_ceil(MR) * MR * lhs_pitch);
             assert!(rhs.len() >= nc.div_ceil(NR) * NR * pitch);
             for (jp, j0) in (0..nc).step_by(NR).enumerate() {
                 let width = NR.min(nc - j0);
                 let b = rhs[jp * pitch * NR..].as_ptr();
                 for i0 in (0..mr).step_by(MR) {
                     let height = MR.min(mr - i0);
-                    let a = lhs[i0 * pitch..].as_ptr();
-                    // SAFETY: row `i` < MR of this block reads `pitch` words from `a + i · pitch`,
+                    let a = lhs[i0 * lhs_pitch..].as_ptr();
+                    // SAFETY: row `i` < MR of this block reads `pitch` words from
+                    // `a + i · lhs_pitch`,
                     // the micro-panel `pitch` × NR words from `b`, all inside the buffers (asserted
                     // above); the transmutes reinterpret 512 bits as 32 bf16.
                     unsafe {
@@ -1871,7 +1893,7 @@ mod dot {
                                 std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
                             for i in 0..MR {
                                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                                    *a.add(i * pitch + p) as i32,
+                                    *a.add(i * lhs_pitch + p) as i32,
                                 ));
                                 lo[i] = _mm512_dpbf16_ps(lo[i], av, b0);
                                 hi[i] = _mm512_dpbf16_ps(hi[i], av, b1);
@@ -2049,6 +2071,10 @@ mod tests {
             // right operand transposed as a weight's.
             let longer = randn(&[37, 2 * 4096 + 35], 16);
             check(&longer, &randn(&[41, 2 * 4096 + 35], 17).t().unwrap());
+            // A weight gradient's shape, `gᵀ · x` over 2,048 tokens: the packed left rows (1,024
+            // pairs) are spread one line apart on `vdpbf16ps`, and more than one block of rows.
+            let g = randn(&[2048, 25], 18);
+            check(&g.t().unwrap(), &randn(&[2048, 40], 19));
             // An empty inner dimension: a zero product (every output element written).
             let empty = matmul(&randn(&[3, 0], 14), &randn(&[0, 5], 15)).unwrap();
             assert_eq!(max_abs(&up(&empty)), 0.0);
