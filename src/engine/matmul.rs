@@ -1724,6 +1724,7 @@ mod dot {
         ///
         /// # Safety
         /// [`Micro::begin`] ran on this thread; the buffers hold what the contract above says.
+        #[allow(clippy::too_many_arguments)]
         unsafe fn blocks_into(
             lhs: &[u32],
             rhs: &[u32],
