@@ -65,6 +65,13 @@ pub fn projection_params(spec: &ModelSpec) -> u64 {
         .sum()
 }
 
+/// Weights a recomputed layer multiplies by: all but the MLP's down projection, whose output only
+/// the layer's output reads (the engine's `layer_recompute` does not run that product forward).
+pub fn recomputed_projection_params(spec: &ModelSpec) -> u64 {
+    let (out, inp) = projection_shape(spec, Target::DownProj);
+    projection_params(spec) - out * inp
+}
+
 /// LoRA adapter parameters of one layer: `A [r, in]` and `B [out, r]` per target.
 pub fn adapter_params_per_layer(spec: &ModelSpec, lora: &LoraSettings) -> u64 {
     let r = lora.rank as u64;

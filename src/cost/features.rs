@@ -53,6 +53,8 @@ struct Dims {
     layer_params: f64,
     other_params: f64,
     projection_params: f64,
+    /// The MLP's down projection's weights (`hidden × intermediate`).
+    down_params: f64,
     trainable: f64,
     trainable_per_layer: f64,
     largest_tensor: f64,
@@ -113,6 +115,8 @@ impl Dims {
             layer_params: spec.layer_params() as f64,
             other_params: (spec.param_count() - layers as u64 * spec.layer_params()) as f64,
             projection_params: exact::projection_params(spec) as f64,
+            down_params: (exact::projection_params(spec)
+                - exact::recomputed_projection_params(spec)) as f64,
             trainable: trainable as f64,
             trainable_per_layer: per_layer as f64,
             largest_tensor: exact::largest_trainable_tensor(spec, knobs) as f64,
@@ -300,7 +304,11 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
         } else {
             0.0
         };
-    let matmul = d.tokens * (2.0 * lin * base_passes + lora * all_passes + head * head_passes);
+    // A recomputation skips the down projection's product (`Model::layer_recompute`): that
+    // matrix is neither multiplied nor streamed (nor dequantized) then.
+    let skipped = d.recomputed_layers * d.down_params;
+    let matmul =
+        d.tokens * (2.0 * (lin * base_passes - skipped) + lora * all_passes + head * head_passes);
     let attention = d.tokens * 4.0 * d.seq * d.q_dim * all_passes;
     let elementwise = d.tokens * d.hidden * all_passes;
     let p = precision_index(knobs.precision);
@@ -321,7 +329,7 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
     let head_chunks = (d.tokens / d.logit_rows.max(1.0)).ceil();
     let stream = d.accum
         * d.compute_bytes
-        * (lin * base_passes + d.vocab * d.hidden * head_chunks * head_passes);
+        * (lin * base_passes - skipped + d.vocab * d.hidden * head_chunks * head_passes);
     f.push(("time_weight_stream", stream));
     for kind in OPTIMIZERS {
         let on = if knobs.optimizer == kind { 1.0 } else { 0.0 };
@@ -340,7 +348,7 @@ pub fn time_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
         let on = if knobs.quant == quant { d.qlora } else { 0.0 };
         f.push((
             name,
-            on * d.accum * lin * (2.0 * d.layers + d.recomputed_layers),
+            on * d.accum * (lin * (2.0 * d.layers + d.recomputed_layers) - skipped),
         ));
     }
     f.push(("time_accumulate", (d.accum - 1.0) * d.trainable));

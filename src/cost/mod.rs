@@ -92,8 +92,10 @@ pub trait Prober {
 /// rounds its sums straight into the output): faster bf16 steps, other scratch bytes. 28: gemm's
 /// AVX-512 kernels on AMD's Zen 4 too (they were kept to its AVX2 ones there): faster f32 steps.
 /// 29: `vdpbf16ps` products spread their packed left rows over the first-level cache's sets (an
-/// odd number of lines apart): weight gradients over 1,024 tokens or more run faster in bf16.)
-pub const COST_MODEL_VERSION: u32 = 29;
+/// odd number of lines apart): weight gradients over 1,024 tokens or more run faster in bf16. 30: a
+/// layer recomputed in backward skips its down projection's product, whose output nobody reads
+/// (`Model::layer_recompute`): a recomputation's time counts its FLOPs without that product.)
+pub const COST_MODEL_VERSION: u32 = 30;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -109,6 +109,10 @@ impl Kind {
     /// weights, dequantizing them, launching its operations).
     fn time_features(self) -> &'static [Feat] {
         use Feat::*;
+        if self == Kind::Recompute {
+            // Pooled with the forward's fit: the same rate per FLOP, fewer FLOPs.
+            return &[Const, RecomputeFlops, AttentionFlops];
+        }
         match self.time_group() {
             Kind::Rest => &[Const],
             Kind::Embed => &[Const, Tokens],
@@ -158,6 +162,9 @@ enum Feat {
     LastRecomputed,
     /// A layer's forward FLOPs in its projections and adapters.
     LayerFlops,
+    /// The same for a layer's recomputation in backward, which skips the down projection's
+    /// product (its output is never read).
+    RecomputeFlops,
     /// A layer's backward FLOPs in its projections and adapters.
     LayerBackFlops,
     /// Attention's FLOPs in a layer's forward: scores and their weighted sum (∝ seq²).
@@ -196,7 +203,7 @@ impl Feat {
                     0.0
                 }
             }
-            Feat::LayerFlops | Feat::LayerBackFlops => {
+            Feat::LayerFlops | Feat::RecomputeFlops | Feat::LayerBackFlops => {
                 let adapters = if frozen {
                     exact::adapter_params_per_layer(spec, &knobs.lora) as f64
                 } else {
@@ -205,6 +212,8 @@ impl Feat {
                 let base = exact::projection_params(spec) as f64;
                 if self == Feat::LayerFlops {
                     2.0 * tokens * (base + adapters)
+                } else if self == Feat::RecomputeFlops {
+                    2.0 * tokens * (exact::recomputed_projection_params(spec) as f64 + adapters)
                 } else {
                     // The input's gradient through every matrix, the weights' gradients of the
                     // trained ones: the base's under full fine-tuning, each adapter's otherwise.

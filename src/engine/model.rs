@@ -4,7 +4,7 @@
 //! adapters), frozen dense tensors in the compute dtype, or frozen ggml-quantized blocks (qlora).
 
 use super::kernels;
-use super::matmul::matmul as mm;
+use super::matmul::{matmul as mm, unread_matmul};
 use super::ops::{self, FrozenWeight, LossTargets};
 use super::optim::Param;
 use crate::config::{Knobs, LossMode, Method, Precision, Quant, Target, loss_chunk_rows};
@@ -153,15 +153,41 @@ pub struct Linear {
 impl Linear {
     /// `x`: `[n, in]` in the compute dtype → `[n, out]`.
     fn forward(&self, x: &Tensor, dtype: DType, train: bool) -> Result<Tensor> {
+        self.apply(x, dtype, train, true)
+    }
+
+    /// [`Self::forward`] in training for an output whose value nobody reads (a recomputed
+    /// layer's last product): the graph and its backward are the same, but the base product's
+    /// forward writes zeros instead of multiplying (`unread_matmul`). The adapter's products
+    /// still run: backward reads the adapter's intermediate.
+    fn forward_unread(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.apply(x, dtype, true, false)
+    }
+
+    fn apply(&self, x: &Tensor, dtype: DType, train: bool, read: bool) -> Result<Tensor> {
+        let frozen = |f: &FrozenWeight, bias: Option<&Tensor>| {
+            if read {
+                f.matmul_t(x, bias)
+            } else {
+                f.unread_matmul_t(x, bias)
+            }
+        };
         let mut y = match (&self.weight, &self.bias) {
             (Weight::Frozen(f), Some(Weight::Frozen(FrozenWeight::Dense(b)))) => {
-                f.matmul_t(x, Some(&b.to_dtype(dtype)?))?
+                frozen(f, Some(&b.to_dtype(dtype)?))?
             }
-            (Weight::Frozen(f), None) => f.matmul_t(x, None)?,
+            (Weight::Frozen(f), None) => frozen(f, None)?,
             (Weight::Frozen(_), Some(_)) => {
                 candle_core::bail!("`{}`: a frozen weight needs a frozen dense bias", self.name)
             }
-            (Weight::Trainable(v), _) => mm(x, &v.as_tensor().to_dtype(dtype)?.t()?)?,
+            (Weight::Trainable(v), _) => {
+                let wt = v.as_tensor().to_dtype(dtype)?.t()?;
+                if read {
+                    mm(x, &wt)?
+                } else {
+                    unread_matmul(x, &wt)?
+                }
+            }
         };
         if let (Weight::Trainable(_), Some(bias)) = (&self.weight, &self.bias) {
             let biased = y.broadcast_add(&bias.as_compute(dtype)?)?;
@@ -550,6 +576,19 @@ impl Model {
 
     /// One decoder layer on `x`: `[b, s, h]`.
     pub fn layer_forward(&self, index: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.layer_pass(index, x, train, true)
+    }
+
+    /// A training forward of layer `index` whose output is a graph root only, never read: a
+    /// layer recomputed in backward, whose output's value the forward pass already handed on.
+    /// Backward reads the inputs of the layer's products, never its output, so the MLP's down
+    /// projection does not multiply ([`Linear::forward_unread`]); the output holds the residual
+    /// stream without the MLP's part.
+    pub fn layer_recompute(&self, index: usize, x: &Tensor) -> Result<Tensor> {
+        self.layer_pass(index, x, true, false)
+    }
+
+    fn layer_pass(&self, index: usize, x: &Tensor, train: bool, read: bool) -> Result<Tensor> {
         let layer = &self.layers[index];
         let spec = &self.spec;
         let dt = self.dtypes.compute;
@@ -616,7 +655,11 @@ impl Model {
             release_if(train, &xn)?;
         }
         let act = kernels::swiglu(&gate, &up)?;
-        let mlp = layer.down.forward(&act, dt, train)?;
+        let mlp = if read {
+            layer.down.forward(&act, dt, train)?
+        } else {
+            layer.down.forward_unread(&act, dt)?
+        };
         if !layer.down.keeps_input() {
             release_if(train, &act)?;
         }

@@ -300,16 +300,33 @@ impl FrozenWeight {
     /// `x Wᵀ (+ bias)` for `x` of shape `[n, in]`, with a gradient for `x` only: the weight (and
     /// bias) are frozen, so no weight gradient is computed or stored.
     pub fn matmul_t(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.product(x, bias, true)
+    }
+
+    /// [`Self::matmul_t`] as a graph node whose value nobody reads (zeros; see
+    /// [`super::matmul::unread_matmul`]): the same backward, no product forward.
+    pub fn unread_matmul_t(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.product(x, bias, false)
+    }
+
+    fn product(&self, x: &Tensor, bias: Option<&Tensor>, read: bool) -> Result<Tensor> {
         let dtype = x.dtype();
         if let (FrozenWeight::Dense(w), None) = (self, bias)
             && super::matmul::on_cpu_products(x)
             && w.device().is_cpu()
             && w.dtype() == dtype
         {
-            return x.apply_op1(FrozenProduct { wt: w.t()? });
+            return x.apply_op1(FrozenProduct { wt: w.t()?, read });
         }
         let xd = x.detach();
         let mut value = match self {
+            _ if !read => {
+                let out = match self {
+                    FrozenWeight::Dense(w) => w.dim(0)?,
+                    FrozenWeight::Quantized(q) => q.shape().dims()[0],
+                };
+                Tensor::zeros((xd.dim(0)?, out), dtype, xd.device())?
+            }
             FrozenWeight::Dense(w) => mm(&xd, &w.t()?)?,
             // ggml's kernels take f32 activations (and quantize them to 8 bits).
             FrozenWeight::Quantized(q) => xd
@@ -318,7 +335,7 @@ impl FrozenWeight {
                 .apply_op1_no_bwd(q.as_ref())?
                 .to_dtype(dtype)?,
         };
-        if let Some(b) = bias {
+        if let (Some(b), true) = (bias, read) {
             value = value.broadcast_add(&b.detach())?;
         }
         let weight = self.clone();
@@ -337,6 +354,8 @@ impl FrozenWeight {
 struct FrozenProduct {
     /// `Wᵀ`, a view of the weight.
     wt: Tensor,
+    /// False for [`FrozenWeight::unread_matmul_t`]: forward writes zeros.
+    read: bool,
 }
 
 impl CustomOp1 for FrozenProduct {
@@ -345,6 +364,11 @@ impl CustomOp1 for FrozenProduct {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !self.read {
+            let mut dims = layout.dims()[..layout.dims().len() - 1].to_vec();
+            dims.push(self.wt.dim(1)?);
+            return super::matmul::zeros_like_product(storage.dtype(), dims);
+        }
         let (weight, weight_layout) = self.wt.storage_and_layout();
         let Storage::Cpu(weight) = &*weight else {
             candle_core::bail!("frozen-matmul: the weight is not on the CPU");

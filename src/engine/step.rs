@@ -233,7 +233,7 @@ fn forward_backward_into(
                 Some(Saved::Recompute(x)) => {
                     let input = Var::sharing(&x);
                     drop(x);
-                    let y = model.layer_forward(l, input.as_tensor(), true)?;
+                    let y = model.layer_recompute(l, input.as_tensor())?;
                     observer.mark("recompute", Some(l), micro_batch);
                     (input, y)
                 }
