@@ -122,6 +122,9 @@ impl SyntheticProber {
         };
         let attention = n * 4.0 * s * q / (0.5 * rate);
         let forward_s = 2.0 * n * (layer_lin + adapters) / rate + attention + 2e-4;
+        // A recomputation skips the down projection's product (nobody reads its output).
+        let recompute_s = forward_s
+            - 2.0 * n * (layer_lin - exact::recomputed_projection_params(spec) as f64) / rate;
         // Backward: the input's gradient through every matrix, the trained weights' gradients
         // (the base's under full fine-tuning, the adapters' otherwise), attention's twice.
         let backward_s = 2.0 * n * (layer_lin * (1.0 + trained_extra) + 2.0 * adapters) / rate
@@ -189,7 +192,7 @@ impl SyntheticProber {
                         kept_layer - input,
                         0.0,
                         recompute_extra + dequant,
-                        forward_s,
+                        recompute_s,
                     );
                 }
                 walk.segment(
