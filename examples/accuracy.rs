@@ -216,6 +216,10 @@ fn measured_run(
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { memtune::engine::configure_cpu_runtime() };
+    memtune::engine::on_rayon_worker(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());

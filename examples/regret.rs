@@ -14,6 +14,10 @@ use memtune::search::{PolicyRequest, SearchSpace, format_bytes, parse_bytes, sea
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { memtune::engine::configure_cpu_runtime() };
+    memtune::engine::on_rayon_worker(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: &str| {
         args.windows(2)

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { memtune::engine::configure_cpu_runtime() };
     let cli = Cli::parse();
-    match run(cli) {
+    match memtune::engine::on_rayon_worker(move || run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

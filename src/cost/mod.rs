@@ -94,8 +94,11 @@ pub trait Prober {
 /// 29: `vdpbf16ps` products spread their packed left rows over the first-level cache's sets (an
 /// odd number of lines apart): weight gradients over 1,024 tokens or more run faster in bf16. 30: a
 /// layer recomputed in backward skips its down projection's product, whose output nobody reads
-/// (`Model::layer_recompute`): a recomputation's time counts its FLOPs without that product.)
-pub const COST_MODEL_VERSION: u32 = 30;
+/// (`Model::layer_recompute`): a recomputation's time counts its FLOPs without that product. 31:
+/// the binary runs its work on a rayon worker whose idle peers yield for about a millisecond before
+/// they sleep (`engine::on_rayon_worker`, `engine::RAYON_SPIN_ROUNDS`): faster probes, so cached
+/// step times are stale.)
+pub const COST_MODEL_VERSION: u32 = 31;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -19,15 +19,42 @@ pub use step::{Batch, Engine, NoObserver, StepObserver, StepStats};
 /// issue 7).
 pub const CANDLE_SPIN_LIMIT: &str = "100";
 
-/// Sets up the CPU runtime for training speed: see [`CANDLE_SPIN_LIMIT`]. Call it first thing in
-/// `main`, before any thread starts (the binary and the benchmark examples do).
+/// How many rounds an idle rayon worker yields its core before it sleeps, unless
+/// `RAYON_SPIN_ROUNDS` is set already (read by the patched rayon-core in `vendor/rayon-core`;
+/// rayon's own is 32, a few microseconds). A training step hands each op's work to rayon's
+/// workers; one that has gone to sleep must be woken with a futex call, which on a virtual
+/// machine costs more than a small op's share of work: on 2 vCPUs a step made 10–20 times more
+/// context switches and ran 4–28% slower (`reports/BENCHMARKS.md`, issue 7).
+pub const RAYON_SPIN_ROUNDS: &str = "3000";
+
+/// Sets up the CPU runtime for training speed: see [`CANDLE_SPIN_LIMIT`] and
+/// [`RAYON_SPIN_ROUNDS`]. Call it first thing in `main`, before any thread starts (the binary and
+/// the benchmark examples do), and run the work through [`on_rayon_worker`].
 ///
 /// # Safety
-/// No other thread may be running: it sets an environment variable.
+/// No other thread may be running: it sets environment variables.
 pub unsafe fn configure_cpu_runtime() {
-    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(VAR).is_none() {
-        // SAFETY: the caller guarantees that no other thread reads or writes the environment.
-        unsafe { std::env::set_var(VAR, CANDLE_SPIN_LIMIT) };
+    for (var, value) in [
+        ("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT),
+        ("RAYON_SPIN_ROUNDS", RAYON_SPIN_ROUNDS),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: the caller guarantees that no other thread reads or writes the environment.
+            unsafe { std::env::set_var(var, value) };
+        }
     }
+}
+
+/// Runs `work` on one of rayon's global worker threads and returns its result (a panic in it
+/// resumes here). The engine's ops hand their work to rayon: called from a thread outside the
+/// pool, each op wakes a worker, sleeps until the work is done and is woken again; called from a
+/// worker, that worker takes its share at once and no thread sleeps between ops. The workers get
+/// a 256 MiB stack (address space, touched as used) in place of the main thread's, for
+/// autograd's recursion over deep graphs; if the global pool exists already, it is used as it
+/// is.
+pub fn on_rayon_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(256 << 20)
+        .build_global();
+    rayon::scope(move |_| work())
 }
