@@ -23,8 +23,8 @@ pub const CANDLE_SPIN_LIMIT: &str = "100";
 /// `RAYON_SPIN_ROUNDS` is set already (read by the patched rayon-core in `vendor/rayon-core`;
 /// rayon's own is 32, a few microseconds). A training step hands each op's work to rayon's
 /// workers; one that has gone to sleep must be woken with a futex call, which on a virtual
-/// machine costs more than a small op's share of work: on 2 vCPUs a step made 10–20 times more
-/// context switches and ran 4–28% slower (`reports/BENCHMARKS.md`, issue 7).
+/// machine costs more than a small op's share of work: on 2 vCPUs a step made 8–20 times more
+/// context switches and ran 3–22% slower (`reports/BENCHMARKS.md`, issue 7).
 pub const RAYON_SPIN_ROUNDS: &str = "3000";
 
 /// Sets up the CPU runtime for training speed: see [`CANDLE_SPIN_LIMIT`] and
