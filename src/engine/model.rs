@@ -582,7 +582,7 @@ impl Model {
     /// A training forward of layer `index` whose output is a graph root only, never read: a
     /// layer recomputed in backward, whose output's value the forward pass already handed on.
     /// Backward reads the inputs of the layer's products, never its output, so the MLP's down
-    /// projection does not multiply ([`Linear::forward_unread`]); the output holds the residual
+    /// projection does not multiply (`Linear::forward_unread`); the output holds the residual
     /// stream without the MLP's part.
     pub fn layer_recompute(&self, index: usize, x: &Tensor) -> Result<Tensor> {
         self.layer_pass(index, x, true, false)
