@@ -58,3 +58,17 @@ pub fn on_rayon_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         .build_global();
     rayon::scope(move |_| work())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn work_handed_to_on_rayon_worker_runs_on_a_worker_and_returns_its_result() {
+        assert_eq!(rayon::current_thread_index(), None);
+        let (index, sum) = super::on_rayon_worker(|| {
+            let sum: u64 = rayon::join(|| 1 + 2, || 3 + 4).0 + 4 + 3;
+            (rayon::current_thread_index(), sum)
+        });
+        assert!(index.is_some());
+        assert_eq!(sum, 10);
+    }
+}
