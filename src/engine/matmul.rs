@@ -218,10 +218,8 @@ pub fn unread_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if on_cpu_products_of(a, b) {
         return a.apply_op2(b, Unread);
     }
-    let (m, n) = (a.dim(a.rank() - 2)?, b.dim(b.rank() - 1)?);
-    let mut dims = a.dims()[..a.rank() - 2].to_vec();
-    dims.extend([m, n]);
-    let zeros = Tensor::zeros(dims, a.dtype(), a.device())?;
+    let shape = product_shape(a.dims(), b.dim(b.rank() - 1)?);
+    let zeros = Tensor::zeros(shape, a.dtype(), a.device())?;
     super::ops::with_backward2(a, b, zeros, "unread-matmul", |a, b, _, grad| {
         Ok((matmul(grad, &b.t()?)?, matmul(&a.t()?, grad)?))
     })
@@ -911,9 +909,7 @@ fn tiled<T: Half>(
     let (a, b) = (Operand::<T>::new(s1, l1)?, Operand::<T>::new(s2, l2)?);
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let batches = a.starts.len();
-    let mut dims = l1.dims().to_vec();
-    let last = dims.len() - 1;
-    dims[last] = n;
+    let shape = product_shape(l1.dims(), n);
     #[cfg(target_arch = "x86_64")]
     if T::native_dot() {
         let out = if dot::amx() {
@@ -923,11 +919,11 @@ fn tiled<T: Half>(
             // SAFETY: `native_dot()` held: `dot::available()`.
             unsafe { dot::packed_product::<T, dot::Dot>(&a, &b) }
         };
-        return Ok((T::storage(out), Shape::from(dims)));
+        return Ok((T::storage(out), shape));
     }
     let mut out = vec![T::ZERO; batches * m * n];
     if m == 0 || n == 0 {
-        return Ok((T::storage(out), Shape::from(dims)));
+        return Ok((T::storage(out), shape));
     }
     // Tiles: rows of `a` by columns of `b`, each summed over blocks of the inner dimension
     // so that a tile's widened operands stay small whatever `k` is.
@@ -978,7 +974,7 @@ fn tiled<T: Half>(
             }
         }
     });
-    Ok((T::storage(out), Shape::from(dims)))
+    Ok((T::storage(out), shape))
 }
 
 /// Two f32 storages as product operands (`[..., m, k]` and `[..., k, n]`), and the product's
@@ -993,10 +989,8 @@ fn f32_operands<'a>(
         candle_core::bail!("matmul: f32 operands expected");
     };
     let (a, b) = (Operand::from_slice(x, l1)?, Operand::from_slice(y, l2)?);
-    let mut dims = l1.dims().to_vec();
-    let last = dims.len() - 1;
-    dims[last] = b.cols;
-    Ok((a, b, Shape::from(dims)))
+    let shape = product_shape(l1.dims(), b.cols);
+    Ok((a, b, shape))
 }
 
 /// The f32 product on gemm, as candle's own but for two things: a new output is not zero-filled
@@ -1126,10 +1120,8 @@ impl CustomOp2 for Unread {
         _: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (d1, d2) = (l1.dims(), l2.dims());
-        let mut dims = d1[..d1.len() - 1].to_vec();
-        dims.push(d2[d2.len() - 1]);
-        zeros_like_product(s1.dtype(), dims)
+        let n = l2.shape().dim(candle_core::D::Minus1)?;
+        zeros_like_product(s1.dtype(), product_shape(l1.dims(), n))
     }
 
     fn bwd(
@@ -1143,10 +1135,19 @@ impl CustomOp2 for Unread {
     }
 }
 
-/// Zeros of `dtype` and shape `dims` as a CPU op's output.
-pub(crate) fn zeros_like_product(dtype: DType, dims: Vec<usize>) -> Result<(CpuStorage, Shape)> {
+/// The shape of a product `[..., m, k] · [..., k, n]` from its left operand's dimensions `a` and
+/// the right one's columns `n`: `[..., m, n]`.
+pub(crate) fn product_shape(a: &[usize], n: usize) -> Shape {
+    let mut dims = a.to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
+}
+
+/// Zeros of `dtype` and `shape` as a CPU op's output.
+pub(crate) fn zeros_like_product(dtype: DType, shape: Shape) -> Result<(CpuStorage, Shape)> {
     use candle_core::backend::BackendDevice;
-    let shape = Shape::from(dims);
     let zeros = candle_core::cpu_backend::CpuDevice.zeros_impl(&shape, dtype)?;
     Ok((zeros, shape))
 }

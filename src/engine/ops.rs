@@ -365,9 +365,8 @@ impl CustomOp1 for FrozenProduct {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         if !self.read {
-            let mut dims = layout.dims()[..layout.dims().len() - 1].to_vec();
-            dims.push(self.wt.dim(1)?);
-            return super::matmul::zeros_like_product(storage.dtype(), dims);
+            let shape = super::matmul::product_shape(layout.dims(), self.wt.dim(1)?);
+            return super::matmul::zeros_like_product(storage.dtype(), shape);
         }
         let (weight, weight_layout) = self.wt.storage_and_layout();
         let Storage::Cpu(weight) = &*weight else {
