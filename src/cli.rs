@@ -571,9 +571,11 @@ pub struct HyperArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct UpdateArgs {
     /// Update each layer's weights as soon as backward has made their gradients, and free them:
-    /// a full fine-tune then holds one layer's gradients at a time (besides the embedding's and the
-    /// head's) instead of all of them until the end of the step. Same updates as without it. Needs
-    /// --clip 0 and --accum 1, and not fp16. `tune`'s predictions do not count the saving.
+    /// a full fine-tune then holds one layer's gradients at a time instead of all of them until the
+    /// end of the step (besides a tied embedding's; the embedding's and the head's too, unless the
+    /// optimizer is adamw on the CPU, which updates them by blocks of rows). Same updates as
+    /// without it. Needs --clip 0 and --accum 1, and not fp16. `tune`'s predictions do not count
+    /// the saving.
     #[arg(long, help_heading = "Optimisation")]
     pub update_in_backward: bool,
 }

@@ -239,10 +239,12 @@ pub struct Hyper {
     /// has made its gradients, and free them, instead of keeping every gradient until one update
     /// at the end (PyTorch's "optimizer step in backward", torchtune's `optimizer_in_bwd`). A full
     /// fine-tune then holds one layer's gradients at a time besides the embedding's and the head's
-    /// rather than all of them; an untied head under AdamW on the CPU is updated block by block as
-    /// the loss makes its gradient (for steps of up to one loss chunk of tokens). Needs `clip` 0 (the global norm needs every gradient before any
-    /// update), one micro-batch a step and no fp16 loss scaling. The cost model does not model it:
-    /// its memory predictions stay an upper bound for such runs.
+    /// rather than all of them. Under AdamW on the CPU, an untied head is updated block by block
+    /// as the loss makes its gradient (for steps of up to one loss chunk of tokens), and an untied
+    /// embedding block by block from the looked-up rows' gradients, so neither whole gradient
+    /// exists. Needs `clip` 0 (the global norm needs every gradient before any update), one
+    /// micro-batch a step and no fp16 loss scaling. The cost model does not model it: its memory
+    /// predictions stay an upper bound for such runs.
     #[serde(default)]
     pub update_in_backward: bool,
 }

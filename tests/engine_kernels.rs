@@ -9,7 +9,7 @@ use memtune::engine::kernels::{exp_in_place, exp_tensor, scaled_causal_softmax, 
 use memtune::engine::model::{Dtypes, Model, RandomInit, causal_mask};
 use memtune::engine::ops::swiglu as swiglu_any_device;
 use memtune::engine::ops::{
-    LossTargets, causal_attention, causal_softmax, chunked_cross_entropy, embedding,
+    LossTargets, RowGrads, causal_attention, causal_softmax, chunked_cross_entropy, embedding,
     full_cross_entropy, rms_norm,
 };
 use memtune::engine::step::{Batch, NoObserver, forward_backward};
@@ -261,6 +261,47 @@ fn embedding_gradient_matches_index_select() {
             .and_then(|e| e.sum_all()?.backward())
             .is_err()
     );
+}
+
+#[test]
+fn embedding_gradient_blocks_are_the_whole_gradient_bit_for_bit() {
+    // An update by blocks of rows (`--update-in-backward`) builds each block of the table's
+    // gradient from the looked-up rows' gradients: blocks of 4 rows (the last one short, one
+    // without any id) put together must be the whole gradient backward makes, in every dtype the
+    // scatter stores. Repeated ids sum in the ids' order, rounded at each addition.
+    let table = randn(&[11, 6], 61);
+    let ids = Tensor::new(&[3u32, 0, 3, 10, 7, 3, 0, 9, 8], &Device::Cpu).unwrap();
+    let upstream = randn(&[9, 6], 62);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let var = Var::from_tensor(&table.to_dtype(dtype).unwrap()).unwrap();
+        let grad = upstream.to_dtype(dtype).unwrap();
+        let whole = (embedding(var.as_tensor(), &ids).unwrap() * &grad)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .remove(var.as_tensor())
+            .unwrap();
+        let rows = RowGrads::new(11, &ids, &grad).unwrap();
+        assert_eq!((rows.vocab(), rows.hidden()), (11, 6));
+        let blocks: Vec<Tensor> = (0..11)
+            .step_by(4)
+            .map(|first| rows.block(first, 4.min(11 - first)).unwrap())
+            .collect();
+        let joined = Tensor::cat(&blocks, 0).unwrap();
+        assert_eq!(joined.dtype(), dtype);
+        let bits = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        assert_eq!(bits(&joined), bits(&whole), "{dtype:?}");
+        // Rows 4..8 hold only id 7; rows 1, 2, 4, 5 and 6 are zero.
+        assert_eq!(bits(&rows.block(1, 2).unwrap()), vec![vec![0.0; 6]; 2]);
+    }
+    // Ids outside the table, a count that does not match the rows and a block past the end are
+    // errors, not panics.
+    let grad = upstream.to_dtype(DType::F32).unwrap();
+    assert!(RowGrads::new(10, &ids, &grad).is_err());
+    assert!(RowGrads::new(11, &ids.narrow(0, 0, 8).unwrap(), &grad).is_err());
+    assert!(RowGrads::new(11, &ids, &grad).unwrap().block(8, 4).is_err());
 }
 
 #[test]

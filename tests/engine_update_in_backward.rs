@@ -119,6 +119,17 @@ fn updating_in_backward_takes_the_same_steps_as_updating_at_the_end() {
             );
         }
     }
+    // A vocabulary over one block of rows (1 Mi elements: 16,384 rows of 64): the untied head and
+    // the embedding are updated in three blocks each, the last one short.
+    let wide = ModelSpec {
+        vocab_size: 40_000,
+        ..spec(false)
+    };
+    let knobs = Knobs {
+        method: Method::Full,
+        ..base.clone()
+    };
+    assert_same_steps("full fp32, untied, 40k vocabulary", &wide, &knobs);
     for precision in [Precision::Bf16, Precision::Bf16Pure] {
         let knobs = Knobs {
             method: Method::Full,

@@ -541,6 +541,18 @@ impl Model {
             .reshape((b, s, self.spec.hidden_size))
     }
 
+    /// A trainable embedding's gradient from `upstream`, the gradient of [`Model::embed`]'s output
+    /// for `ids`, as the looked-up rows' gradients ([`ops::RowGrads`]): `upstream` cast to the
+    /// table's dtype, as backward through the cast makes it.
+    pub fn embed_row_grads(&self, ids: &Tensor, upstream: &Tensor) -> Result<ops::RowGrads> {
+        let Weight::Trainable(table) = &self.embed else {
+            candle_core::bail!("the embedding is frozen: it has no gradient");
+        };
+        let (vocab, hidden) = table.dims2()?;
+        let rows = upstream.to_dtype(table.dtype())?.reshape(((), hidden))?;
+        ops::RowGrads::new(vocab, ids, &rows)
+    }
+
     fn rms_norm(&self, x: &Tensor, weight: &Weight) -> Result<Tensor> {
         let (w, trainable) = match weight {
             Weight::Trainable(v) => (v.as_tensor().clone(), true),

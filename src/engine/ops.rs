@@ -438,8 +438,7 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// `table`'s shape of zeros with `grad`'s rows added at rows `ids`: on the CPU in one new buffer
-/// (f32, bf16 and f16; each addition in f32, rounded once, as candle's addition does), elsewhere
-/// candle's `index_add`.
+/// ([`RowGrads::block`] over every row), elsewhere candle's `index_add`.
 fn scatter_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let (vocab, hidden) = table.dims2()?;
     let (dtype, device) = (grad.dtype(), grad.device());
@@ -450,32 +449,90 @@ fn scatter_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<Tensor> {
             0,
         );
     }
-    let ids = ids.to_vec1::<u32>()?;
-    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-        candle_core::bail!("embedding: id {id} outside the table's {vocab} rows");
-    }
-    let rows = grad.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    fn scatter<T: Elem + candle_core::WithDType>(
-        ids: &[u32],
-        rows: &[Vec<f32>],
-        shape: (usize, usize),
-        device: &candle_core::Device,
-    ) -> Result<Tensor> {
-        let (vocab, hidden) = shape;
-        let mut out = vec![T::put(0.0); vocab * hidden];
-        for (&id, row) in ids.iter().zip(rows) {
-            let at = id as usize * hidden;
-            for (d, &g) in out[at..at + hidden].iter_mut().zip(row) {
-                *d = T::put(d.get() + g);
-            }
+    RowGrads::new(vocab, ids, grad)?.block(0, vocab)
+}
+
+/// An embedding table's gradient kept as what makes it: the ids looked up and the gradient of
+/// each looked-up row. [`RowGrads::block`] writes any block of the table-shaped gradient from them,
+/// so an update by blocks of rows never needs the whole `vocab × hidden` gradient, where all but
+/// the looked-up rows are zero.
+pub struct RowGrads {
+    ids: Vec<u32>,
+    /// `ids.len() × hidden` values, widened to f32.
+    rows: Vec<f32>,
+    vocab: usize,
+    hidden: usize,
+    dtype: DType,
+    device: candle_core::Device,
+}
+
+impl RowGrads {
+    /// The gradient of a `vocab`-row table whose rows `ids` were looked up, from `grad`
+    /// (`[ids, hidden]`, in the table's dtype: f32, bf16 or f16).
+    pub fn new(vocab: usize, ids: &Tensor, grad: &Tensor) -> Result<Self> {
+        let (n, hidden) = grad.dims2()?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        if ids.len() != n {
+            candle_core::bail!("embedding: {} ids for {n} gradient rows", ids.len());
         }
-        Tensor::from_vec(out, shape, device)
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("embedding: id {id} outside the table's {vocab} rows");
+        }
+        let dtype = grad.dtype();
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            candle_core::bail!("embedding: no row gradients in {dtype:?}");
+        }
+        Ok(Self {
+            ids,
+            rows: grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            vocab,
+            hidden,
+            dtype,
+            device: grad.device().clone(),
+        })
     }
-    let shape = (vocab, hidden);
-    match dtype {
-        DType::F32 => scatter::<f32>(&ids, &rows, shape, device),
-        DType::BF16 => scatter::<half::bf16>(&ids, &rows, shape, device),
-        _ => scatter::<half::f16>(&ids, &rows, shape, device),
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Rows `start..start + len` of the table-shaped gradient: zeros with the looked-up rows
+    /// that fall in the block added in the ids' order, each addition in f32 and rounded once to
+    /// the dtype, as candle's addition does. The same values, row for row, as the whole gradient.
+    pub fn block(&self, start: usize, len: usize) -> Result<Tensor> {
+        if start + len > self.vocab {
+            candle_core::bail!(
+                "embedding: rows {start}..{} of a {}-row table",
+                start + len,
+                self.vocab
+            );
+        }
+        fn scatter<T: Elem + candle_core::WithDType>(
+            g: &RowGrads,
+            start: usize,
+            len: usize,
+        ) -> Result<Tensor> {
+            let hidden = g.hidden;
+            let mut out = vec![T::put(0.0); len * hidden];
+            for (&id, row) in g.ids.iter().zip(g.rows.chunks_exact(hidden)) {
+                let Some(at) = (id as usize).checked_sub(start).filter(|&r| r < len) else {
+                    continue;
+                };
+                for (d, &v) in out[at * hidden..(at + 1) * hidden].iter_mut().zip(row) {
+                    *d = T::put(d.get() + v);
+                }
+            }
+            Tensor::from_vec(out, (len, hidden), &g.device)
+        }
+        match self.dtype {
+            DType::F32 => scatter::<f32>(self, start, len),
+            DType::BF16 => scatter::<half::bf16>(self, start, len),
+            _ => scatter::<half::f16>(self, start, len),
+        }
     }
 }
 
@@ -983,7 +1040,7 @@ pub fn chunked_cross_entropy(
         h,
         w,
         targets,
-        (chunk, (HEAD_BLOCK_ELEMENTS / h.dim(1)?.max(1)).max(1)),
+        (chunk, row_block(h.dim(1)?)),
         weight_trainable,
         upstream,
         head_rows,
@@ -993,8 +1050,14 @@ pub fn chunked_cross_entropy(
 /// Where [`chunked_cross_entropy`] hands a weight's gradient block by block.
 pub type HeadRows<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
 
-/// Elements of a head's gradient block handed to [`HeadRows`] at once (4 MiB in f32).
-const HEAD_BLOCK_ELEMENTS: usize = 1 << 20;
+/// Elements of a block of a weight's gradient rows made and handed to the optimizer at once
+/// (4 MiB in f32): the head's blocks ([`HeadRows`]) and the embedding's ([`RowGrads::block`]).
+const ROW_BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// Rows of `width` elements in a block of [`ROW_BLOCK_ELEMENTS`] (at least 1).
+pub fn row_block(width: usize) -> usize {
+    (ROW_BLOCK_ELEMENTS / width.max(1)).max(1)
+}
 
 /// [`chunked_cross_entropy`] with `(chunk rows, head block rows)` (both at least 1).
 fn chunked_cross_entropy_in(

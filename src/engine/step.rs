@@ -136,6 +136,7 @@ fn forward_backward_keeping(
         Sinks {
             parts: &mut |part| merge_grads(made(&mut grads, &model.device)?, part, keep),
             head_rows: None,
+            embed_rows: None,
         },
     )?;
     let grads = match grads {
@@ -152,7 +153,14 @@ struct Sinks<'a> {
     /// An untied trainable head's gradient, block by block in the forward pass, where the loss
     /// can make it so ([`Model::head_loss`]); the head's part then has no gradient for it.
     head_rows: Option<ops::HeadRows<'a>>,
+    /// A trainable embedding's gradient as the looked-up rows' gradients, instead of a gradient
+    /// store holding the whole table-shaped gradient; the embedding's part is then not handed to
+    /// `parts`.
+    embed_rows: Option<EmbedRows<'a>>,
 }
+
+/// Where [`forward_backward_into`] hands a trainable embedding's gradient as rows.
+type EmbedRows<'a> = &'a mut dyn FnMut(&ops::RowGrads) -> Result<()>;
 
 /// Forward and backward of one micro-batch, handing each part's gradient store to
 /// `sinks.parts` as backward makes it: the head's (final norm, head, and a tied embedding's
@@ -252,8 +260,10 @@ fn forward_backward_into(
     }
     // The embedding's gradient (when it is trained) flows through the graph kept from `embed`.
     if model.embed_is_trainable() {
-        let mut embed_grads = seeded_backward(&embedded, &upstream)?;
-        take(&mut embed_grads)?;
+        match sinks.embed_rows {
+            Some(rows) => rows(&model.embed_row_grads(&batch.ids, &upstream)?)?,
+            None => take(&mut seeded_backward(&embedded, &upstream)?)?,
+        }
     }
     Ok(value)
 }
@@ -471,9 +481,17 @@ impl Engine {
         lr: f64,
         observer: &mut dyn StepObserver,
     ) -> Result<StepStats> {
-        let embedding = match &self.model.embed {
-            super::model::Weight::Trainable(var) => Some(var.as_tensor().clone()),
-            super::model::Weight::Frozen(_) => None,
+        // A trained embedding AdamW can update by rows, untied, is updated a block of rows at a
+        // time from the looked-up rows' gradients: its whole gradient never exists. Otherwise it
+        // waits for the last part (tied to the head, it has gradients from the first part too).
+        let (embedding, embed_by_rows) = match &self.model.embed {
+            super::model::Weight::Trainable(var)
+                if self.model.lm_head.is_some() && self.optimizer.updates_rows(var) =>
+            {
+                (None, Some(var.clone()))
+            }
+            super::model::Weight::Trainable(var) => (Some(var.as_tensor().clone()), None),
+            super::model::Weight::Frozen(_) => (None, None),
         };
         let waiting: HashSet<TensorId> = embedding.iter().map(Tensor::id).collect();
         let mut embedding_grads: Option<GradStore> = None;
@@ -487,8 +505,8 @@ impl Engine {
             _ => None,
         };
         let (model, params) = (&self.model, &self.params);
-        // The optimizer and the sum of squares, for both sinks (never borrowed at once: the
-        // head's blocks come in the forward pass, the parts in backward).
+        // The optimizer and the sum of squares, for every sink (never borrowed at once: the
+        // head's blocks come in the forward pass, the parts and the embedding's rows in backward).
         let state = std::cell::RefCell::new((&mut self.optimizer, 0.0));
         let finite = |norm: f64, part: &str| -> Result<()> {
             if norm.is_finite() {
@@ -507,14 +525,25 @@ impl Engine {
             *squares += norm * norm;
             optimizer.update(grads, lr)
         };
-        let mut head_rows = head.as_ref().map(|var| {
-            |first: usize, grad: &Tensor| -> Result<()> {
-                let squares_here = optim::squares(grad)?;
-                finite(squares_here, "the head")?;
-                let mut held = state.borrow_mut();
-                let (optimizer, squares) = &mut *held;
-                *squares += squares_here;
-                optimizer.update_rows(var, first, grad, lr)
+        let update_rows = |var: &Var, first: usize, grad: &Tensor, part: &str| -> Result<()> {
+            let squares_here = optim::squares(grad)?;
+            finite(squares_here, part)?;
+            let mut held = state.borrow_mut();
+            let (optimizer, squares) = &mut *held;
+            *squares += squares_here;
+            optimizer.update_rows(var, first, grad, lr)
+        };
+        let mut head_rows = head
+            .as_ref()
+            .map(|var| |first: usize, grad: &Tensor| update_rows(var, first, grad, "the head"));
+        let mut embed_rows = embed_by_rows.as_ref().map(|var| {
+            |rows: &ops::RowGrads| -> Result<()> {
+                let (vocab, block) = (rows.vocab(), ops::row_block(rows.hidden()));
+                for first in (0..vocab).step_by(block) {
+                    let grad = rows.block(first, block.min(vocab - first))?;
+                    update_rows(var, first, &grad, "the embedding")?;
+                }
+                Ok(())
             }
         });
         let mut part = 0;
@@ -543,6 +572,7 @@ impl Engine {
                     update(grads, &name)
                 },
                 head_rows: head_rows.as_mut().map(|f| f as ops::HeadRows),
+                embed_rows: embed_rows.as_mut().map(|f| f as EmbedRows),
             },
         )?;
         observer.mark("micro_batch_done", None, 0);
