@@ -2,7 +2,10 @@
 //!
 //! For each configuration it runs `memtune profile` (a fresh process: warm-up, then measured steps)
 //! and `../shared/peer/train_step.py` (a fresh process, same shapes, same threads), alternating,
-//! `--repeats` times (default 3), and prints the median tokens/s of each and the memory ratios.
+//! `--repeats` times (default 3), and prints the median tokens/s of each, the speed ratio and the
+//! memory ratios. Each repeat is a pair of runs back to back, memtune first in even repeats and
+//! PyTorch first in odd ones; the speed ratio is the median of the pairs' ratios, so a slow phase
+//! of a shared host weighs on both runs of a pair rather than on one side's median.
 //! `--before PATH` adds another memtune binary (say, one built from an earlier commit) to the same
 //! alternation and prints this build's speed against it. Build first, then run from the repo root:
 //!
@@ -106,7 +109,15 @@ fn run_json(cmd: &mut Command) -> Option<serde_json::Value> {
     serde_json::from_str(text.lines().last()?).ok()
 }
 
+fn tokens_per_s(run: &serde_json::Value) -> f64 {
+    run["tokens_per_s"].as_f64().unwrap_or(0.0)
+}
+
+/// The median (the upper one of an even count; NaN for none).
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -254,9 +265,25 @@ fn main() {
         }
         let (mut ours, mut theirs, mut old) = (Vec::new(), Vec::new(), Vec::new());
         let (stolen0, total0) = cpu_ticks();
-        for _ in 0..repeats {
-            ours.extend(run_json(Command::new(&memtune).args(&ours_args)));
-            theirs.extend(run_json(Command::new(&python).args(peer_args(&peer, &c))));
+        // Each repeat is a pair run back to back, in alternating order (memtune first, then
+        // PyTorch first): a host that drifts slower or faster over a row then weighs on both
+        // sides of a pair alike, and on each side first as often as second.
+        let mut ratios = Vec::new();
+        for r in 0..repeats {
+            let run_ours = || run_json(Command::new(&memtune).args(&ours_args));
+            let run_theirs = || run_json(Command::new(&python).args(peer_args(&peer, &c)));
+            let (o, t) = if r % 2 == 0 {
+                let o = run_ours();
+                (o, run_theirs())
+            } else {
+                let t = run_theirs();
+                (run_ours(), t)
+            };
+            if let (Some(o), Some(t)) = (&o, &t) {
+                ratios.push(tokens_per_s(o) / tokens_per_s(t).max(1e-9));
+            }
+            ours.extend(o);
+            theirs.extend(t);
             if let Some(b) = &before {
                 old.extend(run_json(Command::new(b).args(&base_args)));
             }
@@ -267,13 +294,7 @@ fn main() {
         let (Some(o), Some(t)) = (ours.first(), theirs.first()) else {
             continue;
         };
-        let tps = |runs: &[serde_json::Value]| {
-            median(
-                runs.iter()
-                    .map(|r| r["tokens_per_s"].as_f64().unwrap_or(0.0))
-                    .collect(),
-            )
-        };
+        let tps = |runs: &[serde_json::Value]| median(runs.iter().map(tokens_per_s).collect());
         let (our_tps, their_tps) = (tps(&ours), tps(&theirs));
         let our_peak = o["peak_bytes"].as_f64().unwrap_or(0.0);
         let our_rss = o["rss_peak_minus_baseline_bytes"].as_f64().unwrap_or(0.0);
@@ -294,7 +315,7 @@ fn main() {
             c.dtype,
             our_tps,
             their_tps,
-            our_tps / their_tps.max(1e-9),
+            median(ratios),
             mib(our_peak),
             mib(our_rss),
             mib(their_rss),
