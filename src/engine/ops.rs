@@ -200,12 +200,15 @@ where
     a.apply_op2(b, Precomputed::new(name, value, backward)?)
 }
 
-/// The gradients of a three-input op.
-type Grads3 = (Tensor, Tensor, Tensor);
+/// The gradients of a three-input op, each `None` where that input is not tracked.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Which of a three-input op's inputs backward must give a gradient for (the tracked ones).
+pub type Wanted3 = [bool; 3];
 
 impl<F> CustomOp3 for Precomputed<F>
 where
-    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync,
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, Wanted3) -> Result<Grads3> + Send + Sync,
 {
     fn name(&self) -> &'static str {
         self.name
@@ -244,18 +247,20 @@ where
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (ga, gb, gc) = (self.backward)(
+        let wanted = [a.track_op(), b.track_op(), c.track_op()];
+        (self.backward)(
             &a.detach(),
             &b.detach(),
             &c.detach(),
             &res.detach(),
             &grad.detach(),
-        )?;
-        Ok((Some(ga), Some(gb), Some(gc)))
+            wanted,
+        )
     }
 }
 
-/// Three-input version of [`with_backward`]: `backward(a, b, c, output, output_grad)`.
+/// Three-input version of [`with_backward`]: `backward(a, b, c, output, output_grad, wanted)`,
+/// which gives the gradients of the inputs `wanted` says are tracked (the others may be `None`).
 pub fn with_backward3<F>(
     inputs: [&Tensor; 3],
     value: Tensor,
@@ -263,7 +268,10 @@ pub fn with_backward3<F>(
     backward: F,
 ) -> Result<Tensor>
 where
-    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, Wanted3) -> Result<Grads3>
+        + Send
+        + Sync
+        + 'static,
 {
     inputs[0].apply_op3(
         inputs[1],
@@ -565,16 +573,25 @@ pub fn causal_attention(
         [q, k, v],
         value,
         "causal-attention",
-        move |q, k, v, _, grad| {
+        move |q, k, v, _, grad, [want_q, want_k, want_v]| {
             let grad = operand(&grad.transpose(1, 2)?)?;
             let p = probs(q, k)?;
-            let dv = causal_product(&p.t()?, &grad, Causal::Upper)?;
+            let dv = want_v
+                .then(|| causal_product(&p.t()?, &grad, Causal::Upper))
+                .transpose()?;
+            if !(want_q || want_k) {
+                return Ok((None, None, dv));
+            }
             let dp = causal_product(&grad, &operand(v)?.t()?, Causal::Output)?;
             drop(grad);
             let ds = super::kernels::scaled_causal_softmax_grad(&p, &dp, scale)?;
             drop((p, dp));
-            let dq = causal_product(&ds, k, Causal::Lower)?;
-            let dk = causal_product(&ds.t()?, q, Causal::Upper)?;
+            let dq = want_q
+                .then(|| causal_product(&ds, k, Causal::Lower))
+                .transpose()?;
+            let dk = want_k
+                .then(|| causal_product(&ds.t()?, q, Causal::Upper))
+                .transpose()?;
             Ok((dq, dk, dv))
         },
     )

@@ -192,10 +192,17 @@ fn forward_backward_into(
     // without checkpointing, backward runs layer by layer: candle frees nothing during one
     // `backward()` call, so a single call over the whole model would hold every layer's
     // activations until the last gradient is computed.
+    //
+    // The first layer's input is tracked only when the embedding trains: for a frozen embedding
+    // (LoRA) nothing reads its gradient, so backward skips what makes only that gradient (the
+    // first layer's q/k/v input products and input norm, and the keys' path where k has no
+    // adapter).
     enum Saved {
         Recompute(Tensor),
-        Kept(Var, Tensor),
+        Kept(Option<Var>, Tensor),
     }
+    let track =
+        |l: usize, x: &Tensor| (l > 0 || model.embed_is_trainable()).then(|| Var::sharing(x));
     let embedded = model.embed(&batch.ids)?;
     observer.mark("embed", None, micro_batch);
     let mut x = embedded.detach();
@@ -206,8 +213,8 @@ fn forward_backward_into(
             saved.push(Saved::Recompute(x));
             x = y;
         } else {
-            let input = Var::sharing(&x);
-            let y = model.layer_forward(l, input.as_tensor(), true)?;
+            let input = track(l, &x);
+            let y = model.layer_forward(l, input.as_ref().map_or(&x, Var::as_tensor), true)?;
             x = y.detach();
             saved.push(Saved::Kept(input, y));
         }
@@ -239,21 +246,23 @@ fn forward_backward_into(
             let (input, y) = match saved.pop() {
                 Some(Saved::Kept(input, y)) => (input, y),
                 Some(Saved::Recompute(x)) => {
-                    let input = Var::sharing(&x);
+                    let input = track(l, &x);
+                    let y = model.layer_recompute(l, input.as_ref().map_or(&x, Var::as_tensor))?;
                     drop(x);
-                    let y = model.layer_recompute(l, input.as_tensor())?;
                     observer.mark("recompute", Some(l), micro_batch);
                     (input, y)
                 }
                 None => candle_core::bail!("checkpoint stack underflow at layer {l}"),
             };
             let mut layer_grads = seeded_backward(&y, &upstream)?;
-            upstream = layer_grads
-                .get(input.as_tensor())
-                .map(Tensor::detach)
-                .ok_or_else(|| {
-                    candle_core::Error::Msg(format!("layer {l} input got no gradient"))
-                })?;
+            if let Some(input) = &input {
+                upstream = layer_grads
+                    .get(input.as_tensor())
+                    .map(Tensor::detach)
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!("layer {l} input got no gradient"))
+                    })?;
+            }
             take(&mut layer_grads)?;
         }
         observer.mark("backward", Some(l), micro_batch);
