@@ -97,8 +97,11 @@ pub trait Prober {
 /// (`Model::layer_recompute`): a recomputation's time counts its FLOPs without that product. 31:
 /// the binary runs its work on a rayon worker whose idle peers yield for about a millisecond before
 /// they sleep (`engine::on_rayon_worker`, `engine::RAYON_SPIN_ROUNDS`): faster probes, so cached
-/// step times are stale.)
-pub const COST_MODEL_VERSION: u32 = 31;
+/// step times are stale. 32: a frozen embedding (LoRA, QLoRA) leaves the first layer's input
+/// untracked, so backward skips what only its gradient needs (layer 0's q/k/v input products, its
+/// input norm, the keys' attention gradient): faster adapter steps, fewer bytes in layer 0's
+/// backward.)
+pub const COST_MODEL_VERSION: u32 = 32;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {
