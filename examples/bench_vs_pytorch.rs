@@ -5,7 +5,8 @@
 //! `--repeats` times (default 3), and prints the median tokens/s of each, the speed ratio and the
 //! memory ratios. Each repeat is a pair of runs back to back, memtune first in even repeats and
 //! PyTorch first in odd ones; the speed ratio is the median of the pairs' ratios, so a slow phase
-//! of a shared host weighs on both runs of a pair rather than on one side's median.
+//! of a shared host weighs on both runs of a pair rather than on one side's median. The last
+//! column lists the pairs' ratios, in the order run.
 //! `--before PATH` adds another memtune binary (say, one built from an earlier commit) to the same
 //! alternation and prints this build's speed against it. Build first, then run from the repo root:
 //!
@@ -247,10 +248,10 @@ fn main() {
         ""
     };
     println!(
-        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols} steal |"
+        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols} steal | pairs' speed ratios |"
     );
     println!(
-        "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|{}",
         if before.is_some() { "---|---|" } else { "" }
     );
     for c in configs(quick, only_dtype.as_deref().unwrap_or("fp32"))
@@ -305,8 +306,13 @@ fn main() {
             let old_tps = tps(&old);
             format!(" {old_tps:.0} | {:.2}× |", our_tps / old_tps.max(1e-9))
         };
+        let pairs = ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         println!(
-            "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |{before_text} {steal:.1}% |",
+            "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |{before_text} {steal:.1}% | {pairs} |",
             c.name,
             c.batch,
             c.seq,
