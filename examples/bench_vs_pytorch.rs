@@ -12,10 +12,11 @@
 //!
 //!     cargo build --release --bins --examples
 //!     target/release/examples/bench_vs_pytorch --python /work/peer-venv/bin/python [--quick]
-//!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16]
+//!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16] [--only TEXT]
 //!
 //! `--dtype` keeps only that precision's half of the matrix (with `--quick`, its four rows: fp32's by
-//! default). `--update-in-backward` runs this build's rows with `--clip 0 --update-in-backward`
+//! default). `--only TEXT` keeps the rows whose first five columns, as one line with single spaces
+//! (`L2 h256 V4k 4×256 full on fp32`), contain TEXT. `--update-in-backward` runs this build's rows with `--clip 0 --update-in-backward`
 //! (the same updates as PyTorch's peer, which does not clip, each layer's applied as soon as
 //! backward has made its gradients); a `--before` binary runs without them.
 //!
@@ -40,6 +41,18 @@ struct Config {
     method: &'static str,
     checkpointing: bool,
     dtype: &'static str,
+}
+
+impl Config {
+    /// The row's first five columns as one line, `L2 h256 V4k 4×256 full on fp32`, which `--only`
+    /// matches.
+    fn label(&self) -> String {
+        let ckpt = if self.checkpointing { "on" } else { "off" };
+        format!(
+            "{} {}×{} {} {ckpt} {}",
+            self.name, self.batch, self.seq, self.method, self.dtype
+        )
+    }
 }
 
 fn configs(quick: bool, quick_dtype: &str) -> Vec<Config> {
@@ -208,7 +221,7 @@ fn main() {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "bench_vs_pytorch [--python PY] [--peer DIR] [--quick] [--repeats N] [--before OLD_MEMTUNE] \
-             [--dtype fp32|bf16] [--update-in-backward]\n\
+             [--dtype fp32|bf16] [--only TEXT] [--update-in-backward]\n\
              memtune's training step against ../shared/peer/train_step.py, side by side \
              (see the header of examples/bench_vs_pytorch.rs)"
         );
@@ -222,6 +235,7 @@ fn main() {
     let repeats: usize = arg("--repeats").map_or(3, |r| r.parse().expect("--repeats N"));
     let before = arg("--before").map(PathBuf::from);
     let only_dtype = arg("--dtype");
+    let only = arg("--only");
     if let Some(d) = only_dtype
         .as_deref()
         .filter(|d| !["fp32", "bf16"].contains(d))
@@ -257,6 +271,7 @@ fn main() {
     for c in configs(quick, only_dtype.as_deref().unwrap_or("fp32"))
         .into_iter()
         .filter(|c| only_dtype.as_deref().is_none_or(|d| d == c.dtype))
+        .filter(|c| only.as_deref().is_none_or(|o| c.label().contains(o)))
     {
         let cfg = write_config(&dir, &c);
         let base_args = memtune_args(&cfg, &c);
