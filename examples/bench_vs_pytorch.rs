@@ -24,7 +24,8 @@
 //! row ran (`/proc/stat`): rows with more than a few percent measured a contended machine.
 //!
 //! memtune's memory is its exact allocator peak above the pre-model baseline (and the OS high-water
-//! mark); PyTorch's is the peer's ΔRSS (peak RSS minus RSS after imports) and its profiler peak.
+//! mark); PyTorch's is the peer's ΔRSS (peak RSS minus RSS after imports). Each is the median over
+//! that side's runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -307,14 +308,23 @@ fn main() {
         let (stolen1, total1) = cpu_ticks();
         let steal = 100.0 * stolen1.saturating_sub(stolen0) as f64
             / total1.saturating_sub(total0).max(1) as f64;
-        let (Some(o), Some(t)) = (ours.first(), theirs.first()) else {
+        if ours.is_empty() || theirs.is_empty() {
             continue;
-        };
+        }
         let tps = |runs: &[serde_json::Value]| median(runs.iter().map(tokens_per_s).collect());
         let (our_tps, their_tps) = (tps(&ours), tps(&theirs));
-        let our_peak = o["peak_bytes"].as_f64().unwrap_or(0.0);
-        let our_rss = o["rss_peak_minus_baseline_bytes"].as_f64().unwrap_or(0.0);
-        let their_rss = t["peak_rss_minus_baseline_bytes"].as_f64().unwrap_or(0.0);
+        // Memory: each side's median over its runs (the counted peak is the same in every run;
+        // the OS figures move by a few MiB, PyTorch's by up to 10% between runs).
+        let field = |runs: &[serde_json::Value], key: &str| {
+            median(
+                runs.iter()
+                    .map(|r| r[key].as_f64().unwrap_or(0.0))
+                    .collect(),
+            )
+        };
+        let our_peak = field(&ours, "peak_bytes");
+        let our_rss = field(&ours, "rss_peak_minus_baseline_bytes");
+        let their_rss = field(&theirs, "peak_rss_minus_baseline_bytes");
         let before_text = if old.is_empty() {
             String::new()
         } else {
