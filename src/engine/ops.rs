@@ -1071,7 +1071,7 @@ pub type HeadRows<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
 /// (4 MiB in f32): the head's blocks ([`HeadRows`]) and the embedding's ([`RowGrads::block`]).
 const ROW_BLOCK_ELEMENTS: usize = 1 << 20;
 
-/// Rows of `width` elements in a block of [`ROW_BLOCK_ELEMENTS`] (at least 1).
+/// Rows of `width` elements in a block of `ROW_BLOCK_ELEMENTS` (1 Mi elements; at least 1 row).
 pub fn row_block(width: usize) -> usize {
     (ROW_BLOCK_ELEMENTS / width.max(1)).max(1)
 }
