@@ -124,8 +124,14 @@ fn run_json(cmd: &mut Command) -> Option<serde_json::Value> {
     serde_json::from_str(text.lines().last()?).ok()
 }
 
-fn tokens_per_s(run: &serde_json::Value) -> f64 {
-    run["tokens_per_s"].as_f64().unwrap_or(0.0)
+/// A run's number under `key` (0 where it has none).
+fn number(run: &serde_json::Value, key: &str) -> f64 {
+    run[key].as_f64().unwrap_or(0.0)
+}
+
+/// The median of `key` over `runs`.
+fn median_of(runs: &[serde_json::Value], key: &str) -> f64 {
+    median(runs.iter().map(|r| number(r, key)).collect())
 }
 
 /// The median (the upper one of an even count; NaN for none).
@@ -297,7 +303,7 @@ fn main() {
                 (run_ours(), t)
             };
             if let (Some(o), Some(t)) = (&o, &t) {
-                ratios.push(tokens_per_s(o) / tokens_per_s(t).max(1e-9));
+                ratios.push(number(o, "tokens_per_s") / number(t, "tokens_per_s").max(1e-9));
             }
             ours.extend(o);
             theirs.extend(t);
@@ -311,20 +317,13 @@ fn main() {
         if ours.is_empty() || theirs.is_empty() {
             continue;
         }
-        let tps = |runs: &[serde_json::Value]| median(runs.iter().map(tokens_per_s).collect());
+        let tps = |runs: &[serde_json::Value]| median_of(runs, "tokens_per_s");
         let (our_tps, their_tps) = (tps(&ours), tps(&theirs));
         // Memory: each side's median over its runs (the counted peak is the same in every run;
         // the OS figures move by a few MiB, PyTorch's by up to 10% between runs).
-        let field = |runs: &[serde_json::Value], key: &str| {
-            median(
-                runs.iter()
-                    .map(|r| r[key].as_f64().unwrap_or(0.0))
-                    .collect(),
-            )
-        };
-        let our_peak = field(&ours, "peak_bytes");
-        let our_rss = field(&ours, "rss_peak_minus_baseline_bytes");
-        let their_rss = field(&theirs, "peak_rss_minus_baseline_bytes");
+        let our_peak = median_of(&ours, "peak_bytes");
+        let our_rss = median_of(&ours, "rss_peak_minus_baseline_bytes");
+        let their_rss = median_of(&theirs, "peak_rss_minus_baseline_bytes");
         let before_text = if old.is_empty() {
             String::new()
         } else {
