@@ -195,19 +195,26 @@ fn any_device_swiglu_and_softmax_match_candles_autograd() {
 
 /// Attention that keeps only q, k and v (backward recomputes the probabilities) against candle's
 /// autograd of the plain formula in f64: in f64 (candle's ops on any device) and in the dtypes the
-/// CPU's fused softmax kernels store; on 19 positions (a mask over odd rows) and 2 × 3 heads. v
-/// comes as the model gives it, a view `[b, h, s, d]` of `[b, s, h, d]` (its heads transposed),
-/// and the output is `[b, s, h, d]`.
+/// CPU's fused softmax kernels store; on 19 and 70 positions and 2 × 3 heads. v
+/// comes as the model gives it, `[b, s, h, d]` (the projection's output, heads side by side), and
+/// the output is `[b, s, h, d]`, contiguous.
 #[test]
 fn causal_attention_matches_candles_autograd() {
-    let (shape, scale) = ([2, 3, 19, 8], 0.35);
+    // 19 positions: one row block of the CPU's causal products; 70: two, the second partial.
+    for s in [19, 70] {
+        attention_against_autograd(s);
+    }
+}
+
+fn attention_against_autograd(s: usize) {
+    let (shape, scale) = ([2, 3, s, 8], 0.35);
     let (q, k, v) = (
         (randn(&shape, 41) * 0.5).unwrap(),
         (randn(&shape, 42) * 0.5).unwrap(),
-        randn(&[2, 19, 3, 8], 43),
+        randn(&[2, s, 3, 8], 43),
     );
-    let w = randn(&[2, 19, 3, 8], 44);
-    let mask = causal_mask(19, &Device::Cpu).unwrap();
+    let w = randn(&[2, s, 3, 8], 44);
+    let mask = causal_mask(s, &Device::Cpu).unwrap();
     let plain = |t: &[Tensor]| {
         let m = mask.to_dtype(t[0].dtype()).unwrap();
         let scores = t[0].matmul(&t[1].t().unwrap()).unwrap();
@@ -227,8 +234,10 @@ fn causal_attention_matches_candles_autograd() {
             .collect();
         let (want, want_grads) = value_and_grads(&rounded, &w, DType::F64, plain);
         let (got, got_grads) = value_and_grads(&rounded, &w, dtype, |t| {
-            let v = t[2].transpose(1, 2).unwrap();
-            causal_attention(&t[0], &t[1], &v, &mask.to_dtype(dtype).unwrap(), scale).unwrap()
+            let out = causal_attention(&t[0], &t[1], &t[2], &mask.to_dtype(dtype).unwrap(), scale)
+                .unwrap();
+            assert!(out.is_contiguous(), "{dtype:?}: the output is contiguous");
+            out
         });
         assert_all_close(dtype, (&got, &got_grads), (&want, &want_grads));
     }
@@ -672,33 +681,57 @@ fn kernel_exp_is_within_two_ulp_of_the_rounded_exponential() {
     assert_eq!(exp(0.0), 1.0);
 }
 
-/// The fused RoPE against candle-nn's kernel in f64, in f32, bf16 and f16, and its backward
-/// (the opposite rotation) undoing it.
+/// The fused RoPE against candle-nn's kernel in f64, in f32, bf16 and f16, in each layout, and
+/// its backward (the opposite rotation, heads transposed back) undoing it.
 #[test]
 fn fused_rope_matches_candle_nn_and_rotates_back() {
-    use memtune::engine::kernels::rope;
+    use memtune::engine::kernels::{RopeLayout, rope};
     let (s, d) = (37, 16);
     let x = randn(&[2, 3, s, d], 21);
+    // The same values laid out `[b, s, h, d]`, as a projection gives them.
+    let x_seq = x.transpose(1, 2).unwrap().contiguous().unwrap();
     let angles = (randn(&[s, d / 2], 22) * 2.0).unwrap();
     let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
     let want = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
-        let (xd, cd, sd) = (cast(&x), cast(&cos), cast(&sin));
-        let got = rope(&xd, &cd, &sd, 1.0)
-            .unwrap()
-            .expect("the fused path applies");
+        let (cd, sd) = (cast(&cos), cast(&sin));
+        let turn = |x: &Tensor, sign, layout| rope(&cast(x), &cd, &sd, sign, layout).unwrap();
+        let got = turn(&x, 1.0, RopeLayout::Heads).expect("the fused path applies");
         let err = rel_err(&got, &want);
         assert!(err < tolerance(dtype), "{dtype:?}: relative error {err}");
-        let back = rope(&got, &cd, &sd, -1.0).unwrap().unwrap();
+        let back = turn(&got, -1.0, RopeLayout::Heads).unwrap();
         let err = rel_err(&back, &x);
         assert!(
             err < 2.0 * tolerance(dtype),
             "{dtype:?}: rotating back, {err}"
         );
+        // From `[b, s, h, d]`: the same rotation, out as `[b, h, s, d]`, bit for bit; and back.
+        let from_seq = turn(&x_seq, 1.0, RopeLayout::SeqToHeads).unwrap();
+        assert_eq!(from_seq.dims(), got.dims());
+        let diff = (&from_seq.to_dtype(DType::F64).unwrap() - &got.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{dtype:?}: SeqToHeads against Heads");
+        let back_seq = turn(&from_seq, -1.0, RopeLayout::HeadsToSeq).unwrap();
+        assert_eq!(back_seq.dims(), x_seq.dims());
+        let err = rel_err(&back_seq, &x_seq);
+        assert!(
+            err < 2.0 * tolerance(dtype),
+            "{dtype:?}: rotating back to [b, s, h, d], {err}"
+        );
     }
     // f64 is the reference precision: candle-nn's kernel runs it.
-    assert!(rope(&x, &cos, &sin, 1.0).unwrap().is_none());
+    assert!(
+        rope(&x, &cos, &sin, 1.0, RopeLayout::Heads)
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// A trainable weight (full fine-tuning) takes the fused pass for both gradients when the weight

@@ -100,8 +100,11 @@ pub trait Prober {
 /// step times are stale. 32: a frozen embedding (LoRA, QLoRA) leaves the first layer's input
 /// untracked, so backward skips what only its gradient needs (layer 0's q/k/v input products, its
 /// input norm, the keys' attention gradient): faster adapter steps, fewer bytes in layer 0's
-/// backward.)
-pub const COST_MODEL_VERSION: u32 = 32;
+/// backward. 33: no transposed copies: RoPE reads q and k with their heads side by side and writes
+/// them transposed, attention writes its output and v's gradient with the heads side by side, a
+/// trainable weight's gradient is made in the weight's own layout, and precomputed values become
+/// their op's output without a copy: faster steps.)
+pub const COST_MODEL_VERSION: u32 = 33;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -691,12 +691,56 @@ pub fn scaled_causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<
     super::ops::causal_softmax_grad(p, &g, scale)
 }
 
-/// Hugging Face's rotate-half RoPE of `x` (`[b, h, s, d]`) by the angles whose cosines and sines
-/// are `cos` and `sin` (`[s, d/2]`), turned by `sign` (−1 rotates back: the backward pass):
+/// Hugging Face's rotate-half RoPE of `x` by the angles whose cosines and sines are `cos` and
+/// `sin` (`[s, d/2]`), turned by `sign` (−1 rotates back: the backward pass):
 /// `y₁ = x₁·cos − sign·x₂·sin`, `y₂ = x₂·cos + sign·x₁·sin` for the two halves of each row, in f32
-/// and rounded once (candle-nn's kernel rounds a 16-bit type after every operation).
+/// and rounded once (candle-nn's kernel rounds a 16-bit type after every operation). `layout`
+/// says how `x`'s rows are laid out and where each goes in the output.
 struct Rope {
     sign: f32,
+    layout: RopeLayout,
+}
+
+/// How [`rope`] reads its input's rows of `d` elements and lays out its output's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// `[b, h, s, d]` in, the same out.
+    Heads,
+    /// `[b, s, h, d]` in (a projection's output, its heads side by side), `[b, h, s, d]` out:
+    /// the heads transposed in the same pass, where a copy would otherwise make them contiguous.
+    SeqToHeads,
+    /// `[b, h, s, d]` in, `[b, s, h, d]` out: [`RopeLayout::SeqToHeads`]'s backward.
+    HeadsToSeq,
+}
+
+impl RopeLayout {
+    /// For input dims `[n0, n1, n2, d]`: the output's dims, the positions' axis length, and for
+    /// output row `r` the input row it reads and its position.
+    fn plan(self, [n0, n1, n2]: [usize; 3]) -> ([usize; 3], usize) {
+        match self {
+            Self::Heads => ([n0, n1, n2], n2),
+            Self::SeqToHeads => ([n0, n2, n1], n1),
+            Self::HeadsToSeq => ([n0, n2, n1], n2),
+        }
+    }
+
+    /// Output row `r` of an output with dims `out` (leading three): (input row, position).
+    #[inline(always)]
+    fn source(self, r: usize, [_, o1, o2]: [usize; 3]) -> (usize, usize) {
+        match self {
+            Self::Heads => (r, r % o2),
+            // Output [b, h, s]: input [b, s, h] row (b · s + t) · h + head, position t.
+            Self::SeqToHeads => {
+                let (b, head, t) = (r / (o1 * o2), (r / o2) % o1, r % o2);
+                ((b * o2 + t) * o1 + head, t)
+            }
+            // Output [b, s, h]: input [b, h, s] row (b · h + head) · s + t, position t.
+            Self::HeadsToSeq => {
+                let (b, t, head) = (r / (o1 * o2), (r / o2) % o1, r % o2);
+                ((b * o2 + head) * o1 + t, t)
+            }
+        }
+    }
 }
 
 impl CustomOp3 for Rope {
@@ -713,81 +757,91 @@ impl CustomOp3 for Rope {
         sin: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, s, d) = xl.shape().dims4()?;
+        let (n0, n1, n2, d) = xl.shape().dims4()?;
+        let (out_dims, s) = self.layout.plan([n0, n1, n2]);
         if d % 2 != 0 || cl.dims() != [s, d / 2] || sl.dims() != [s, d / 2] {
             candle_core::bail!("rope: x {:?} against tables {:?}", xl.dims(), cl.dims());
         }
-        fn rows<T: Elem>(x: &[T], cos: &[T], sin: &[T], s: usize, d: usize, sign: f32) -> Vec<T> {
-            let half = d / 2;
-            let mut out = vec![T::put(0.0); x.len()];
-            let rows_per_task = (GRAIN / d.max(1)).max(1);
-            out.par_chunks_mut(rows_per_task * d)
-                .zip(x.par_chunks(rows_per_task * d))
-                .enumerate()
-                .for_each(|(c, (o, x))| {
-                    vectorized(
-                        #[inline(always)]
-                        || {
-                            for (r, (o, x)) in
-                                o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate()
-                            {
-                                let t = (c * rows_per_task + r) % s;
-                                let (cs, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-                                let (o1, o2) = o.split_at_mut(half);
-                                let (x1, x2) = x.split_at(half);
-                                let it = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
-                                for (((o1, o2), (x1, x2)), (c, sn)) in it.zip(cs.iter().zip(sn)) {
-                                    let (a, b) = (x1.get(), x2.get());
-                                    let (c, sn) = (c.get(), sign * sn.get());
-                                    *o1 = T::put(a * c - b * sn);
-                                    *o2 = T::put(b * c + a * sn);
-                                }
-                            }
-                        },
-                    )
-                });
-            out
-        }
+        let (sign, layout) = (self.sign, self.layout);
+        let source = |r| layout.source(r, out_dims);
         let storage = match (x, cos, sin) {
-            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => CpuStorage::F32(rows(
-                slice(x, xl)?,
-                slice(c, cl)?,
-                slice(sn, sl)?,
-                s,
-                d,
-                self.sign,
-            )),
-            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(sn)) => {
-                CpuStorage::BF16(rows(
-                    slice(x, xl)?,
-                    slice(c, cl)?,
-                    slice(sn, sl)?,
-                    s,
-                    d,
-                    self.sign,
-                ))
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => {
+                let tables = (slice(c, cl)?, slice(sn, sl)?);
+                CpuStorage::F32(rotate(slice(x, xl)?, tables, d, sign, source))
             }
-            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(sn)) => CpuStorage::F16(rows(
-                slice(x, xl)?,
-                slice(c, cl)?,
-                slice(sn, sl)?,
-                s,
-                d,
-                self.sign,
-            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(sn)) => {
+                let tables = (slice(c, cl)?, slice(sn, sl)?);
+                CpuStorage::BF16(rotate(slice(x, xl)?, tables, d, sign, source))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(sn)) => {
+                let tables = (slice(c, cl)?, slice(sn, sl)?);
+                CpuStorage::F16(rotate(slice(x, xl)?, tables, d, sign, source))
+            }
             _ => candle_core::bail!("rope: tables of another dtype"),
         };
-        Ok((storage, xl.shape().clone()))
+        let [o0, o1, o2] = out_dims;
+        Ok((storage, Shape::from((o0, o1, o2, d))))
     }
 }
 
-/// `Rope` (no gradient: the caller's op supplies it) for contiguous CPU `x`, `cos` and `sin` of
-/// one dtype; `None` where candle-nn's kernel applies (CUDA, f64, other layouts).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Option<Tensor>> {
+/// [`Rope`]'s pass: output row `r` (of `d` elements) is input row `source(r).0` rotated by the
+/// angles of position `source(r).1`. Every output element is written once, so the output is not
+/// zero-filled first.
+fn rotate<T: Elem>(
+    x: &[T],
+    (cos, sin): (&[T], &[T]),
+    d: usize,
+    sign: f32,
+    source: impl Fn(usize) -> (usize, usize) + Sync,
+) -> Vec<T> {
+    let half = d / 2;
+    let len = x.len();
+    let mut out = Vec::<T>::with_capacity(len);
+    let rows_per_task = (GRAIN / d.max(1)).max(1);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(rows_per_task * d)
+        .enumerate()
+        .for_each(|(c, o)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, o) in o.chunks_exact_mut(d).enumerate() {
+                        let (row, t) = source(c * rows_per_task + r);
+                        let x = &x[row * d..][..d];
+                        let (cs, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                        let (o1, o2) = o.split_at_mut(half);
+                        let (x1, x2) = x.split_at(half);
+                        let it = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
+                        for (((o1, o2), (x1, x2)), (c, sn)) in it.zip(cs.iter().zip(sn)) {
+                            let (a, b) = (x1.get(), x2.get());
+                            let (c, sn) = (c.get(), sign * sn.get());
+                            o1.write(T::put(a * c - b * sn));
+                            o2.write(T::put(b * c + a * sn));
+                        }
+                    }
+                },
+            )
+        });
+    // SAFETY: the chunks cover all `len` elements and each row was written in full above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `Rope` (no gradient: the caller's op supplies it) for contiguous CPU `x` (laid out as
+/// `layout` says), `cos` and `sin` of one dtype; `None` where candle-nn's kernel applies (CUDA,
+/// f64, other layouts).
+pub fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    sign: f32,
+    layout: RopeLayout,
+) -> Result<Option<Tensor>> {
     if !(fusable(&[x, cos, sin]) && x.rank() == 4) {
         return Ok(None);
     }
-    x.apply_op3_no_bwd(cos, sin, &Rope { sign }).map(Some)
+    x.apply_op3_no_bwd(cos, sin, &Rope { sign, layout })
+        .map(Some)
 }
 
 /// The input gradient of RMSNorm `y = x · r · w` (r = 1/√(mean(x²) + ε) per row of the last

@@ -225,8 +225,8 @@ pub fn unread_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// The gradients of `a · b` given the product's gradient: `grad · bᵀ` for `a`, `aᵀ · grad` for `b`,
-/// each only where that operand is tracked.
+/// The gradients of `a · b` given the product's gradient: `grad · bᵀ` for `a`, `aᵀ · grad` for `b`
+/// (as `(gradᵀ · a)ᵀ` where `b` is a transposed view), each only where that operand is tracked.
 fn product_grads(
     a: &Tensor,
     b: &Tensor,
@@ -237,10 +237,15 @@ fn product_grads(
     } else {
         None
     };
-    let gb = if b.track_op() {
-        Some(matmul(&a.t()?, grad)?)
-    } else {
+    let gb = if !b.track_op() {
         None
+    } else if b.rank() == 2 && !b.is_contiguous() && b.t()?.is_contiguous() {
+        // `b` is a transposed weight (`x · Wᵀ`): its gradient is made as `(gradᵀ · a)ᵀ`, the
+        // transpose of a contiguous `[n, k]`, which the transpose's backward hands `W` as it is,
+        // in W's own layout, where `aᵀ · grad` would be copied into it element by element.
+        Some(matmul(&grad.t()?, a)?.t()?)
+    } else {
+        Some(matmul(&a.t()?, grad)?)
     };
     Ok((ga, gb))
 }
@@ -638,23 +643,43 @@ pub const CAUSAL_BLOCK: usize = 64;
 /// products' work at a sequence of 256 (the rest is masked or zero); elsewhere [`matmul`]'s
 /// whole product, equal where the result is used.
 pub fn causal_product(a: &Tensor, b: &Tensor, kind: Causal) -> Result<Tensor> {
-    let fits = on_cpu_products_of(a, b) && a.dtype() == DType::F32 && {
+    if causal_fits(a, b, kind) {
+        a.apply_op2_no_bwd(b, &CausalProduct { kind, seq: false })
+    } else {
+        matmul(a, b)
+    }
+}
+
+/// [`causal_product`] of `[b, h, m, k]` by `[b, h, k, n]`, returned as `[b, m, h, n]`
+/// (contiguous): the heads side by side, as attention's output and v's gradient are read next.
+/// On the CPU in f32 the product writes that layout itself; elsewhere it is a copy of the
+/// transposed product.
+pub fn causal_product_seq(a: &Tensor, b: &Tensor, kind: Causal) -> Result<Tensor> {
+    if a.rank() == 4 && causal_fits(a, b, kind) {
+        a.apply_op2_no_bwd(b, &CausalProduct { kind, seq: true })
+    } else {
+        matmul(a, b)?.transpose(1, 2)?.contiguous()
+    }
+}
+
+/// Whether [`CausalProduct`] runs `a · b` of `kind`: f32 on the CPU, `s × s` where it must be.
+fn causal_fits(a: &Tensor, b: &Tensor, kind: Causal) -> bool {
+    on_cpu_products_of(a, b) && a.dtype() == DType::F32 && {
         let (da, db) = (a.dims(), b.dims());
         let m = da[da.len() - 2];
         match kind {
             Causal::Output => m == db[db.len() - 1],
             Causal::Lower | Causal::Upper => m == da[da.len() - 1],
         }
-    };
-    if fits {
-        a.apply_op2_no_bwd(b, &CausalProduct(kind))
-    } else {
-        matmul(a, b)
     }
 }
 
-/// The op of [`causal_product`] (f32, CPU).
-struct CausalProduct(Causal);
+/// The op of [`causal_product`] (f32, CPU). `seq`: the output is `[b, m, h, n]` for operands
+/// `[b, h, ...]` ([`causal_product_seq`]), rather than `[b, h, m, n]`.
+struct CausalProduct {
+    kind: Causal,
+    seq: bool,
+}
 
 impl CustomOp2 for CausalProduct {
     fn name(&self) -> &'static str {
@@ -671,16 +696,26 @@ impl CustomOp2 for CausalProduct {
         let (a, b, shape) = f32_operands(s1, l1, s2, l2)?;
         let (m, k, n) = (a.rows, a.cols, b.cols);
         let len = a.starts.len() * m * n;
+        // Where entry `bi`'s output matrix starts, and its rows' stride: `[.., m, n]` per entry,
+        // or with `seq`, entry (batch, head) of `[b, m, h, n]`.
+        let heads = if self.seq { l1.dims()[1] } else { 1 };
+        let (shape, row_stride) = if self.seq {
+            let (d0, d2) = (l1.dims()[0], l1.dims()[2]);
+            (Shape::from((d0, d2, heads, n)), heads * n)
+        } else {
+            (shape, n)
+        };
+        let entry_at = |bi: usize| (bi / heads) * m * heads * n + (bi % heads) * n;
         let mut out = Vec::<f32>::with_capacity(len);
         let output = Output(out.as_mut_ptr());
-        let kind = self.0;
+        let kind = self.kind;
         let tasks: Vec<(usize, usize)> = (0..a.starts.len())
             .flat_map(|bi| (0..m).step_by(CAUSAL_BLOCK).map(move |r0| (bi, r0)))
             .collect();
         tasks.into_par_iter().for_each(|(bi, r0)| {
             let r1 = (r0 + CAUSAL_BLOCK).min(m);
             let rows = r1 - r0;
-            let dst = output.at(bi * m * n + r0 * n);
+            let dst = output.at(entry_at(bi) + r0 * row_stride);
             let (a_row, b_at) = (a.starts[bi] + r0 * a.row_stride, b.starts[bi]);
             // The block's columns of the output (Output) or span of the inner dimension
             // (Lower, Upper).
@@ -695,11 +730,12 @@ impl CustomOp2 for CausalProduct {
                 // SAFETY: the blocks lie inside the operands (rows `r0..r1` and columns `inner`
                 // of `a`, rows `inner` and columns `cols` of `b`, within entry `bi`'s
                 // dimensions, which candle's layouts place inside the storages); the output rows
-                // `r0..r1` of entry `bi` are this task's alone.
+                // `r0..r1` of entry `bi` are this task's alone (`n` elements each, `row_stride`
+                // apart: entries' rows interleave in the `seq` layout but never overlap).
                 unsafe {
                     gemm_block(
                         (rows, inner.len(), cols.len()),
-                        (dst, n),
+                        (dst, row_stride),
                         (&a, a_row + inner.start * a.col_stride),
                         (&b, b_at + inner.start * b.row_stride),
                         false,
@@ -709,11 +745,12 @@ impl CustomOp2 for CausalProduct {
             }
             for r in 0..rows {
                 // SAFETY: as above; the columns gemm did not write, as zeros.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), n) };
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * row_stride), n) };
                 row[written..].fill(0.0);
             }
         });
-        // SAFETY: every task wrote its rows in full (the product's columns, then zeros).
+        // SAFETY: every task wrote its rows in full (the product's columns, then zeros), and the
+        // entries' rows cover the output.
         unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), shape))
     }

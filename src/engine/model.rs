@@ -612,23 +612,12 @@ impl Model {
         );
 
         let xn = self.rms_norm(x, &layer.input_norm)?.reshape((b * s, h))?;
-        // Views with the heads transposed: RoPE and attention read them as they are, so the
-        // graph keeps no transposed copy.
-        let q = layer
-            .q
-            .forward(&xn, dt, train)?
-            .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?;
-        let k = layer
-            .k
-            .forward(&xn, dt, train)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = layer
-            .v
-            .forward(&xn, dt, train)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?;
+        // `[b, s, heads, d]`, as the projections give them: RoPE hands q and k to attention as
+        // `[b, heads, s, d]` in the same pass, and attention reads v as it is, so no transposed
+        // copy is made either way.
+        let q = layer.q.forward(&xn, dt, train)?.reshape((b, s, nh, hd))?;
+        let k = layer.k.forward(&xn, dt, train)?.reshape((b, s, nkv, hd))?;
+        let v = layer.v.forward(&xn, dt, train)?.reshape((b, s, nkv, hd))?;
         // What backward does not read goes as soon as forward is done with it (`release_if`):
         // the projections' outputs once RoPE or a repeat has copied them, a norm's output once no
         // product that keeps its input is left, a product's output once it is summed.
@@ -644,7 +633,8 @@ impl Model {
         let (k, v) = if nh == nkv {
             (k, v)
         } else {
-            let repeated = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            let rep = nh / nkv;
+            let repeated = (repeat_kv(&k, rep)?, repeat_kv_seq(&v, rep)?);
             release_if(train, &k)?;
             release_if(train, &v)?;
             repeated
@@ -769,6 +759,17 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .broadcast_as((b, nkv, rep, s, d))?
         .reshape((b, nkv * rep, s, d))
+}
+
+/// [`repeat_kv`] for `x` laid out `[b, s, kv_heads, d]` (v as attention reads it).
+fn repeat_kv_seq(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, s, nkv, d) = x.dims4()?;
+    x.unsqueeze(3)?
+        .broadcast_as((b, s, nkv, rep, d))?
+        .reshape((b, s, nkv * rep, d))
 }
 
 /// The `[s, s]` f32 causal mask: 0 where a position may attend, −∞ above the diagonal.

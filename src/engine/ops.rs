@@ -51,6 +51,22 @@ fn take_value(value: &std::sync::Mutex<Option<Tensor>>, name: &str) -> Result<Te
         .ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))
 }
 
+/// A precomputed value as a CPU op's output: its own storage, moved, where nothing else holds the
+/// value and it starts its storage contiguously (a fresh kernel's output, as every fused op's
+/// value is); otherwise a copy. Moving it saves a pass over the output and a second buffer of its
+/// size while the op runs.
+fn cpu_value(t: Tensor) -> Result<(CpuStorage, Shape)> {
+    if !(t.is_contiguous() && t.layout().start_offset() == 0) {
+        return cpu_copy(&t);
+    }
+    let shape = t.shape().clone();
+    match t.into_storage() {
+        Ok((Storage::Cpu(c), _)) => Ok((c, shape)),
+        Ok(_) => candle_core::bail!("precomputed value is not on the CPU"),
+        Err(t) => cpu_copy(&t),
+    }
+}
+
 fn cpu_copy(t: &Tensor) -> Result<(CpuStorage, Shape)> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -77,7 +93,7 @@ where
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_copy(&take_value(&self.value, self.name)?)
+        cpu_value(take_value(&self.value, self.name)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -160,7 +176,7 @@ where
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_copy(&take_value(&self.value, self.name)?)
+        cpu_value(take_value(&self.value, self.name)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -223,7 +239,7 @@ where
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_copy(&take_value(&self.value, self.name)?)
+        cpu_value(take_value(&self.value, self.name)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -544,16 +560,18 @@ impl RowGrads {
     }
 }
 
-/// Causal self-attention `softmax(scale · q kᵀ + mask) v` on `[b, h, s, d]` tensors (k and v with
-/// q's heads; v may be a view, such as the projection's output with its heads transposed),
-/// returned as `[b, s, h, d]`: the heads side by side, ready for the output projection without a
-/// copy. One op that keeps only q, k and v for backward, as flash attention does: backward
-/// recomputes the probabilities from q and k (one more `q kᵀ` product and softmax per layer)
-/// instead of keeping the scores and the probabilities, `2 · b · h · s²` elements per layer, from
-/// forward to backward. The softmax runs on [`super::kernels::scaled_causal_softmax`] (the fused
-/// kernel on the CPU, [`causal_softmax`] elsewhere), so every device keeps the same tensors. The
-/// six products run on [`super::matmul::causal_product`], which in f32 on the CPU multiplies only
-/// the blocks on or below the diagonal (the rest is masked or zero).
+/// Causal self-attention `softmax(scale · q kᵀ + mask) v` for q and k `[b, h, s, d]` and v
+/// `[b, s, h, d]` (k and v with q's heads; v as the projection gives it, its heads side by side),
+/// returned as `[b, s, h, d]`, contiguous: ready for the output projection without a copy, as v's
+/// gradient is for v's. One op that keeps only q, k and v for backward, as flash attention does:
+/// backward recomputes the probabilities from q and k (one more `q kᵀ` product and softmax per
+/// layer) instead of keeping the scores and the probabilities, `2 · b · h · s²` elements per
+/// layer, from forward to backward. The softmax runs on [`super::kernels::scaled_causal_softmax`]
+/// (the fused kernel on the CPU, [`causal_softmax`] elsewhere), so every device keeps the same
+/// tensors. The six products run on [`super::matmul::causal_product`] (and
+/// [`super::matmul::causal_product_seq`] for the two that come out with the heads side by side),
+/// which in f32 on the CPU multiply only the blocks on or below the diagonal (the rest is masked
+/// or zero).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -561,28 +579,31 @@ pub fn causal_attention(
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    use super::matmul::causal_product_seq;
     let mask = mask.clone();
     let probs = move |q: &Tensor, k: &Tensor| {
         let scores = causal_product(q, &k.t()?, Causal::Output)?;
         super::kernels::scaled_causal_softmax(&scores, &mask, scale)
     };
+    // v and the output's gradient, `[b, s, h, d]`, are read as `[b, h, s, d]` views.
+    let heads = |t: &Tensor| operand(&t.transpose(1, 2)?);
     let p = probs(&q.detach(), &k.detach())?;
-    let value = causal_product(&p, &operand(&v.detach())?, Causal::Lower)?.transpose(1, 2)?;
+    let value = causal_product_seq(&p, &heads(&v.detach())?, Causal::Lower)?;
     drop(p);
     with_backward3(
         [q, k, v],
         value,
         "causal-attention",
         move |q, k, v, _, grad, [want_q, want_k, want_v]| {
-            let grad = operand(&grad.transpose(1, 2)?)?;
+            let grad = heads(grad)?;
             let p = probs(q, k)?;
             let dv = want_v
-                .then(|| causal_product(&p.t()?, &grad, Causal::Upper))
+                .then(|| causal_product_seq(&p.t()?, &grad, Causal::Upper))
                 .transpose()?;
             if !(want_q || want_k) {
                 return Ok((None, None, dv));
             }
-            let dp = causal_product(&grad, &operand(v)?.t()?, Causal::Output)?;
+            let dp = causal_product(&grad, &heads(v)?.t()?, Causal::Output)?;
             drop(grad);
             let ds = super::kernels::scaled_causal_softmax_grad(&p, &dp, scale)?;
             drop((p, dp));
@@ -615,27 +636,29 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Hugging Face's rotate-half RoPE on `x`: `[b, h, s, d]` with tables `[s, d/2]` of x's dtype.
-/// On the CPU it runs [`super::kernels::rope`], elsewhere candle-nn's kernel.
-///
-/// `x` may be a view (the projection's output with its heads transposed): the kernels read a
-/// contiguous copy that is dropped after forward, and the graph keeps the view, whose storage is
-/// alive anyway.
+/// Hugging Face's rotate-half RoPE on `x`: `[b, s, h, d]` (a projection's output with its heads
+/// side by side) with tables `[s, d/2]` of x's dtype, returned as `[b, h, s, d]`, contiguous, as
+/// attention reads it. On the CPU it runs [`super::kernels::rope`], which transposes the heads in
+/// the same pass, and its backward hands `x` a contiguous `[b, s, h, d]` gradient the same way, so
+/// neither pass copies a transposed view; elsewhere candle-nn's kernel, on contiguous copies.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    use super::kernels::RopeLayout;
     let value = {
-        let xc = x.detach().contiguous()?;
-        match super::kernels::rope(&xc, cos, sin, 1.0)? {
+        let xd = x.detach();
+        match super::kernels::rope(&xd, cos, sin, 1.0, RopeLayout::SeqToHeads)? {
             Some(value) => value,
-            None => candle_nn::rotary_emb::rope(&xc, cos, sin)?,
+            None => candle_nn::rotary_emb::rope(&xd.transpose(1, 2)?.contiguous()?, cos, sin)?,
         }
     };
     let (cos, sin) = (cos.clone(), sin.clone());
     with_backward(x, value, "rope", move |_, _, grad| {
         // A rotation's transpose is the rotation by the opposite angle.
         let grad = grad.contiguous()?;
-        match super::kernels::rope(&grad, &cos, &sin, -1.0)? {
+        match super::kernels::rope(&grad, &cos, &sin, -1.0, RopeLayout::HeadsToSeq)? {
             Some(back) => Ok(back),
-            None => candle_nn::rotary_emb::rope(&grad, &cos, &sin.neg()?),
+            None => candle_nn::rotary_emb::rope(&grad, &cos, &sin.neg()?)?
+                .transpose(1, 2)?
+                .contiguous(),
         }
     })
 }

@@ -724,7 +724,8 @@ impl GradStore {
     /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
     /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` into `tensor`'s gradient; the first gradient is kept as it is (made contiguous,
-    /// as an addition's result would be) rather than added to zeros.
+    /// as an addition's result would be, unless `tensor` is a transpose) rather than added to
+    /// zeros.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -740,7 +741,14 @@ impl GradStore {
                     }
                     .bt())?
                 }
-                entry.insert(grad.contiguous()?);
+                // A transpose's gradient is only ever transposed back, by the transpose's own
+                // backward, which hands its input a contiguous gradient where this one is the
+                // transpose of a contiguous one (as memtune's weight gradients are made).
+                let grad = match tensor.op() {
+                    Some(Op::Transpose(..)) => grad.clone(),
+                    _ => grad.contiguous()?,
+                };
+                entry.insert(grad);
             }
         }
         Ok(())

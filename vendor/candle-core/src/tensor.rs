@@ -2539,6 +2539,23 @@ impl Tensor {
         Tensor(Arc::new(tensor_))
     }
 
+    /// The tensor's storage and layout, moved out without a copy where this is the only handle on
+    /// the tensor and on its storage; otherwise the tensor back (memtune: a value computed ahead
+    /// becomes a custom op's output).
+    pub fn into_storage(self) -> std::result::Result<(Storage, Layout), Tensor> {
+        if Arc::strong_count(&self.0) != 1 || Arc::strong_count(&self.0.storage) != 1 {
+            return Err(self);
+        }
+        match Arc::try_unwrap(self.0) {
+            Ok(t) => match Arc::try_unwrap(t.storage) {
+                Ok(lock) => Ok((lock.into_inner(), t.layout)),
+                // Unreachable: the count was 1 and only this handle could have cloned it.
+                Err(storage) => Err(Tensor(Arc::new(Tensor_ { storage, ..t }))),
+            },
+            Err(arc) => Err(Tensor(arc)),
+        }
+    }
+
     /// Reshape returns a tensor with the target shape provided that the number of elements of the
     /// original tensor is the same.
     /// If the input tensor is contiguous, this is a view on the original data. Otherwise this uses
