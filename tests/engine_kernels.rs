@@ -802,3 +802,60 @@ fn scale_matches_candles_affine_bit_for_bit() {
         }
     }
 }
+
+/// The threaded conversions and per-row ops of the loss's 16-bit gradient give candle's own values,
+/// bit for bit: f32 ↔ bf16 / f16 against `to_dtype`, and a row's value subtracted or multiplied
+/// against `broadcast_sub` / `broadcast_mul`, over more rows than one task takes.
+#[test]
+fn threaded_conversions_and_row_ops_match_candle_bit_for_bit() {
+    use memtune::engine::kernels::{RowOp, per_row, to_dtype};
+    let bits = |t: &Tensor| -> Vec<u32> {
+        match t.dtype() {
+            DType::F32 => t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+            _ => t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+        }
+    };
+    let x = (randn(&[301, 1000], 61) * 40.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let narrow = to_dtype(&x, dtype).unwrap();
+        assert_eq!(narrow.dtype(), dtype);
+        assert_eq!(
+            bits(&narrow),
+            bits(&x.to_dtype(dtype).unwrap()),
+            "f32 → {dtype:?}"
+        );
+        let wide = to_dtype(&narrow, DType::F32).unwrap();
+        assert_eq!(
+            bits(&wide),
+            bits(&narrow.to_dtype(DType::F32).unwrap()),
+            "{dtype:?} → f32"
+        );
+    }
+    let values = (randn(&[301, 1], 62) * 3.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let sub = per_row(&x, &values, RowOp::Sub).unwrap();
+    assert_eq!(bits(&sub), bits(&x.broadcast_sub(&values).unwrap()));
+    let mul = per_row(&x, &values, RowOp::Mul).unwrap();
+    assert_eq!(bits(&mul), bits(&x.broadcast_mul(&values).unwrap()));
+}

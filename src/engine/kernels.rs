@@ -1019,6 +1019,139 @@ fn rms_norm_fusable(x: &Tensor, w: &Tensor, grad: &Tensor) -> bool {
     fusable(&[x, grad]) && w_ok && x.dims() == grad.dims()
 }
 
+/// `t.to_dtype(dtype)`, converted on every thread where `t` is a contiguous CPU tensor and the
+/// conversion is between f32 and bf16 or f16 (candle converts on one thread), with candle's own
+/// conversions (`half`'s, rounding to nearest even): the same values. candle's op elsewhere.
+pub fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let wide_narrow = matches!(
+        (t.dtype(), dtype),
+        (DType::F32, DType::BF16 | DType::F16) | (DType::BF16 | DType::F16, DType::F32)
+    );
+    if wide_narrow && fusable(&[t]) {
+        t.apply_op1_no_bwd(&Convert(dtype))
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+/// The op of [`to_dtype`].
+struct Convert(DType);
+
+/// `f` of every element of `src`, on rayon's threads, into a new vector.
+fn map_par<S: Copy + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
+    let mut out = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(GRAIN)
+        .zip(src.par_chunks(GRAIN))
+        .for_each(|(o, s)| {
+            for (o, &s) in o.iter_mut().zip(s) {
+                o.write(f(s));
+            }
+        });
+    // SAFETY: the chunks cover all `src.len()` elements, each written above.
+    unsafe { out.set_len(src.len()) };
+    out
+}
+
+impl CustomOp1 for Convert {
+    fn name(&self) -> &'static str {
+        "to-dtype"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use half::{bf16, f16};
+        let out = match (storage, self.0) {
+            (CpuStorage::F32(x), DType::BF16) => {
+                CpuStorage::BF16(map_par(slice(x, layout)?, bf16::from_f32))
+            }
+            (CpuStorage::F32(x), DType::F16) => {
+                CpuStorage::F16(map_par(slice(x, layout)?, f16::from_f32))
+            }
+            (CpuStorage::BF16(x), DType::F32) => {
+                CpuStorage::F32(map_par(slice(x, layout)?, bf16::to_f32))
+            }
+            (CpuStorage::F16(x), DType::F32) => {
+                CpuStorage::F32(map_par(slice(x, layout)?, f16::to_f32))
+            }
+            (x, to) => candle_core::bail!("to-dtype: {:?} to {to:?}", x.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// How [`per_row`] combines an element with its row's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowOp {
+    /// `x − v`, as `broadcast_sub`.
+    Sub,
+    /// `x · v`, as `broadcast_mul`.
+    Mul,
+}
+
+/// `x` `[rows, cols]` combined with its row's value of `values` `[rows, 1]` by `op`, into a new
+/// tensor: on every thread for contiguous f32 CPU tensors (candle's broadcast ops run on one),
+/// the same values; candle's `broadcast_sub` / `broadcast_mul` elsewhere.
+pub fn per_row(x: &Tensor, values: &Tensor, op: RowOp) -> Result<Tensor> {
+    let (rows, cols) = x.dims2()?;
+    if x.dtype() == DType::F32 && cols > 0 && fusable(&[x, values]) && values.dims() == [rows, 1] {
+        return x.apply_op2_no_bwd(values, &PerRow(op));
+    }
+    match op {
+        RowOp::Sub => x.broadcast_sub(values),
+        RowOp::Mul => x.broadcast_mul(values),
+    }
+}
+
+/// The op of [`per_row`].
+struct PerRow(RowOp);
+
+impl CustomOp2 for PerRow {
+    fn name(&self) -> &'static str {
+        "per-row"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(v)) = (x, v) else {
+            candle_core::bail!("per-row: f32 operands expected");
+        };
+        let (x, v) = (slice(x, xl)?, slice(v, vl)?);
+        let cols = xl.dims()[1];
+        let mut out = Vec::with_capacity(x.len());
+        let rows_per_task = (GRAIN / cols.max(1)).max(1);
+        let op = self.0;
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(rows_per_task * cols)
+            .zip(x.par_chunks(rows_per_task * cols))
+            .enumerate()
+            .for_each(|(c, (o, x))| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let rows = o.chunks_exact_mut(cols).zip(x.chunks_exact(cols));
+                        for (r, (o, x)) in rows.enumerate() {
+                            let value = v[c * rows_per_task + r];
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                o.write(match op {
+                                    RowOp::Sub => x - value,
+                                    RowOp::Mul => x * value,
+                                });
+                            }
+                        }
+                    },
+                )
+            });
+        // SAFETY: the chunks cover every element (whole rows), each written above.
+        unsafe { out.set_len(x.len()) };
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
 /// The elements of a contiguous f32 CPU tensor; `None` for anything else.
 fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.device().is_cpu() || t.dtype() != DType::F32 {

@@ -11,7 +11,7 @@
 //! - [`chunked_cross_entropy`]: the next-token loss computed a chunk of rows at a time, in forward
 //!   and again in backward, so the batch × seq × vocab fp32 logits never exist at once.
 
-use super::kernels::Elem;
+use super::kernels::{Elem, RowOp};
 use super::matmul::{Causal, causal_product, matmul as mm};
 use super::model::wide;
 use candle_core::backend::BackendStorage;
@@ -776,7 +776,7 @@ impl HostTargets {
 
 /// Logits of rows `[start, start + len)`, in f32 (f64 for an f64 model).
 fn chunk_logits(h: &Tensor, w: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    mm(&h.narrow(0, start, len)?, &w.t()?)?.to_dtype(wide(h.dtype()))
+    super::kernels::to_dtype(&mm(&h.narrow(0, start, len)?, &w.t()?)?, wide(h.dtype()))
 }
 
 /// candle's ops for one chunk's per-row log-sum-exp `[len, 1]` and its masked NLL sum (f64
@@ -879,7 +879,7 @@ fn add_chunk_grads(
 
 /// `t` in `dtype`, dropping `t` (itself, for its dtype).
 fn widened(t: Tensor, dtype: DType) -> Result<Tensor> {
-    t.to_dtype(dtype)
+    super::kernels::to_dtype(&t, dtype)
 }
 
 /// One chunk's `d loss / d logits` times `upstream` (softmax − one-hot target, each row weighted by
@@ -901,13 +901,13 @@ fn logits_grad(
     if let Some((lse_rows, ids, scale)) = host
         && super::kernels::cross_entropy_grad_in_place(&logits, lse_rows, ids, scale)?
     {
-        return logits.to_dtype(dtype);
+        return super::kernels::to_dtype(&logits, dtype);
     }
     let wide = logits.dtype();
     let len = logits.dim(0)?;
     // `exp` in place where it can: the logits, their shifted copy and its exponential were three
     // logits-sized tensors at once.
-    let shifted = logits.broadcast_sub(lse)?;
+    let shifted = super::kernels::per_row(&logits, lse, RowOp::Sub)?;
     drop(logits);
     let probs = if super::kernels::exp_in_place(&shifted)? {
         shifted
@@ -917,7 +917,7 @@ fn logits_grad(
     let row_scale = (targets.mask.narrow(0, start, len)?.to_dtype(wide)?
         * (upstream / targets.normalizer))?
         .unsqueeze(1)?;
-    let d_logits = probs.broadcast_mul(&row_scale)?;
+    let d_logits = super::kernels::per_row(&probs, &row_scale.contiguous()?, RowOp::Mul)?;
     drop(probs);
     let ids = targets
         .ids
@@ -925,7 +925,7 @@ fn logits_grad(
         .unsqueeze(1)?
         .contiguous()?;
     d_logits.scatter_add_set(&ids, &row_scale.neg()?, 1)?;
-    d_logits.to_dtype(dtype)
+    super::kernels::to_dtype(&d_logits, dtype)
 }
 
 impl CustomOp2 for ChunkedCrossEntropy {
