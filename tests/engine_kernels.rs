@@ -757,10 +757,15 @@ fn rms_norm_weight_gradient_matches_the_composite() {
         .unwrap()
         .expect("fusable");
     assert_eq!((dx.dims(), dw.dims()), (&[37, 896][..], &[896][..]));
-    // A weight of another dtype than x keeps the composite (its gradient stays in its own).
+    // An f32 weight of bf16 activations (mixed precision) fuses too, its gradient in f32; a bf16
+    // weight of f32 activations keeps the composite.
     let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let (dx, dw) = memtune::engine::kernels::rms_norm_grads(&bf(&x), &f32s(&w), &bf(&g), eps)
+        .unwrap()
+        .expect("fusable");
+    assert_eq!((dx.dtype(), dw.dtype()), (DType::BF16, DType::F32));
     assert!(
-        memtune::engine::kernels::rms_norm_grads(&bf(&x), &f32s(&w), &bf(&g), eps)
+        memtune::engine::kernels::rms_norm_grads(&f32s(&x), &bf(&w), &f32s(&g), eps)
             .unwrap()
             .is_none()
     );
@@ -858,4 +863,44 @@ fn threaded_conversions_and_row_ops_match_candle_bit_for_bit() {
     assert_eq!(bits(&sub), bits(&x.broadcast_sub(&values).unwrap()));
     let mul = per_row(&x, &values, RowOp::Mul).unwrap();
     assert_eq!(bits(&mul), bits(&x.broadcast_mul(&values).unwrap()));
+}
+
+/// Mixed precision trains an f32 norm weight on 16-bit activations: the fused pass gives `dx` in
+/// the activations' dtype and `dw` in f32, against the f64 composite of the same rounded inputs.
+#[test]
+fn rms_norm_f32_weight_on_16_bit_activations_matches_the_composite() {
+    let (x, c) = (randn(&[37, 896], 34), randn(&[37, 896], 35));
+    let w = (randn(&[896], 36) * 0.5).unwrap().affine(1.0, 1.0).unwrap();
+    let eps = 1e-6;
+    for dtype in [DType::BF16, DType::F16] {
+        let xr = x.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+        let wr = w
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let norm = |t: &[Tensor]| rms_norm(&t[0], &t[1], eps, true).unwrap();
+        let (want, want_grads) = value_and_grads(&[xr.clone(), wr.clone()], &c, DType::F64, norm);
+        let xv = Var::from_tensor(&xr.to_dtype(dtype).unwrap()).unwrap();
+        let wv = Var::from_tensor(&wr.to_dtype(DType::F32).unwrap()).unwrap();
+        let got = rms_norm(xv.as_tensor(), wv.as_tensor(), eps, true).unwrap();
+        let loss = (got.to_dtype(DType::F64).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let (dx, dw) = (
+            grads.get(xv.as_tensor()).unwrap(),
+            grads.get(wv.as_tensor()).unwrap(),
+        );
+        assert_eq!(
+            (got.dtype(), dx.dtype(), dw.dtype()),
+            (dtype, dtype, DType::F32)
+        );
+        assert_all_close(
+            dtype,
+            (&got, &[dx.clone(), dw.clone()]),
+            (&want, &want_grads),
+        );
+    }
 }

@@ -104,7 +104,8 @@ pub trait Prober {
 /// them transposed, attention writes its output and v's gradient with the heads side by side, a
 /// trainable weight's gradient is made in the weight's own layout, and precomputed values become
 /// their op's output without a copy; the chunked loss's 16-bit gradient converts and scales its
-/// logits on every thread: faster steps.)
+/// logits on every thread; mixed precision's f32 norm weights take the fused RMSNorm gradient
+/// (their gradient kept in f32): faster steps.)
 pub const COST_MODEL_VERSION: u32 = 33;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.

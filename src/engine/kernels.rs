@@ -849,16 +849,32 @@ pub fn rope(
 /// composite runs about ten ops over the whole tensor, in f32 copies of x and g.
 struct RmsNormInputGrad {
     eps: f32,
-    /// Whether the weight's gradient `dw = Σ_rows g ⊙ x · r` follows `dx` in the output (flat:
-    /// `dx` then `dw`, both of x's dtype).
-    want_w: bool,
+    /// Whether and where the weight's gradient `dw = Σ_rows g ⊙ x · r` goes.
+    weight: WeightGrad,
 }
 
-/// `dx` for rows of `h` elements of `x` and `g`, with the weight `w` in f32.
-fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32, want_w: bool) -> Vec<T> {
+/// Where [`RmsNormInputGrad`] puts the weight's gradient.
+enum WeightGrad {
+    /// Nowhere: the input gradient only.
+    None,
+    /// After `dx` in the output (flat: `dx` then `dw`, both of x's dtype).
+    Stacked,
+    /// Here, in f32 (for an f32 weight of 16-bit activations), the output holding `dx` only.
+    Aside(std::sync::Mutex<Option<Vec<f32>>>),
+}
+
+/// `dx` for rows of `h` elements of `x` and `g`, with the weight `w` in f32, and with `want_w`
+/// the weight's gradient in f32 too; `stacked`: `dw` also follows `dx` in the output, in T.
+fn rms_norm_dx_rows<T: Elem>(
+    x: &[T],
+    g: &[T],
+    w: &[f32],
+    eps: f32,
+    (want_w, stacked): (bool, bool),
+) -> (Vec<T>, Vec<f32>) {
     let h = w.len();
     let n = x.len();
-    let mut out = vec![T::put(0.0); n + if want_w { h } else { 0 }];
+    let mut out = vec![T::put(0.0); n + if stacked { h } else { 0 }];
     let rows_per_task = (GRAIN / h.max(1)).max(1);
     let partials: Vec<Vec<f32>> = out[..n]
         .par_chunks_mut(rows_per_task * h)
@@ -892,18 +908,19 @@ fn rms_norm_dx_rows<T: Elem>(x: &[T], g: &[T], w: &[f32], eps: f32, want_w: bool
             dw
         })
         .collect();
+    let mut dw = Vec::new();
     if want_w {
-        let mut dw = vec![0f32; h];
+        dw = vec![0f32; h];
         for part in &partials {
             for (s, p) in dw.iter_mut().zip(part) {
                 *s += p;
             }
         }
-        for (o, s) in out[n..].iter_mut().zip(dw) {
+        for (o, &s) in out[n..].iter_mut().zip(&dw) {
             *o = T::put(s);
         }
     }
-    out
+    (out, dw)
 }
 
 impl CustomOp3 for RmsNormInputGrad {
@@ -927,38 +944,39 @@ impl CustomOp3 for RmsNormInputGrad {
             other => candle_core::bail!("rms-norm gradient: weight dtype {:?}", other.dtype()),
         };
         let h = w.len();
-        let want_w = self.want_w;
+        let (want_w, stacked) = match &self.weight {
+            WeightGrad::None => (false, false),
+            WeightGrad::Stacked => (true, true),
+            WeightGrad::Aside(_) => (true, false),
+        };
         if h == 0 || xl.shape().dims().last() != Some(&h) {
             candle_core::bail!(
                 "rms-norm gradient: rows of {:?} against a weight of {h}",
                 xl.shape()
             );
         }
-        let storage = match (x, g) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(rms_norm_dx_rows(
-                slice(x, xl)?,
-                slice(g, gl)?,
-                &w,
-                self.eps,
-                want_w,
-            )),
-            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => CpuStorage::BF16(rms_norm_dx_rows(
-                slice(x, xl)?,
-                slice(g, gl)?,
-                &w,
-                self.eps,
-                want_w,
-            )),
-            (CpuStorage::F16(x), CpuStorage::F16(g)) => CpuStorage::F16(rms_norm_dx_rows(
-                slice(x, xl)?,
-                slice(g, gl)?,
-                &w,
-                self.eps,
-                want_w,
-            )),
+        let mode = (want_w, stacked);
+        let (storage, dw) = match (x, g) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                let (dx, dw) = rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps, mode);
+                (CpuStorage::F32(dx), dw)
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+                let (dx, dw) = rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps, mode);
+                (CpuStorage::BF16(dx), dw)
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(g)) => {
+                let (dx, dw) = rms_norm_dx_rows(slice(x, xl)?, slice(g, gl)?, &w, self.eps, mode);
+                (CpuStorage::F16(dx), dw)
+            }
             _ => candle_core::bail!("rms-norm gradient: mismatched dtypes"),
         };
-        let shape = if want_w {
+        if let WeightGrad::Aside(aside) = &self.weight {
+            *aside.lock().map_err(|_| {
+                candle_core::Error::Msg("rms-norm gradient: lock poisoned".into())
+            })? = Some(dw);
+        }
+        let shape = if stacked {
             Shape::from(xl.shape().elem_count() + h)
         } else {
             xl.shape().clone()
@@ -981,25 +999,48 @@ pub fn rms_norm_input_grad(
     }
     let op = RmsNormInputGrad {
         eps: eps as f32,
-        want_w: false,
+        weight: WeightGrad::None,
     };
     x.apply_op3_no_bwd(w, grad, &op).map(Some)
 }
 
-/// RMSNorm's input and weight gradients in one fused pass, for a weight of x's dtype (else the
-/// weight's gradient would be rounded to x's); `None` where the caller's composite applies.
+/// RMSNorm's input and weight gradients in one fused pass: `dw` in the weight's dtype, computed in
+/// f32 (for a weight of x's dtype it comes out of the same buffer as `dx`; for an f32 weight of
+/// 16-bit activations, as mixed precision trains it, it is kept in f32 beside the op); `None`
+/// where the caller's composite applies.
 pub fn rms_norm_grads(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    if !rms_norm_fusable(x, w, grad) || w.dtype() != x.dtype() {
+    if !rms_norm_fusable(x, w, grad) {
         return Ok(None);
+    }
+    if w.dtype() != x.dtype() {
+        if w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let op = RmsNormInputGrad {
+            eps: eps as f32,
+            weight: WeightGrad::Aside(std::sync::Mutex::new(None)),
+        };
+        let dx = x.apply_op3_no_bwd(w, grad, &op)?;
+        let WeightGrad::Aside(aside) = op.weight else {
+            unreachable!("built as Aside above")
+        };
+        let dw = aside
+            .into_inner()
+            .map_err(|_| candle_core::Error::Msg("rms-norm gradient: lock poisoned".into()))?
+            .ok_or_else(|| {
+                candle_core::Error::Msg("rms-norm gradient: no weight gradient".into())
+            })?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        return Ok(Some((dx, dw)));
     }
     let op = RmsNormInputGrad {
         eps: eps as f32,
-        want_w: true,
+        weight: WeightGrad::Stacked,
     };
     let both = x.apply_op3_no_bwd(w, grad, &op)?;
     let n = x.elem_count();
