@@ -634,7 +634,7 @@ impl Model {
             (k, v)
         } else {
             let rep = nh / nkv;
-            let repeated = (repeat_kv(&k, rep)?, repeat_kv_seq(&v, rep)?);
+            let repeated = (repeat_kv(&k, rep, 1)?, repeat_kv(&v, rep, 2)?);
             release_if(train, &k)?;
             release_if(train, &v)?;
             repeated
@@ -750,26 +750,19 @@ pub fn wide(dtype: DType) -> DType {
     }
 }
 
-/// `[b, n_kv, s, d]` → `[b, n_kv · rep, s, d]`, each kv head serving `rep` query heads.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+/// Each kv head of `x` repeated for the `rep` query heads it serves, along the heads' `axis`:
+/// `[b, n_kv, s, d]` → `[b, n_kv · rep, s, d]` (axis 1, k as attention reads it) or
+/// `[b, s, n_kv, d]` → `[b, s, n_kv · rep, d]` (axis 2, v).
+fn repeat_kv(x: &Tensor, rep: usize, axis: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
     }
-    let (b, nkv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, nkv, rep, s, d))?
-        .reshape((b, nkv * rep, s, d))
-}
-
-/// [`repeat_kv`] for `x` laid out `[b, s, kv_heads, d]` (v as attention reads it).
-fn repeat_kv_seq(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, s, nkv, d) = x.dims4()?;
-    x.unsqueeze(3)?
-        .broadcast_as((b, s, nkv, rep, d))?
-        .reshape((b, s, nkv * rep, d))
+    let (b, n1, n2, d) = x.dims4()?;
+    let mut spread = vec![b, n1, n2, d];
+    spread.insert(axis + 1, rep);
+    let mut merged = vec![b, n1, n2, d];
+    merged[axis] *= rep;
+    x.unsqueeze(axis + 1)?.broadcast_as(spread)?.reshape(merged)
 }
 
 /// The `[s, s]` f32 causal mask: 0 where a position may attend, −∞ above the diagonal.
