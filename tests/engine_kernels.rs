@@ -41,6 +41,17 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// The bits of `t`'s values widened to f32 (exact from f32, bf16 and f16), so that equal bits
+/// mean equal values.
+fn bits(t: &Tensor) -> Vec<u32> {
+    let wide = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    wide.to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// Largest |a − b| relative to the largest |b|.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (to_vec(a), to_vec(b));
@@ -795,14 +806,6 @@ fn scale_matches_candles_affine_bit_for_bit() {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let bits = |t: &Tensor| -> Vec<u32> {
-                let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-                t.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
             assert_eq!(bits(&got), bits(&want), "{dtype:?} × {factor}");
         }
     }
@@ -814,15 +817,6 @@ fn scale_matches_candles_affine_bit_for_bit() {
 #[test]
 fn threaded_conversions_and_row_ops_match_candle_bit_for_bit() {
     use memtune::engine::kernels::{RowOp, per_row, to_dtype};
-    // Widening to f32 is exact (and nothing for f32), so equal bits mean equal values.
-    let bits = |t: &Tensor| -> Vec<u32> {
-        let wide = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        wide.to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
     let x = (randn(&[301, 1000], 61) * 40.0)
         .unwrap()
         .to_dtype(DType::F32)

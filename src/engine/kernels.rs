@@ -784,6 +784,30 @@ impl CustomOp3 for Rope {
     }
 }
 
+/// A new `len`-element vector written by `fill` on rayon's threads, without a zero fill first:
+/// `fill(first, chunk)` gets a chunk of whole rows of `row` elements (at most [`GRAIN`] elements a
+/// chunk, at least one row) starting at row `first`.
+///
+/// # Safety
+/// `fill` writes every element of each chunk it is given.
+unsafe fn filled_by_rows<T: Send>(
+    len: usize,
+    row: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let row = row.max(1);
+    let rows_per_task = (GRAIN / row).max(1);
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(rows_per_task * row)
+        .enumerate()
+        .for_each(|(c, chunk)| fill(c * rows_per_task, chunk));
+    // SAFETY: the chunks cover all `len` elements, and `fill` wrote every element of each (the
+    // caller's contract).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`Rope`]'s pass: output row `r` (of `d` elements) is input row `source(r).0` rotated by the
 /// angles of position `source(r).1`. Every output element is written once, so the output is not
 /// zero-filled first.
@@ -795,36 +819,29 @@ fn rotate<T: Elem>(
     source: impl Fn(usize) -> (usize, usize) + Sync,
 ) -> Vec<T> {
     let half = d / 2;
-    let len = x.len();
-    let mut out = Vec::<T>::with_capacity(len);
-    let rows_per_task = (GRAIN / d.max(1)).max(1);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(rows_per_task * d)
-        .enumerate()
-        .for_each(|(c, o)| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (r, o) in o.chunks_exact_mut(d).enumerate() {
-                        let (row, t) = source(c * rows_per_task + r);
-                        let x = &x[row * d..][..d];
-                        let (cs, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-                        let (o1, o2) = o.split_at_mut(half);
-                        let (x1, x2) = x.split_at(half);
-                        let it = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
-                        for (((o1, o2), (x1, x2)), (c, sn)) in it.zip(cs.iter().zip(sn)) {
-                            let (a, b) = (x1.get(), x2.get());
-                            let (c, sn) = (c.get(), sign * sn.get());
-                            o1.write(T::put(a * c - b * sn));
-                            o2.write(T::put(b * c + a * sn));
-                        }
+    let fill = |first: usize, o: &mut [std::mem::MaybeUninit<T>]| {
+        vectorized(
+            #[inline(always)]
+            || {
+                for (r, o) in o.chunks_exact_mut(d).enumerate() {
+                    let (row, t) = source(first + r);
+                    let x = &x[row * d..][..d];
+                    let (cs, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                    let (o1, o2) = o.split_at_mut(half);
+                    let (x1, x2) = x.split_at(half);
+                    let it = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
+                    for (((o1, o2), (x1, x2)), (c, sn)) in it.zip(cs.iter().zip(sn)) {
+                        let (a, b) = (x1.get(), x2.get());
+                        let (c, sn) = (c.get(), sign * sn.get());
+                        o1.write(T::put(a * c - b * sn));
+                        o2.write(T::put(b * c + a * sn));
                     }
-                },
-            )
-        });
-    // SAFETY: the chunks cover all `len` elements and each row was written in full above.
-    unsafe { out.set_len(len) };
-    out
+                }
+            },
+        )
+    };
+    // SAFETY: `fill` writes each of its chunk's rows in full (`d` elements: both halves).
+    unsafe { filled_by_rows(x.len(), d, fill) }
 }
 
 /// `Rope` (no gradient: the caller's op supplies it) for contiguous CPU `x` (laid out as
@@ -1080,18 +1097,14 @@ struct Convert(DType);
 
 /// `f` of every element of `src`, on rayon's threads, into a new vector.
 fn map_par<S: Copy + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
-    let mut out = Vec::with_capacity(src.len());
-    out.spare_capacity_mut()[..src.len()]
-        .par_chunks_mut(GRAIN)
-        .zip(src.par_chunks(GRAIN))
-        .for_each(|(o, s)| {
-            for (o, &s) in o.iter_mut().zip(s) {
-                o.write(f(s));
-            }
-        });
-    // SAFETY: the chunks cover all `src.len()` elements, each written above.
-    unsafe { out.set_len(src.len()) };
-    out
+    let fill = |first: usize, o: &mut [std::mem::MaybeUninit<D>]| {
+        for (o, &s) in o.iter_mut().zip(&src[first..]) {
+            o.write(f(s));
+        }
+    };
+    // SAFETY: each chunk lies within `src.len()` elements, so `src[first..]` is at least as long
+    // as the chunk and `fill` writes all of it.
+    unsafe { filled_by_rows(src.len(), 1, fill) }
 }
 
 impl CustomOp1 for Convert {
@@ -1163,32 +1176,26 @@ impl CustomOp2 for PerRow {
         };
         let (x, v) = (slice(x, xl)?, slice(v, vl)?);
         let cols = xl.dims()[1];
-        let mut out = Vec::with_capacity(x.len());
-        let rows_per_task = (GRAIN / cols.max(1)).max(1);
         let op = self.0;
-        out.spare_capacity_mut()[..x.len()]
-            .par_chunks_mut(rows_per_task * cols)
-            .zip(x.par_chunks(rows_per_task * cols))
-            .enumerate()
-            .for_each(|(c, (o, x))| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let rows = o.chunks_exact_mut(cols).zip(x.chunks_exact(cols));
-                        for (r, (o, x)) in rows.enumerate() {
-                            let value = v[c * rows_per_task + r];
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                o.write(match op {
-                                    RowOp::Sub => x - value,
-                                    RowOp::Mul => x * value,
-                                });
-                            }
+        let fill = |first: usize, o: &mut [std::mem::MaybeUninit<f32>]| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, o) in o.chunks_exact_mut(cols).enumerate() {
+                        let (x, value) = (&x[(first + r) * cols..][..cols], v[first + r]);
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            o.write(match op {
+                                RowOp::Sub => x - value,
+                                RowOp::Mul => x * value,
+                            });
                         }
-                    },
-                )
-            });
-        // SAFETY: the chunks cover every element (whole rows), each written above.
-        unsafe { out.set_len(x.len()) };
+                    }
+                },
+            )
+        };
+        // SAFETY: `fill` writes each of its chunk's rows in full (`cols` elements, from a row of
+        // x of that length).
+        let out = unsafe { filled_by_rows(x.len(), cols, fill) };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }

@@ -917,7 +917,7 @@ fn logits_grad(
     let row_scale = (targets.mask.narrow(0, start, len)?.to_dtype(wide)?
         * (upstream / targets.normalizer))?
         .unsqueeze(1)?;
-    let d_logits = super::kernels::per_row(&probs, &row_scale.contiguous()?, RowOp::Mul)?;
+    let d_logits = super::kernels::per_row(&probs, &row_scale, RowOp::Mul)?;
     drop(probs);
     let ids = targets
         .ids
