@@ -109,6 +109,43 @@ pub fn loss_chunk_rows(vocab: usize) -> usize {
     (LOSS_CHUNK_ELEMENTS / vocab.max(1)).clamp(8, 1024)
 }
 
+/// Logit elements a frozen head's loss computes at once (one block of vocabulary columns for its
+/// rows): 1 Mi, 4 MiB in f32.
+pub const FROZEN_HEAD_BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// Rows a frozen head's loss takes in one pass over the vocabulary matrix.
+pub const FROZEN_HEAD_ROWS: usize = 4096;
+
+/// The logits a training step's chunked loss holds at once for `tokens` rows and a vocabulary of
+/// `vocab`, as `(rows, columns)`. A trained head's loss takes [`loss_chunk_rows`] rows with the
+/// whole vocabulary (each chunk's logits give the head's gradient). A frozen head's (LoRA, QLoRA)
+/// takes up to [`FROZEN_HEAD_ROWS`] rows and the vocabulary in blocks of columns, with its
+/// softmax taken block by block (no logits-sized tensor, and one pass over the vocabulary matrix
+/// per [`FROZEN_HEAD_ROWS`] rows): about [`FROZEN_HEAD_BLOCK_ELEMENTS`] at a time, 256 columns
+/// at least.
+pub fn loss_block(tokens: usize, vocab: usize, head_trained: bool) -> (usize, usize) {
+    let vocab = vocab.max(1);
+    if head_trained {
+        (tokens.min(loss_chunk_rows(vocab)), vocab)
+    } else {
+        let rows = tokens.clamp(1, FROZEN_HEAD_ROWS);
+        (
+            rows,
+            (FROZEN_HEAD_BLOCK_ELEMENTS / rows).max(256).min(vocab),
+        )
+    }
+}
+
+/// The logits a training step's loss holds at once for `tokens` rows of `knobs`'s batches and a
+/// vocabulary of `vocab`, as `(rows, columns)`: every row and the whole vocabulary under the full
+/// loss, [`loss_block`] under the chunked one (the head is trained under full fine-tuning only).
+pub fn live_logits(knobs: &Knobs, tokens: usize, vocab: usize) -> (usize, usize) {
+    match knobs.loss {
+        LossMode::Full => (tokens, vocab),
+        LossMode::Chunked => loss_block(tokens, vocab, knobs.method == Method::Full),
+    }
+}
+
 /// Learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -12,7 +12,7 @@
 //! hidden-sized vectors per token".
 
 use super::exact;
-use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, Quant, loss_chunk_rows};
+use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, Quant, live_logits};
 use crate::spec::ModelSpec;
 
 /// One feature: its name and value for a configuration.
@@ -37,6 +37,8 @@ struct Dims {
     vocab: f64,
     /// Rows of logits alive at once: every token under the full loss, one chunk under the chunked one.
     logit_rows: f64,
+    /// Their columns: the vocabulary, or a frozen head's block of it ([`live_logits`]).
+    logit_cols: f64,
     compute_bytes: f64,
     trainable_bytes: f64,
     full: f64,
@@ -68,6 +70,7 @@ impl Dims {
             .filter(|&i| knobs.checkpointing.recomputes(i))
             .count();
         let tokens = (knobs.batch * knobs.seq) as f64;
+        let logits = live_logits(knobs, knobs.batch * knobs.seq, spec.vocab_size);
         let frozen = knobs.method != Method::Full;
         let (mut adapter_in, mut adapter_out) = (0u64, 0u64);
         if frozen {
@@ -94,10 +97,8 @@ impl Dims {
             heads: spec.num_attention_heads as f64,
             q_dim: spec.q_dim() as f64,
             vocab: spec.vocab_size as f64,
-            logit_rows: match knobs.loss {
-                LossMode::Full => tokens,
-                LossMode::Chunked => tokens.min(loss_chunk_rows(spec.vocab_size) as f64),
-            },
+            logit_rows: logits.0 as f64,
+            logit_cols: logits.1 as f64,
             compute_bytes: cb as f64,
             trainable_bytes: tb as f64,
             full: b(!frozen),
@@ -177,15 +178,21 @@ pub fn memory_features(spec: &ModelSpec, knobs: &Knobs) -> Vec<Feature> {
         ("live_tokens_f32", d.tokens * d.hidden * f32b),
         ("live_mask", d.seq * d.seq * cb),
         // Logits: the lm_head output in the compute dtype, the fp32 copy, log-softmax, gradient.
-        ("live_logits_full", full_loss * d.logit_rows * d.vocab * cb),
+        (
+            "live_logits_full",
+            full_loss * d.logit_rows * d.logit_cols * cb,
+        ),
         (
             "live_logits_full_f32",
-            full_loss * d.logit_rows * d.vocab * f32b,
+            full_loss * d.logit_rows * d.logit_cols * f32b,
         ),
-        ("live_logits_chunk", chunked * d.logit_rows * d.vocab * cb),
+        (
+            "live_logits_chunk",
+            chunked * d.logit_rows * d.logit_cols * cb,
+        ),
         (
             "live_logits_chunk_f32",
-            chunked * d.logit_rows * d.vocab * f32b,
+            chunked * d.logit_rows * d.logit_cols * f32b,
         ),
         // LoRA: adapter intermediates x·A, inputs cast to the adapter dtype (mixed precision only),
         // adapter outputs.

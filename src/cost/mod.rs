@@ -105,8 +105,10 @@ pub trait Prober {
 /// trainable weight's gradient is made in the weight's own layout, and precomputed values become
 /// their op's output without a copy; the chunked loss's 16-bit gradient converts and scales its
 /// logits on every thread; mixed precision's f32 norm weights take the fused RMSNorm gradient
-/// (their gradient kept in f32): faster steps.)
-pub const COST_MODEL_VERSION: u32 = 33;
+/// (their gradient kept in f32): faster steps. 34: a frozen head's loss (LoRA, QLoRA) takes up to
+/// 4,096 rows at once and the vocabulary in blocks of columns, its softmax block by block
+/// (`config::loss_block`): no logits-sized tensor, one block of about 1 Mi logits.)
+pub const COST_MODEL_VERSION: u32 = 34;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

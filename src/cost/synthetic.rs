@@ -4,7 +4,7 @@
 //! end-to-end tests use it where no real engine should run; it is not a model of any device.
 
 use super::{Prober, exact};
-use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, loss_chunk_rows};
+use crate::config::{Knobs, LossMode, Method, OptimizerKind, Precision, live_logits};
 use crate::probe::{Components, ProbeResult, TimelineRow};
 use crate::spec::ModelSpec;
 
@@ -67,13 +67,11 @@ impl SyntheticProber {
         } else {
             0.0
         };
-        let rows = match knobs.loss {
-            LossMode::Full => n,
-            LossMode::Chunked => n.min(loss_chunk_rows(spec.vocab_size) as f64),
-        };
+        let (rows, cols) = live_logits(knobs, knobs.batch * knobs.seq, spec.vocab_size);
+        let elements = (rows * cols) as f64;
         let logits = match knobs.loss {
-            LossMode::Full => rows * v * (cb + 3.0 * 4.0),
-            LossMode::Chunked => rows * v * (cb + 2.0 * 4.0),
+            LossMode::Full => elements * (cb + 3.0 * 4.0),
+            LossMode::Chunked => elements * (cb + 2.0 * 4.0),
         };
         let dequant = if knobs.method == Method::Qlora {
             exact::projection_params(spec) as f64 / l * cb
@@ -171,7 +169,7 @@ impl SyntheticProber {
             walk.segment(
                 "loss",
                 None,
-                n * 4.0 + full_loss * rows * v * 4.0,
+                n * 4.0 + full_loss * elements * 4.0,
                 0.0,
                 logits,
                 head_s,
@@ -179,7 +177,7 @@ impl SyntheticProber {
             walk.segment(
                 "backward",
                 Some(spec.num_hidden_layers),
-                -full_loss * rows * v * 4.0,
+                -full_loss * elements * 4.0,
                 other_grads,
                 logits,
                 head_backward_s,
@@ -198,7 +196,7 @@ impl SyntheticProber {
                 walk.segment(
                     "backward",
                     Some(layer),
-                    -kept_layer,
+                    -kept_layer + super::segments::boundary_bytes(layer, spec, knobs),
                     layer_grads,
                     0.5 * kept_layer + scores + dequant,
                     backward_s,

@@ -1277,6 +1277,134 @@ pub fn cross_entropy_grad_in_place(
     Ok(true)
 }
 
+/// How far a block's largest logit may pass a row's shift before [`softmax_block`] moves the
+/// shift: the exponentials it stores are then at most e⁸ (no overflow in f32 or bf16, the same
+/// relative precision), and a row's running sums are rescaled only when its maximum jumps, which
+/// after its first block is rare.
+const SHIFT_SLACK: f32 = 8.0;
+
+/// One row's running state in a softmax taken over blocks of its columns ([`softmax_block`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OnlineRow {
+    /// What the row's exponentials are taken against: `e^(z − shift)` (−∞ before any block).
+    pub shift: f32,
+    /// `Σ e^(z − shift)` over the blocks so far.
+    pub sum: f32,
+    /// The row's target logit, once the block holding it has been seen.
+    pub target: f32,
+    /// What this block's call multiplied the row's earlier sum by (`e^(old − new shift)`, 1 when
+    /// the shift stayed): anything else summed over the row's exponentials needs the same factor.
+    pub factor: f32,
+}
+
+impl OnlineRow {
+    pub const START: OnlineRow = OnlineRow {
+        shift: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: 0.0,
+        factor: 1.0,
+    };
+
+    /// The row's log-sum-exp over every column seen.
+    pub fn log_sum_exp(&self) -> f32 {
+        self.shift + self.sum.ln()
+    }
+}
+
+/// One block of a softmax over vocabulary columns, for f32 logits `z` `[rows, cols]` (columns
+/// `first..first + cols` of each row): replaces `z` by `e^(z − shift)` in place, in one pass after
+/// the row's maximum, adds those to each row's sum (moving its shift first where the block's
+/// maximum passes it by more than `SHIFT_SLACK` (8), and recording the factor), and keeps each row's
+/// target logit where `ids[row]` falls in the block. False (and nothing done) when `z` is not a
+/// contiguous f32 CPU tensor.
+pub fn softmax_block(
+    z: &Tensor,
+    first: usize,
+    ids: &[u32],
+    rows: &mut [OnlineRow],
+) -> Result<bool> {
+    let (n, cols) = z.dims2()?;
+    if ids.len() != n || rows.len() != n {
+        candle_core::bail!("softmax block: per-row inputs do not match {n} rows");
+    }
+    if !(z.device().is_cpu() && z.dtype() == DType::F32 && z.is_contiguous()) {
+        return Ok(false);
+    }
+    let op = SoftmaxBlock {
+        first,
+        cols,
+        ids,
+        rows: std::sync::Mutex::new(rows),
+    };
+    z.inplace_op1(&op)?;
+    Ok(true)
+}
+
+struct SoftmaxBlock<'a> {
+    first: usize,
+    cols: usize,
+    ids: &'a [u32],
+    rows: std::sync::Mutex<&'a mut [OnlineRow]>,
+}
+
+impl candle_core::InplaceOp1 for SoftmaxBlock<'_> {
+    fn name(&self) -> &'static str {
+        "softmax-block"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("softmax block: not contiguous f32 logits");
+        };
+        let Some(z) = data.get_mut(start..end) else {
+            candle_core::bail!("softmax block: the logits' data was released");
+        };
+        let mut rows = self
+            .rows
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("softmax block: state poisoned".into()))?;
+        let (first, cols) = (self.first, self.cols.max(1));
+        z.par_chunks_mut(cols)
+            .zip(rows.par_iter_mut())
+            .zip(self.ids.par_iter())
+            .for_each(|((z, st), &id)| {
+                let local = (id as usize).wrapping_sub(first);
+                if local < z.len() {
+                    st.target = z[local];
+                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let max = max_by(z, |v| v);
+                        st.factor = 1.0;
+                        if max > st.shift + SHIFT_SLACK {
+                            st.factor = exp(st.shift - max);
+                            st.sum *= st.factor;
+                            st.shift = max;
+                        }
+                        let shift = st.shift;
+                        let mut acc = [0f32; LANES];
+                        let mut chunks = z.chunks_exact_mut(LANES);
+                        for c in &mut chunks {
+                            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                                *v = exp(*v - shift);
+                                *a += *v;
+                            }
+                        }
+                        let mut total = 0f32;
+                        for v in chunks.into_remainder() {
+                            *v = exp(*v - shift);
+                            total += *v;
+                        }
+                        st.sum += total + acc.iter().sum::<f32>();
+                    },
+                )
+            });
+        Ok(())
+    }
+}
+
 /// Per-row inputs of the cross-entropy gradient (see [`cross_entropy_grad`]).
 struct CrossEntropyGrad<'a> {
     lse: &'a [f32],

@@ -1124,6 +1124,15 @@ fn chunked_cross_entropy_in(
     if !(weight_trainable && upstream.is_some() && n <= chunk) {
         head_rows = None;
     }
+    // A frozen head's loss in a training step: vocabulary blocks (f64, the tests' reference
+    // precision, keeps the whole-vocabulary chunks).
+    if !weight_trainable
+        && let Some(upstream) = upstream
+        && wide == DType::F32
+    {
+        let block = crate::config::loss_block(n, w.dim(0)?, false);
+        return frozen_head_cross_entropy(h, w, targets, upstream, block, host.is_some());
+    }
     let weight_trainable = weight_trainable && head_rows.is_none();
     let (mut grad_h, mut grad_w) = (Vec::new(), None);
     let mut start = 0;
@@ -1207,6 +1216,228 @@ fn chunked_cross_entropy_in(
         Some(_) => h.apply_op2(&w_detached, op),
         None => h.apply_op2(w, op),
     }
+}
+
+/// A frozen head's loss (LoRA, QLoRA) in a training step, for f32, bf16 and f16 activations:
+/// `rows` rows at a time, and the vocabulary in blocks of `cols` columns, with the softmax taken
+/// block by block as flash attention does. Per block, the logits `h Wᵦᵀ` (widened to f32) become
+/// `e^(z − shift)` in place, and their product with the block's rows `Wᵦ` is added to a running
+/// `[rows, hidden]` sum (rescaled where a row's shift moves, [`super::kernels::OnlineRow::factor`]). At the end the
+/// input's gradient is `scale · (Σ e^(z − shift) W / Σ e^(z − shift) − W[target])`, which is
+/// `(softmax − one-hot) · W`, and the loss `log-sum-exp − z[target]`.
+///
+/// The gradient is made in the forward pass, for `upstream`, as the chunked loss does; what it
+/// differs in: no logits-sized tensor exists (one block of `rows × cols`, about
+/// [`crate::config::FROZEN_HEAD_BLOCK_ELEMENTS`]), and each row pass streams the vocabulary matrix
+/// twice block by block, where a whole-vocabulary chunk of `loss_chunk_rows` rows streamed it
+/// twice per chunk. A frozen head needs no weight gradient, which is what lets the blocks go: a
+/// trained head's gradient `dᵀ h` needs each row's final normalisation in every block.
+///
+/// `fused`: the softmax block on the CPU kernel ([`super::kernels::softmax_block`], f32 logits on
+/// the CPU); otherwise on candle's ops, with the running state as tensors (any device).
+fn frozen_head_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &LossTargets,
+    upstream: f64,
+    (rows, cols): (usize, usize),
+    fused: bool,
+) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let (rows, cols) = (rows.max(1), cols.max(1));
+    let host = HostTargets::new(targets)?;
+    let (hd, wd) = (h.detach(), w.detach());
+    let factor = upstream / targets.normalizer;
+    let (mut total, mut lse) = (0f64, Vec::with_capacity(n));
+    let mut grads = Vec::new();
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let scale = host.scales(start, len, factor);
+        let part = frozen_head_rows(
+            &hd.narrow(0, start, len)?,
+            &wd,
+            host.ids(start, len),
+            &scale,
+            cols,
+            fused,
+        )?;
+        let nll: Vec<f32> = part.rows.iter().map(|r| r.lse - r.target).collect();
+        total += host.masked_sum(start, &nll);
+        lse.extend(part.rows.iter().map(|r| r.lse));
+        grads.push(part.grad);
+    }
+    let op = ChunkedCrossEntropy {
+        targets: targets.clone(),
+        chunk: rows,
+        lse: Tensor::from_vec(lse, (n, 1), h.device())?,
+        value: total / targets.normalizer,
+        dtype: DType::F32,
+        weight_trainable: false,
+        early: std::sync::Mutex::new(Some(EarlyGrads {
+            h: Tensor::cat(&grads, 0)?,
+            w: None,
+            upstream,
+        })),
+    };
+    h.apply_op2(w, op)
+}
+
+/// One row pass of [`frozen_head_cross_entropy`]: each row's statistics and the rows' gradient.
+struct FrozenHeadRows {
+    rows: Vec<RowStats>,
+    /// `d loss / d h` for the rows, times the upstream gradient, in `h`'s dtype.
+    grad: Tensor,
+}
+
+/// A row's softmax statistics at the end of a pass.
+#[derive(Clone, Copy)]
+struct RowStats {
+    lse: f32,
+    sum: f32,
+    target: f32,
+}
+
+/// The running softmax state of a row pass: on the host, for the CPU kernel; as `[rows, 1]`
+/// tensors otherwise (shift, sum, target logit; `None` before the first block).
+enum Online {
+    Host(Vec<super::kernels::OnlineRow>),
+    Tensors(Option<(Tensor, Tensor, Tensor)>),
+}
+
+impl Online {
+    /// Turns one block of f32 logits `z` `[rows, cols]` (vocabulary columns from `first`) into
+    /// `e^(z − shift)`, adding it to the state; also gives the factor `[rows, 1]` by which sums
+    /// over earlier blocks must be multiplied, when some row's shift moved.
+    fn block(&mut self, z: Tensor, first: usize, ids: &[u32]) -> Result<(Tensor, Option<Tensor>)> {
+        let n = z.dim(0)?;
+        match self {
+            Online::Host(rows) => {
+                if !super::kernels::softmax_block(&z, first, ids, rows)? {
+                    candle_core::bail!("frozen head loss: the logits are not f32 on the CPU");
+                }
+                let factor = rows.iter().any(|r| r.factor != 1.0).then(|| {
+                    let f: Vec<f32> = rows.iter().map(|r| r.factor).collect();
+                    Tensor::from_vec(f, (n, 1), z.device())
+                });
+                Ok((z, factor.transpose()?))
+            }
+            Online::Tensors(state) => {
+                let cols = z.dim(1)?;
+                let (local, inside): (Vec<u32>, Vec<f32>) = ids
+                    .iter()
+                    .map(|&id| match (id as usize).checked_sub(first) {
+                        Some(l) if l < cols => (l as u32, 1.0),
+                        _ => (0, 0.0),
+                    })
+                    .unzip();
+                let dev = z.device();
+                let picked = (z.gather(&Tensor::from_vec(local, (n, 1), dev)?, 1)?
+                    * Tensor::from_vec(inside, (n, 1), dev)?)?;
+                let max = z.max_keepdim(1)?;
+                let (shift, factor, sum, target) = match state.take() {
+                    None => (max, None, None, picked),
+                    Some((old, sum, target)) => {
+                        let shift = old.maximum(&max)?;
+                        let factor = (old - &shift)?.exp()?;
+                        (shift, Some(factor), Some(sum), (target + picked)?)
+                    }
+                };
+                let p = z.broadcast_sub(&shift)?.exp()?;
+                let block_sum = p.sum_keepdim(1)?;
+                let sum = match (sum, &factor) {
+                    (Some(sum), Some(f)) => ((sum * f)? + block_sum)?,
+                    _ => block_sum,
+                };
+                *state = Some((shift, sum, target));
+                Ok((p, factor))
+            }
+        }
+    }
+
+    /// Each row's statistics over every block.
+    fn finish(self) -> Result<Vec<RowStats>> {
+        match self {
+            Online::Host(rows) => Ok(rows
+                .iter()
+                .map(|r| RowStats {
+                    lse: r.log_sum_exp(),
+                    sum: r.sum,
+                    target: r.target,
+                })
+                .collect()),
+            Online::Tensors(state) => {
+                let Some((shift, sum, target)) = state else {
+                    candle_core::bail!("frozen head loss: an empty vocabulary");
+                };
+                let v = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+                let (shift, sum, target) = (v(shift)?, v(sum)?, v(target)?);
+                Ok(shift
+                    .iter()
+                    .zip(&sum)
+                    .zip(&target)
+                    .map(|((&s, &sum), &target)| RowStats {
+                        lse: s + sum.ln(),
+                        sum,
+                        target,
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The rows `h` `[len, hidden]` of [`frozen_head_cross_entropy`], their targets `ids` and per-row
+/// gradient scales (mask · upstream / normalizer), against `w` `[vocab, hidden]` in blocks of
+/// `cols` vocabulary rows.
+fn frozen_head_rows(
+    h: &Tensor,
+    w: &Tensor,
+    ids: &[u32],
+    scale: &[f32],
+    cols: usize,
+    fused: bool,
+) -> Result<FrozenHeadRows> {
+    use super::kernels::{per_row, to_dtype};
+    let wide = DType::F32;
+    let (len, vocab) = (h.dim(0)?, w.dim(0)?);
+    let dev = h.device();
+    let mut online = if fused {
+        Online::Host(vec![super::kernels::OnlineRow::START; len])
+    } else {
+        Online::Tensors(None)
+    };
+    // Σ over blocks of e^(z − shift) · Wᵦ, in f32.
+    let mut acc: Option<Tensor> = None;
+    for first in (0..vocab).step_by(cols) {
+        let wb = w.narrow(0, first, cols.min(vocab - first))?;
+        let z = to_dtype(&mm(h, &wb.t()?)?, wide)?;
+        let (p, factor) = online.block(z, first, ids)?;
+        if let (Some(f), Some(a)) = (&factor, &acc) {
+            acc = Some(per_row(a, f, RowOp::Mul)?);
+        }
+        let p = to_dtype(&p, w.dtype())?;
+        acc = Some(match acc {
+            Some(a) if super::matmul::accumulate_product(&a, &p, &wb)? => a,
+            Some(a) => (a + to_dtype(&mm(&p, &wb)?, wide)?)?,
+            None => to_dtype(&mm(&p, &wb)?, wide)?,
+        });
+    }
+    let rows = online.finish()?;
+    let acc =
+        acc.ok_or_else(|| candle_core::Error::Msg("frozen head loss: no vocabulary".into()))?;
+    let column = |v: Vec<f32>| Tensor::from_vec(v, (len, 1), dev);
+    let over_sum: Vec<f32> = rows.iter().zip(scale).map(|(r, &s)| s / r.sum).collect();
+    let picked = w.index_select(&Tensor::new(ids, dev)?, 0)?;
+    let grad = (per_row(&acc, &column(over_sum)?, RowOp::Mul)?
+        - per_row(
+            &to_dtype(&picked, wide)?,
+            &column(scale.to_vec())?,
+            RowOp::Mul,
+        )?)?;
+    Ok(FrozenHeadRows {
+        rows,
+        grad: to_dtype(&grad, h.dtype())?,
+    })
 }
 
 /// The same loss over the full fp32 logits, all rows at once (what Hugging Face does): the logits
@@ -1295,26 +1526,97 @@ mod tests {
         assert!(err.contains("released"), "{err}");
     }
 
+    /// `n` deterministic values spread over `[-spread, spread)`.
+    fn spread_values(n: usize, seed: usize, spread: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * spread)
+            .collect()
+    }
+
+    /// Targets of `rows` rows spread over the vocabulary, row 4 masked out.
+    fn loss_targets(rows: usize, vocab: usize) -> LossTargets {
+        let ids: Vec<u32> = (0..rows as u32)
+            .map(|r| (r * 37 + 5) % vocab as u32)
+            .collect();
+        let mask: Vec<f32> = (0..rows).map(|r| if r == 4 { 0.0 } else { 1.0 }).collect();
+        LossTargets {
+            ids: Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(),
+            mask: Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
+            normalizer: (rows - 1) as f64,
+        }
+    }
+
+    /// A frozen head's loss taken in vocabulary blocks (on the CPU kernel and on candle's ops,
+    /// several row passes, blocks that do not divide the vocabulary, a row whose maximum jumps in
+    /// a later block, a masked row) gives the value and input gradient of the whole-vocabulary
+    /// chunks, which backward recomputes when forward is not told the upstream gradient.
+    #[test]
+    fn a_frozen_head_in_vocabulary_blocks_matches_whole_rows() {
+        let (rows, hidden, vocab) = (21, 12, 301);
+        let values = |n: usize, seed: usize| spread_values(n, seed, 2.0);
+        let targets = loss_targets(rows, vocab);
+        let mut wv = values(vocab * hidden, 2);
+        // Row 0's largest logit far out in the last block: its shift moves after the first.
+        for v in &mut wv[(vocab - 3) * hidden..(vocab - 2) * hidden] {
+            *v *= 8.0;
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            let h = Var::from_tensor(
+                &Tensor::from_vec(values(rows * hidden, 1), (rows, hidden), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Tensor::from_vec(wv.clone(), (vocab, hidden), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let grad_of = |loss: Tensor| {
+                let g = loss.affine(2.0, 0.0).unwrap().backward().unwrap();
+                let g = g.get(h.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+                let value = loss
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                (value, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            };
+            let (want_value, want) = grad_of(
+                chunked_cross_entropy_in(h.as_tensor(), &w, &targets, (8, 64), false, None, None)
+                    .unwrap(),
+            );
+            let tolerance = if dtype == DType::F32 { 2e-6 } else { 1e-2 };
+            let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for fused in [true, false] {
+                let loss =
+                    frozen_head_cross_entropy(h.as_tensor(), &w, &targets, 2.0, (8, 64), fused)
+                        .unwrap();
+                let (value, got) = grad_of(loss);
+                assert!(
+                    (value - want_value).abs() <= 1e-5 * want_value.abs(),
+                    "{dtype:?} fused {fused}: loss {value} against {want_value}"
+                );
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= tolerance * largest,
+                        "{dtype:?} fused {fused}: element {i}: {g} against {w}"
+                    );
+                }
+                // The masked row has no gradient.
+                assert!(got[4 * hidden..5 * hidden].iter().all(|&g| g == 0.0));
+            }
+        }
+    }
+
     /// A one-chunk loss that hands its weight's gradient on in blocks gives the same blocks, bit
     /// for bit, as the gradient backward gives without them, the same input gradient, and none
     /// for the weight; more rows than a chunk hand nothing on.
     #[test]
     fn head_rows_get_the_weight_gradient_block_by_block() {
         let (rows, hidden, vocab) = (23, 12, 301);
-        let values = |n: usize, seed: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0)
-                .collect()
-        };
-        let ids: Vec<u32> = (0..rows as u32)
-            .map(|r| (r * 37 + 5) % vocab as u32)
-            .collect();
-        let mask: Vec<f32> = (0..rows).map(|r| if r == 4 { 0.0 } else { 1.0 }).collect();
-        let targets = LossTargets {
-            ids: Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(),
-            mask: Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
-            normalizer: (rows - 1) as f64,
-        };
+        let values = |n: usize, seed: usize| spread_values(n, seed, 1.0);
+        let targets = loss_targets(rows, vocab);
         for dtype in [DType::F32, DType::BF16] {
             let tensor = |n, d: (usize, usize), seed| {
                 Tensor::from_vec(values(n, seed), d, &Device::Cpu)
