@@ -1556,7 +1556,8 @@ mod tests {
         let values = |n: usize, seed: usize| spread_values(n, seed, 2.0);
         let targets = loss_targets(rows, vocab);
         let mut wv = values(vocab * hidden, 2);
-        // Row 0's largest logit far out in the last block: its shift moves after the first.
+        // One vocabulary row near the end scaled by 8: the rows whose largest logit it gives
+        // move their shift in the last block.
         for v in &mut wv[(vocab - 3) * hidden..(vocab - 2) * hidden] {
             *v *= 8.0;
         }
