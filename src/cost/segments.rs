@@ -368,8 +368,6 @@ fn names(features: &[Feat]) -> Vec<String> {
         .collect()
 }
 
-/// The segments of one optimizer step after [`Kind::Rest`], in the engine's order, with the
-/// micro-batch each belongs to.
 /// What layer `layer`'s backward leaves allocated beyond a middle layer's, in bytes: a layer's
 /// input (one hidden-state tensor, `tokens × hidden` in the compute dtype) is freed by the
 /// backward of the layer it feeds when the layer below it was recomputed (nothing of that layer's
@@ -387,8 +385,8 @@ pub(crate) fn boundary_bytes(layer: usize, spec: &ModelSpec, knobs: &Knobs) -> f
     hidden_state * (f64::from(u8::from(top_kept)) - f64::from(u8::from(below_recomputed)))
 }
 
-/// A step's segments in the engine's order, with each one's micro-batch and, for a layer's
-/// backward, the layer.
+/// The segments of one optimizer step after [`Kind::Rest`], in the engine's order, with the
+/// micro-batch each belongs to and, for a layer's backward, the layer.
 fn sequence(layers: usize, knobs: &Knobs) -> Vec<(Kind, usize, Option<usize>)> {
     let mut out = Vec::new();
     for m in 0..knobs.accum.max(1) {
