@@ -440,7 +440,8 @@ pub struct KnobArgs {
     #[arg(long, value_name = "NAME", help_heading = "Knobs")]
     pub optimizer: Option<OptimizerKind>,
     /// chunked (logits a block of rows at a time, about 16M values: 110 rows at a 152k vocabulary,
-    /// 1024 at 16k; default) or full (the whole fp32 logits tensor).
+    /// 1024 at 16k; a frozen head's, under LoRA and QLoRA, also in blocks of vocabulary columns,
+    /// about 1M values; default) or full (the whole fp32 logits tensor).
     #[arg(long, value_name = "chunked|full", help_heading = "Knobs")]
     pub loss: Option<LossMode>,
 }
