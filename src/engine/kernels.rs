@@ -304,6 +304,22 @@ pub fn exp_tensor(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The elements of an in-place op's contiguous f32 CPU storage, or an error naming `what` (another
+/// dtype or layout, or data a training pass released).
+fn f32_in_place<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{what}: not a contiguous f32 tensor");
+    };
+    match data.get_mut(start..end) {
+        Some(xs) => Ok(xs),
+        None => candle_core::bail!("{what}: the tensor's data was released"),
+    }
+}
+
 /// `e^t` in place (the values [`exp_tensor`] gives) for a contiguous f32 CPU tensor that nothing
 /// else reads; false, with nothing done, elsewhere.
 pub fn exp_in_place(t: &Tensor) -> Result<bool> {
@@ -322,13 +338,7 @@ impl candle_core::InplaceOp1 for ExpInPlace {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("exp in place: not a contiguous f32 tensor");
-        };
-        let Some(xs) = data.get_mut(start..end) else {
-            candle_core::bail!("exp in place: the tensor's data was released");
-        };
+        let xs = f32_in_place(storage, layout, "exp in place")?;
         xs.par_chunks_mut(GRAIN).for_each(|xs| {
             vectorized(
                 #[inline(always)]
@@ -1353,13 +1363,7 @@ impl candle_core::InplaceOp1 for SoftmaxBlock<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax block: not contiguous f32 logits");
-        };
-        let Some(z) = data.get_mut(start..end) else {
-            candle_core::bail!("softmax block: the logits' data was released");
-        };
+        let z = f32_in_place(storage, layout, "softmax block")?;
         let mut rows = self
             .rows
             .lock()
@@ -1453,11 +1457,7 @@ impl candle_core::InplaceOp1 for CrossEntropyGrad<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("cross entropy gradient: not contiguous f32 logits");
-        };
-        self.rows(&mut data[start..end]);
+        self.rows(f32_in_place(storage, layout, "cross entropy gradient")?);
         Ok(())
     }
 }

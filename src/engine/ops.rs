@@ -1110,20 +1110,8 @@ fn chunked_cross_entropy_in(
     mut head_rows: Option<HeadRows>,
 ) -> Result<Tensor> {
     let n = h.dim(0)?;
-    let (h_detached, w_detached) = (h.detach(), w.detach());
     let wide = wide(h.dtype());
-    let mut total = 0f64;
-    let mut lse_parts = Vec::new();
-    let host = if h.device().is_cpu() && wide == DType::F32 {
-        Some(HostTargets::new(targets)?)
-    } else {
-        None
-    };
     let upstream = upstream.filter(|_| h.track_op() || (weight_trainable && w.track_op()));
-    // The weight's gradient goes to `head_rows` block by block: one chunk, made in forward.
-    if !(weight_trainable && upstream.is_some() && n <= chunk) {
-        head_rows = None;
-    }
     // A frozen head's loss in a training step: vocabulary blocks (f64, the tests' reference
     // precision, keeps the whole-vocabulary chunks).
     if !weight_trainable
@@ -1131,7 +1119,19 @@ fn chunked_cross_entropy_in(
         && wide == DType::F32
     {
         let block = crate::config::loss_block(n, w.dim(0)?, false);
-        return frozen_head_cross_entropy(h, w, targets, upstream, block, host.is_some());
+        return frozen_head_cross_entropy(h, w, targets, upstream, block, h.device().is_cpu());
+    }
+    let (h_detached, w_detached) = (h.detach(), w.detach());
+    let mut total = 0f64;
+    let mut lse_parts = Vec::new();
+    let host = if h.device().is_cpu() && wide == DType::F32 {
+        Some(HostTargets::new(targets)?)
+    } else {
+        None
+    };
+    // The weight's gradient goes to `head_rows` block by block: one chunk, made in forward.
+    if !(weight_trainable && upstream.is_some() && n <= chunk) {
+        head_rows = None;
     }
     let weight_trainable = weight_trainable && head_rows.is_none();
     let (mut grad_h, mut grad_w) = (Vec::new(), None);
