@@ -35,7 +35,8 @@
 #                                    summary.txt           the card; measured vs predicted vs
 #                                                          planned; tokens/s vs PyTorch
 #                                    log.txt               every command and its stderr tail, and
-#                                                          the CUDA meter's test (tests/meter_cuda.rs)
+#                                                          the GPU tests (tests/meter_cuda.rs and
+#                                                          tests/engine_cuda.rs)
 #
 # With the device tool (one call, nothing else needed):
 #   run(command="bash scripts/gpu-check.sh run", carry=[".gpu-carry"], timeout_s=540)
@@ -47,7 +48,7 @@
 # GPU_CHECK_CONFIGS (how many of the configurations below, in order, default all 8) and
 # GPU_CHECK_PEER=0 (skip PyTorch). On an H200 the whole run took 80 s without PyTorch and 190 s
 # with it (eighth session); the caps keep it under 9 minutes whatever happens: 60 s per profile,
-# 45 s per PyTorch run, 75 s per prediction, no new configuration after 170 s, 130 s for the
+# 45 s per PyTorch run, 75 s per prediction, no new configuration after 210 s, 130 s for the
 # tuner, 60 s for the plan's profile.
 set -euo pipefail
 
@@ -85,14 +86,17 @@ prepare() {
     # it is, ~8 MB xz-compressed. Symbols stay for backtraces.
     objcopy --strip-debug "$target_dir/release/memtune" "$carry_dir/memtune"
     xz -6 -f -T1 "$carry_dir/memtune"
-    # The CUDA meter's own test (tests/meter_cuda.rs), which skips on machines without a GPU.
-    local meter_test
-    meter_test="$(eval "$("$repo/scripts/check-cuda.sh" --env --link)" && cd "$repo" \
-        && cargo test --release --no-default-features --features cuda --test meter_cuda \
-            --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m.get("target", {}).get("name") == "meter_cuda"][-1])')"
-    objcopy --strip-debug "$meter_test" "$carry_dir/meter_cuda"
-    xz -6 -f -T1 "$carry_dir/meter_cuda"
+    # The GPU tests, which skip on machines without one: the CUDA meter's (tests/meter_cuda.rs)
+    # and the engine's, CPU against GPU (tests/engine_cuda.rs).
+    local test_name test_binary
+    for test_name in meter_cuda engine_cuda; do
+        test_binary="$(eval "$("$repo/scripts/check-cuda.sh" --env --link)" && cd "$repo" \
+            && cargo test --release --no-default-features --features cuda --test "$test_name" \
+                --no-run --message-format=json 2>/dev/null \
+            | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m.get("target", {}).get("name") == sys.argv[1]][-1])' "$test_name")"
+        objcopy --strip-debug "$test_binary" "$carry_dir/$test_name"
+        xz -6 -f -T1 "$carry_dir/$test_name"
+    done
 
     echo "== 2/3 plans from CPU probes (memtune predict --target-gpu h100 / h200)" >&2
     # The CPU build, in the normal target dir, so the CUDA build's feature set does not rebuild it.
@@ -237,11 +241,16 @@ EOF
     local card_key
     card_key="$(python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["name"].lower(); print("h200" if "h200" in n else "h100" if "h100" in n else "other")' "$card")"
 
-    # The CUDA meter's test on this card (exact pool counters: a 256 MiB block reads as 256 MiB).
-    if [[ -f "$carry_dir/meter_cuda.xz" ]]; then
-        xz -dc "$carry_dir/meter_cuda.xz" > /tmp/meter_cuda && chmod +x /tmp/meter_cuda
-        step "$log" 60 /tmp/meter_cuda --nocapture --test-threads 1
-    fi
+    # The GPU tests on this card: the CUDA meter's (exact pool counters: a 256 MiB block reads as
+    # 256 MiB) and the engine's (a step's loss and gradients, and a few optimizer steps' losses,
+    # on the GPU against the CPU, for every knob whose code differs by device).
+    local test_name
+    for test_name in meter_cuda engine_cuda; do
+        if [[ -f "$carry_dir/$test_name.xz" ]]; then
+            xz -dc "$carry_dir/$test_name.xz" > "/tmp/$test_name" && chmod +x "/tmp/$test_name"
+            step "$log" 90 "/tmp/$test_name" --nocapture --test-threads 1
+        fi
+    done
 
     # 2. A smoke step: one short CUDA step of two layers. If the CUDA binary cannot train at all,
     #    stop here, so the rest of the lease is not spent on steps that all fail the same way.
@@ -280,7 +289,7 @@ EOF
     for entry in "${combos[@]}"; do
         n=$((n + 1))
         if (( n > configs )); then break; fi
-        if (( SECONDS > 170 )); then say "time: no more configurations after $((n - 1))"; break; fi
+        if (( SECONDS > 210 )); then say "time: no more configurations after $((n - 1))"; break; fi
         IFS='|' read -r label knobs peer_flags <<< "$entry"
         tmp="$(mktemp)"
         # shellcheck disable=SC2086

@@ -439,7 +439,7 @@ pub fn predict(args: &crate::cli::PredictArgs) -> Result<()> {
                 card.compute_capability
             );
         }
-        require_cpu_probes(&args.calibration)?;
+        cpu_probes_for_a_gpu(&args.calibration)?;
     }
     let (model, device, _) = calibrate_for(&spec, &space, &args.calibration, false)?;
     if let Some(card) = &card {
@@ -473,12 +473,16 @@ pub fn predict(args: &crate::cli::PredictArgs) -> Result<()> {
 
 /// `--target-gpu` plans from CPU probes: probes on a GPU would count that GPU's runtime in the
 /// tensor bytes, and the card's overhead would then be added twice.
-fn require_cpu_probes(calibration: &crate::cli::CalibrationArgs) -> Result<()> {
+/// `--target-gpu`'s probes: on the CPU, taking the engine's GPU code paths
+/// ([`crate::engine::set_gpu_paths_on_cpu`]), so that they measure the tensors the card's steps
+/// allocate.
+fn cpu_probes_for_a_gpu(calibration: &crate::cli::CalibrationArgs) -> Result<()> {
     if !calibration.device.trim().eq_ignore_ascii_case("cpu") {
         anyhow::bail!(
             "--target-gpu plans from CPU probes; leave --device at cpu (on a machine with the GPU, tune on it with --device cuda and without --target-gpu)"
         );
     }
+    crate::engine::set_gpu_paths_on_cpu(true);
     Ok(())
 }
 
@@ -535,7 +539,7 @@ pub fn tune(args: &crate::cli::TuneArgs) -> Result<()> {
     let mut budget_note = None;
     let budget = match &card {
         Some(card) => {
-            require_cpu_probes(&args.calibration)?;
+            cpu_probes_for_a_gpu(&args.calibration)?;
             crate::gpu_plan::restrict_space(&mut space, card)
                 .map_err(|e| anyhow::anyhow!("--target-gpu: {e}"))?;
             let given = match &args.gpu_mem {

@@ -367,8 +367,14 @@ pub struct CalibrationProgress {
 pub fn cache_path(cache_dir: &Path, spec: &ModelSpec, device: &str) -> PathBuf {
     // The CPU's product kernels change step times (and a few buffers): a cache folder moved to a
     // CPU without AVX512-BF16, or a run with GEMM_AVX512=0, must not reuse probes timed with them.
+    // Probes that took the GPU's code paths (`--target-gpu`) are kept apart from the CPU's own.
     let kernels = if device == "cpu" {
-        crate::engine::matmul::cpu_kernels()
+        let paths = if crate::engine::gpu_paths_on_cpu() {
+            "+gpupaths"
+        } else {
+            ""
+        };
+        format!("{}{paths}", crate::engine::matmul::cpu_kernels())
     } else {
         String::new()
     };

@@ -70,7 +70,7 @@ impl Elem for bf16 {
 /// Whether the fused path applies: CPU, a dtype the kernels store, contiguous.
 pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| {
-        t.device().is_cpu()
+        crate::engine::cpu_paths(t.device())
             && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && t.is_contiguous()
     }) && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
@@ -323,7 +323,7 @@ fn f32_in_place<'a>(
 /// `e^t` in place (the values [`exp_tensor`] gives) for a contiguous f32 CPU tensor that nothing
 /// else reads; false, with nothing done, elsewhere.
 pub fn exp_in_place(t: &Tensor) -> Result<bool> {
-    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
+    if !(crate::engine::cpu_paths(t.device()) && t.dtype() == DType::F32 && t.is_contiguous()) {
         return Ok(false);
     }
     t.inplace_op1(&ExpInPlace)?;
@@ -488,7 +488,7 @@ impl CustomOp3 for SwiGluBackward {
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fusable(&[gate, up]) && gate.shape() == up.shape() {
         gate.apply_op2(up, SwiGlu)
-    } else if gate.device().is_cpu() {
+    } else if crate::engine::cpu_paths(gate.device()) {
         // f64, the tests' reference precision: candle's own autograd.
         gate.silu()? * up
     } else {
@@ -1080,7 +1080,7 @@ pub fn rms_norm_grads(
 }
 
 fn rms_norm_fusable(x: &Tensor, w: &Tensor, grad: &Tensor) -> bool {
-    let w_ok = w.device().is_cpu()
+    let w_ok = crate::engine::cpu_paths(w.device())
         && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && w.is_contiguous()
         && w.rank() == 1;
@@ -1212,7 +1212,7 @@ impl CustomOp2 for PerRow {
 
 /// The elements of a contiguous f32 CPU tensor; `None` for anything else.
 fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+    if !crate::engine::cpu_paths(t.device()) || t.dtype() != DType::F32 {
         return None;
     }
     let (storage, layout) = t.storage_and_layout();
@@ -1280,7 +1280,10 @@ pub fn cross_entropy_grad_in_place(
     ids: &[u32],
     scale: &[f32],
 ) -> Result<bool> {
-    if !(logits.device().is_cpu() && logits.dtype() == DType::F32 && logits.is_contiguous()) {
+    if !(crate::engine::cpu_paths(logits.device())
+        && logits.dtype() == DType::F32
+        && logits.is_contiguous())
+    {
         return Ok(false);
     }
     logits.inplace_op1(&CrossEntropyGrad::new(logits, lse, ids, scale)?)?;
@@ -1337,7 +1340,7 @@ pub fn softmax_block(
     if ids.len() != n || rows.len() != n {
         candle_core::bail!("softmax block: per-row inputs do not match {n} rows");
     }
-    if !(z.device().is_cpu() && z.dtype() == DType::F32 && z.is_contiguous()) {
+    if !(crate::engine::cpu_paths(z.device()) && z.dtype() == DType::F32 && z.is_contiguous()) {
         return Ok(false);
     }
     let op = SoftmaxBlock {

@@ -264,6 +264,10 @@ fn on_cpu_products_of(a: &Tensor, b: &Tensor) -> bool {
 /// Whether [`matmul`] multiplies `t` (with an operand of its dtype) on memtune's CPU products,
 /// which read any strides: a CPU tensor of f32, bf16 or f16. Elsewhere candle's product runs.
 pub(crate) fn on_cpu_products(t: &Tensor) -> bool {
+    // Not [`crate::engine::cpu_paths`]: with the GPU's code paths on the CPU the products stay
+    // memtune's, which, as cuBLAS does, read bf16 and f16 operands as they are (candle's CPU
+    // product widens them to f32 first, a transient no GPU has: the tied 49k-row head of
+    // SmolLM2-135M as a 113 MB f32 copy).
     t.device().is_cpu() && matches!(t.dtype(), DType::BF16 | DType::F16 | DType::F32)
 }
 
@@ -598,7 +602,7 @@ pub fn accumulate_product(dst: &Tensor, a: &Tensor, b: &Tensor) -> Result<bool> 
     let all = [dst, a, b];
     if !(all
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2)
+        .all(|t| crate::engine::cpu_paths(t.device()) && t.dtype() == DType::F32 && t.rank() == 2)
         && dst.is_contiguous())
     {
         return Ok(false);

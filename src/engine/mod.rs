@@ -45,6 +45,30 @@ pub unsafe fn configure_cpu_runtime() {
     }
 }
 
+/// Whether the engine runs its GPU code paths on the CPU too ([`set_gpu_paths_on_cpu`]).
+static GPU_PATHS_ON_CPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the engine take, on the CPU, the code paths it takes on a GPU: candle's ops in place of
+/// memtune's fused CPU kernels, products and early releases, which keep fewer and smaller
+/// tensors. CPU probes taken so measure the tensors a CUDA step allocates (the same ops, shapes
+/// and dtypes), which is what a plan for a GPU from a CPU-only machine (`--target-gpu`) needs: on
+/// an H200, LoRA steps held 2.3 times the activations the CPU's kernels keep
+/// (`reports/BENCHMARKS.md`, "GPU"). Process-wide; set it before building a model.
+pub fn set_gpu_paths_on_cpu(on: bool) {
+    GPU_PATHS_ON_CPU.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_gpu_paths_on_cpu`] is on.
+pub fn gpu_paths_on_cpu() -> bool {
+    GPU_PATHS_ON_CPU.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether memtune's CPU kernels serve tensors on `device`: on the CPU, unless
+/// [`set_gpu_paths_on_cpu`] asked for the GPU's code paths there.
+pub fn cpu_paths(device: &candle_core::Device) -> bool {
+    device.is_cpu() && !gpu_paths_on_cpu()
+}
+
 /// Runs `work` on one of rayon's global worker threads and returns its result (a panic in it
 /// resumes here). The engine's ops hand their work to rayon: called from a thread outside the
 /// pool, each op wakes a worker, sleeps until the work is done and is woken again; called from a

@@ -123,7 +123,7 @@ where
 /// or product that is handed one anyway fails with an error (its data is empty), and candle's own
 /// CPU ops panic on the out-of-range slice.
 pub fn release(t: &Tensor) -> Result<()> {
-    if t.device().is_cpu() {
+    if crate::engine::cpu_paths(t.device()) {
         t.inplace_op1(&Release)?;
     }
     Ok(())
@@ -337,7 +337,7 @@ impl FrozenWeight {
         let dtype = x.dtype();
         if let (FrozenWeight::Dense(w), None) = (self, bias)
             && super::matmul::on_cpu_products(x)
-            && w.device().is_cpu()
+            && crate::engine::cpu_paths(w.device())
             && w.dtype() == dtype
         {
             return x.apply_op1(FrozenProduct { wt: w.t()?, read });
@@ -352,12 +352,15 @@ impl FrozenWeight {
                 Tensor::zeros((xd.dim(0)?, out), dtype, xd.device())?
             }
             FrozenWeight::Dense(w) => mm(&xd, &w.t()?)?,
-            // ggml's kernels take f32 activations (and quantize them to 8 bits).
-            FrozenWeight::Quantized(q) => xd
+            // On the CPU, ggml's kernels: they take f32 activations (and quantize them to 8 bits).
+            FrozenWeight::Quantized(q) if crate::engine::cpu_paths(xd.device()) => xd
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .apply_op1_no_bwd(q.as_ref())?
                 .to_dtype(dtype)?,
+            // Elsewhere the weight dequantized for this product, as backward does: candle's CUDA
+            // kernels for a quantized product gave a NaN loss on an H200 (tests/engine_cuda.rs).
+            FrozenWeight::Quantized(_) => mm(&xd, &self.dense(dtype)?.t()?)?,
         };
         if let (Some(b), true) = (bias, read) {
             value = value.broadcast_add(&b.detach())?;
@@ -412,14 +415,16 @@ impl CustomOp1 for FrozenProduct {
 pub fn causal_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let dtype = scores.dtype();
     let wide = wide(dtype);
-    let value = candle_nn::ops::softmax_last_dim(
-        &scores
-            .detach()
-            .to_dtype(wide)?
-            .affine(scale, 0.0)?
-            .broadcast_add(&mask.to_dtype(wide)?)?,
-    )?
-    .to_dtype(dtype)?;
+    // One statement per op, each result replacing the last: in one chained expression every
+    // intermediate lives to the end of the statement, and on an H200 the recomputed attention's
+    // probabilities then held four fp32 copies of the scores at once (with the bf16 scores and
+    // probabilities, 20 bytes per score; now at most two fp32 copies, 10 bytes).
+    let mut z = scores.detach().to_dtype(wide)?;
+    z = z.affine(scale, 0.0)?;
+    z = z.broadcast_add(&mask.to_dtype(wide)?)?;
+    z = candle_nn::ops::softmax_last_dim(&z)?;
+    let value = z.to_dtype(dtype)?;
+    drop(z);
     with_backward(scores, value, "causal-softmax", move |_, probs, grad| {
         causal_softmax_grad(probs, grad, scale)
     })
@@ -441,12 +446,15 @@ fn operand(t: &Tensor) -> Result<Tensor> {
 pub fn causal_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
     let dtype = p.dtype();
     let wide = wide(dtype);
+    // As in `causal_softmax`, one op per statement: at most three fp32 scores-sized tensors live
+    // (with the 16-bit inputs, 16 bytes per score where the chained expression held 26).
     let p = p.to_dtype(wide)?;
-    let g = g.to_dtype(wide)?;
+    let mut g = g.to_dtype(wide)?;
     let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-    (p * g.broadcast_sub(&dot)?)?
-        .affine(scale, 0.0)?
-        .to_dtype(dtype)
+    g = g.broadcast_sub(&dot)?;
+    g = (g * p)?;
+    g = g.affine(scale, 0.0)?;
+    g.to_dtype(dtype)
 }
 
 /// Rows `ids` (u32, one dimension) of `table` `[vocab, hidden]`: an embedding lookup whose
@@ -466,7 +474,8 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 fn scatter_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let (vocab, hidden) = table.dims2()?;
     let (dtype, device) = (grad.dtype(), grad.device());
-    if !(device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)) {
+    if !(crate::engine::cpu_paths(device) && matches!(dtype, DType::F32 | DType::BF16 | DType::F16))
+    {
         return Tensor::zeros((vocab, hidden), dtype, device)?.index_add(
             &ids.contiguous()?,
             grad,
@@ -1003,7 +1012,7 @@ impl CustomOp2 for ChunkedCrossEntropy {
         // composite's peak (at its exp) stays the segment's peak at every size, which is what the
         // cost model's linear fit needs; with the fused kernel the peak moves between stages as
         // the rows grow and the fit missed held-out runs by 4% (tests/cost_real_engine.rs).
-        let host = if h.device().is_cpu() && h.dtype() == DType::F32 {
+        let host = if crate::engine::cpu_paths(h.device()) && h.dtype() == DType::F32 {
             Some((
                 HostTargets::new(&self.targets)?,
                 self.lse.flatten_all()?.to_vec1::<f32>()?,
@@ -1119,12 +1128,19 @@ fn chunked_cross_entropy_in(
         && wide == DType::F32
     {
         let block = crate::config::loss_block(n, w.dim(0)?, false);
-        return frozen_head_cross_entropy(h, w, targets, upstream, block, h.device().is_cpu());
+        return frozen_head_cross_entropy(
+            h,
+            w,
+            targets,
+            upstream,
+            block,
+            crate::engine::cpu_paths(h.device()),
+        );
     }
     let (h_detached, w_detached) = (h.detach(), w.detach());
     let mut total = 0f64;
     let mut lse_parts = Vec::new();
-    let host = if h.device().is_cpu() && wide == DType::F32 {
+    let host = if crate::engine::cpu_paths(h.device()) && wide == DType::F32 {
         Some(HostTargets::new(targets)?)
     } else {
         None
@@ -1451,7 +1467,7 @@ fn frozen_head_rows(
 /// above the prediction.
 pub fn full_cross_entropy(logits: &Tensor, targets: &LossTargets) -> Result<Tensor> {
     let dtype = wide(logits.dtype());
-    let fusable = logits.device().is_cpu() && logits.dtype() == DType::F32;
+    let fusable = crate::engine::cpu_paths(logits.device()) && logits.dtype() == DType::F32;
     let logits = logits.to_dtype(dtype)?;
     if fusable {
         let host = HostTargets::new(targets)?;

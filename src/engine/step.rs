@@ -282,7 +282,10 @@ fn forward_backward_into(
 /// gradient with respect to `y` is `upstream` too, but which costs a product, a sum nobody reads
 /// and, in backward, a product by ones: four passes over `y` per layer, and a `y`-sized gradient.
 fn seeded_backward(y: &Tensor, upstream: &Tensor) -> Result<GradStore> {
-    if y.device().is_cpu() && y.shape() == upstream.shape() && y.dtype() == upstream.dtype() {
+    if crate::engine::cpu_paths(y.device())
+        && y.shape() == upstream.shape()
+        && y.dtype() == upstream.dtype()
+    {
         y.apply_op1(Seed(upstream.clone()))?.backward()
     } else {
         (y * upstream)?.sum_all()?.backward()

@@ -432,7 +432,7 @@ pub struct AdamW8bit {
 
 impl AdamW8bit {
     pub fn new(params: Vec<Param>, hyper: &Hyper) -> Result<Self> {
-        Self::with_residence(params, hyper, |device| device.is_cpu())
+        Self::with_residence(params, hyper, crate::engine::cpu_paths)
     }
 
     /// `on_host(device)` chooses host vectors over device tensors for a parameter's state (the
