@@ -247,6 +247,54 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
     plan
 }
 
+/// The longest sequence a long-attention probe takes ([`long_attention_probes`]).
+const LONG_ATTENTION_SEQ: usize = 1024;
+
+/// Where the GPU's code paths run attention (candle's ops: a recomputed layer's probabilities and
+/// their gradient in fp32, scores-sized), a layer's transient peaks at tokens-sized tensors for
+/// short sequences and at the scores past a few hundred tokens; the plan's probes (≤ 2 × 202
+/// tokens for SmolLM2) saw only the first, and the card measured 5–8% more than the prediction at
+/// 512 and 1,024 tokens (an H200, `reports/BENCHMARKS.md`). So for a requested sequence longer
+/// than every probe's, one more probe per class of the plan at that sequence (at most
+/// [`LONG_ATTENTION_SEQ`]), batch 1, with the plan's depth; the layer segments then fit their
+/// excess as two pieces, the second growing with the scores.
+pub fn long_attention_probes(
+    spec: &ModelSpec,
+    space: &SearchSpace,
+    plan: &[(ModelSpec, Knobs)],
+) -> Vec<(ModelSpec, Knobs)> {
+    let longest = plan.iter().map(|(_, k)| k.seq).max().unwrap_or(0);
+    let seq = space
+        .seq
+        .min(LONG_ATTENTION_SEQ)
+        .min(spec.max_position_embeddings);
+    if seq <= longest {
+        return Vec::new();
+    }
+    let depth = plan
+        .iter()
+        .map(|(s, _)| s.num_hidden_layers)
+        .max()
+        .unwrap_or(1);
+    let mut out: Vec<(ModelSpec, Knobs)> = Vec::new();
+    for (_, knobs) in plan {
+        let probe = (
+            spec.with_layers(depth),
+            Knobs {
+                batch: 1,
+                accum: 1,
+                seq,
+                ..knobs.clone()
+            },
+        );
+        let label = probe_label(&probe.0, &probe.1);
+        if !out.iter().any(|(s, k)| probe_label(s, k) == label) {
+            out.push(probe);
+        }
+    }
+    out
+}
+
 /// Configurations for judging a fit: deeper, longer and larger than any calibration probe, varying
 /// each knob of `space` from the base, plus a few combinations.
 pub fn holdout_plan(
@@ -438,7 +486,10 @@ pub fn calibrate(
         Some(model) => (model.fitted_on, model.failed),
         None => (Vec::new(), Vec::new()),
     };
-    let plan = calibration_plan(spec, space);
+    let mut plan = calibration_plan(spec, space);
+    if device.starts_with("cuda") || crate::engine::gpu_paths_on_cpu() {
+        plan.extend(long_attention_probes(spec, space, &plan));
+    }
     let known = |label: &str, probes: &[ProbeResult], failed: &[FailedProbe]| {
         probes
             .iter()

@@ -107,8 +107,11 @@ pub trait Prober {
 /// logits on every thread; mixed precision's f32 norm weights take the fused RMSNorm gradient
 /// (their gradient kept in f32): faster steps. 34: a frozen head's loss (LoRA, QLoRA) takes up to
 /// 4,096 rows at once and the vocabulary in blocks of columns, its softmax block by block
-/// (`config::loss_block`): no logits-sized tensor, one block of about 1 Mi logits.)
-pub const COST_MODEL_VERSION: u32 = 34;
+/// (`config::loss_block`): no logits-sized tensor, one block of about 1 Mi logits. 35: off the
+/// CPU, QLoRA's forward dequantizes and the composite softmax frees its intermediates one by one
+/// (GPU probes measure less); the loss and the head's backward see whether a trained head's loss
+/// takes more than one chunk (`HeadChunks`).)
+pub const COST_MODEL_VERSION: u32 = 35;
 
 /// The version string calibrations are cached under: memtune's version plus the cost model's.
 pub fn version() -> String {

@@ -83,8 +83,8 @@ impl Kind {
             Kind::FwdKept | Kind::FwdRecomp | Kind::Recompute | Kind::BwdKept | Kind::BwdRecomp => {
                 &[Const, Tokens, Scores, LoraTokens, AdapterParams]
             }
-            Kind::Loss => &[Const, Tokens, Logits, LastRecomputed],
-            Kind::HeadBwd => &[Const, Tokens, Logits],
+            Kind::Loss => &[Const, Tokens, Logits, LastRecomputed, HeadChunks],
+            Kind::HeadBwd => &[Const, Tokens, Logits, HeadChunks],
             Kind::EmbedBwd | Kind::EmbedBwdAccum => &[Const, Tokens, Trainable],
             Kind::Clip | Kind::Opt => &[Const, Trainable, Largest],
         }
@@ -156,6 +156,14 @@ enum Feat {
     Logits,
     /// Passes of the loss over the vocabulary matrix: one, or one per chunk of rows.
     Chunks,
+    /// vocabulary × hidden when a trained head's loss takes more than one chunk of rows, else 0:
+    /// its gradient is then summed over the chunks, and off the CPU (whose products add into it
+    /// in place) each chunk's part and the sum are live at once, with the head's 16-bit copy kept
+    /// for backward. A step, not a slope: SmolLM2-135M's full fine-tune probes jumped by 57 MB
+    /// kept and 270 MB transient past one chunk, and a fit with tokens and logit rows alone took
+    /// the jump for a per-token cost (+1,564 B per token × hidden, cancelled by −18 B per logit
+    /// below the chunk) and predicted 3.4 GB too much at 4,096 tokens on an H200.
+    HeadChunks,
     /// batch × seq × hidden when the last layer is recomputed in backward, else 0: the loss then
     /// leaves one hidden-state tensor fewer behind (the last layer's output belongs to its
     /// recomputation, not to the graph the loss extends).
@@ -222,6 +230,15 @@ impl Feat {
             Feat::Chunks => {
                 let (rows, _) = live_logits(knobs, knobs.batch * knobs.seq, spec.vocab_size);
                 (tokens / rows.max(1) as f64).ceil()
+            }
+            Feat::HeadChunks => {
+                let (rows, _) = live_logits(knobs, knobs.batch * knobs.seq, spec.vocab_size);
+                let chunks = (knobs.batch * knobs.seq).div_ceil(rows.max(1));
+                if knobs.method == Method::Full && chunks > 1 {
+                    (spec.vocab_size * spec.hidden_size) as f64
+                } else {
+                    0.0
+                }
             }
             Feat::LoraTokens if frozen => {
                 tokens * (knobs.lora.rank * knobs.lora.targets.len()) as f64
@@ -636,18 +653,27 @@ impl SegmentModel {
                 entry.seen.insert(i);
             }
         }
+        let gpu_paths = crate::engine::gpu_paths_on_cpu()
+            || probes.iter().any(|p| p.device.starts_with("cuda"));
         let mut classes = BTreeMap::new();
         for (class, d) in data {
             let kind = d.kind;
             let width = kind.features().len();
-            // Only the head's segments peak at two different moments (a widened copy of the
-            // vocabulary matrix for short inputs, logits-sized tensors for long ones); elsewhere a
-            // second piece would only chase small-size noise.
+            // The head's segments peak at two different moments (a widened copy of the
+            // vocabulary matrix for short inputs, logits-sized tensors for long ones); so do a
+            // layer's on the GPU's code paths (tokens-sized tensors for short sequences, the
+            // attention's scores-sized ones past a few hundred tokens, which the long-attention
+            // probes of `calibrate::long_attention_probes` show). Elsewhere a second piece would
+            // only chase small-size noise.
             let (excess, excess_growing) = if d.excesses.is_empty() {
                 (vec![0.0; width], Vec::new())
             } else if matches!(kind, Kind::Loss | Kind::HeadBwd) {
                 let growing: Vec<bool> =
                     kind.features().iter().map(|&f| f == Feat::Logits).collect();
+                fit_two_pieces(&d.excesses, &growing)?
+            } else if gpu_paths && kind.features().contains(&Feat::Scores) {
+                let growing: Vec<bool> =
+                    kind.features().iter().map(|&f| f == Feat::Scores).collect();
                 fit_two_pieces(&d.excesses, &growing)?
             } else {
                 (fit_excess(&d.excesses)?, Vec::new())
