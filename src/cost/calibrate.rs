@@ -202,6 +202,21 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                     1,
                     &class,
                 );
+                // Past one chunk a trained head's loss grows with the tokens at a rate the
+                // chunk probe alone cannot tell from the logit rows' growth below the chunk (a
+                // fit took SmolLM2-135M's for 212 B per token × hidden where the rows explain it,
+                // and predicted a full fine-tune at 4,096 tokens 0.5 GB high): a second probe past
+                // it, at twice the tokens, pins it. Full fine-tunes only (a frozen head's loss
+                // has no such chunks).
+                if method == Method::Full && base_loss == LossMode::Chunked {
+                    add(
+                        if large { 1 } else { deep },
+                        2 * chunk_batch,
+                        chunk_seq,
+                        1,
+                        &class,
+                    );
+                }
                 for &loss in space.losses.iter().filter(|&&l| l != base_loss) {
                     let knobs = Knobs {
                         loss,
@@ -790,8 +805,9 @@ mod tests {
     fn plan_is_small_shallow_and_covers_every_knob_value() {
         let space = wide_space();
         let plan = calibration_plan(&spec(), &space);
+        // Batch 4 only for full fine-tuning's second chunk probe.
         assert!(plan.iter().all(|(s, k)| s.num_hidden_layers <= 2
-            && k.batch <= 2
+            && (k.batch <= 2 || (k.method == Method::Full && k.batch == 4))
             && k.seq <= chunk_probe(s.vocab_size).1.max(128)));
         for method in &space.methods {
             assert!(plan.iter().any(|(_, k)| k.method == *method), "{method}");
