@@ -48,9 +48,9 @@
 # GPU_CHECK_CONFIGS (how many of the configurations below, in order, default all 8) and
 # GPU_CHECK_PEER=0 (skip PyTorch). On an H200 the whole run took 80 s without PyTorch and 190 s
 # with it (eighth session), 176-228 s with it and the GPU tests (twenty-fifth session, whose three
-# runs are in reports/BENCHMARKS.md, "GPU"); the caps keep it under 9 minutes whatever happens: 60 s per profile,
-# 45 s per PyTorch run, 75 s per prediction, no new configuration after 210 s, 130 s for the
-# tuner, 60 s for the plan's profile.
+# runs are in reports/BENCHMARKS.md, "GPU"); the caps keep it under 9 minutes whatever happens:
+# 60 s per profile, 45 s per PyTorch run, 75 s per prediction, no new configuration after 210 s,
+# 130 s for the tuner, 60 s for the plan's profile.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
