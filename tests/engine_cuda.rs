@@ -1,7 +1,8 @@
 //! The engine on a CUDA GPU computes what it computes on the CPU: the same loss and gradients for
-//! the same weights and batch, with every knob whose code differs by device (the frozen head's loss
-//! in vocabulary blocks on candle's ops, the trained head's chunked loss, checkpointing, the quantized
-//! base, low precision), and the same losses over a few optimizer steps with each optimizer.
+//! the same weights and batch, with every knob whose code differs by device (the frozen head's
+//! loss in vocabulary blocks on candle's ops, the trained head's chunked loss, checkpointing, the
+//! quantized base, low precision), and the same losses over a few optimizer steps with each
+//! optimizer.
 //! The CPU runs its fused kernels, the GPU candle's ops: each checks the other. The same ops taken
 //! on the CPU (`memtune::engine::set_gpu_paths_on_cpu`, what `--target-gpu`'s probes run) are
 //! checked against the CPU's kernels on every machine.
