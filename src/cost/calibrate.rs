@@ -270,9 +270,11 @@ const LONG_ATTENTION_SEQ: usize = 1024;
 /// short sequences and at the scores past a few hundred tokens; the plan's probes (≤ 2 × 202
 /// tokens for SmolLM2) saw only the first, and the card measured 5–8% more than the prediction at
 /// 512 and 1,024 tokens (an H200, `reports/BENCHMARKS.md`). So for a requested sequence longer
-/// than every probe's, one more probe per class of the plan at that sequence (at most
-/// [`LONG_ATTENTION_SEQ`]), batch 1, with the plan's depth; the layer segments then fit their
-/// excess as two pieces, the second growing with the scores.
+/// than every probe's, one more probe per layer class of the plan (method, quantization, precision:
+/// what a layer's segments are fitted per; the first probe of each, with the class's
+/// checkpointing) at that sequence (at most [`LONG_ATTENTION_SEQ`]), batch 1, with the plan's
+/// depth; the layer segments then fit their excess as two pieces, the second growing with the
+/// scores.
 pub fn long_attention_probes(
     spec: &ModelSpec,
     space: &SearchSpace,
@@ -293,7 +295,11 @@ pub fn long_attention_probes(
         .unwrap_or(1);
     let mut out: Vec<(ModelSpec, Knobs)> = Vec::new();
     for (_, knobs) in plan {
-        let probe = (
+        let class = |k: &Knobs| (k.method, k.quant, k.precision);
+        if out.iter().any(|(_, k)| class(k) == class(knobs)) {
+            continue;
+        }
+        out.push((
             spec.with_layers(depth),
             Knobs {
                 batch: 1,
@@ -301,11 +307,7 @@ pub fn long_attention_probes(
                 seq,
                 ..knobs.clone()
             },
-        );
-        let label = probe_label(&probe.0, &probe.1);
-        if !out.iter().any(|(s, k)| probe_label(s, k) == label) {
-            out.push(probe);
-        }
+        ));
     }
     out
 }
@@ -799,6 +801,39 @@ mod tests {
         let refit = super::super::segments::SegmentModel::fit(&on_gpu).unwrap();
         assert!(refit.times.is_empty());
         assert_eq!(refit.step_seconds(&spec(), &knobs), None);
+    }
+
+    #[test]
+    fn long_attention_probes_take_one_per_layer_class_at_the_requested_sequence() {
+        // The plan's longest probe here is the chunk probe, 544 tokens (a 4,096-token vocabulary
+        // takes 1,024 rows a chunk).
+        let space = SearchSpace {
+            seq: 768,
+            ..wide_space()
+        };
+        let plan = calibration_plan(&spec(), &space);
+        let long = long_attention_probes(&spec(), &space, &plan);
+        let classes: std::collections::BTreeSet<String> = plan
+            .iter()
+            .map(|(_, k)| format!("{} {} {}", k.method, k.quant, k.precision))
+            .collect();
+        assert_eq!(long.len(), classes.len());
+        assert!(long.iter().all(|(s, k)| s.num_hidden_layers == 2
+            && k.batch == 1
+            && k.accum == 1
+            && k.seq == 768));
+        // Capped at 1,024 tokens, and none when the plan's probes are as long as the request.
+        let longer = SearchSpace {
+            seq: 4096,
+            ..space.clone()
+        };
+        assert!(
+            long_attention_probes(&spec(), &longer, &plan)
+                .iter()
+                .all(|(_, k)| k.seq == LONG_ATTENTION_SEQ)
+        );
+        let short = SearchSpace { seq: 512, ..space };
+        assert!(long_attention_probes(&spec(), &short, &plan).is_empty());
     }
 
     #[test]
