@@ -304,6 +304,12 @@ pub fn exp_tensor(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether an in-place f32 kernel ([`f32_in_place`]'s callers) serves `t`: a contiguous f32
+/// tensor on the CPU's paths.
+fn in_place_f32(t: &Tensor) -> bool {
+    crate::engine::cpu_paths(t.device()) && t.dtype() == DType::F32 && t.is_contiguous()
+}
+
 /// The elements of an in-place op's contiguous f32 CPU storage, or an error naming `what` (another
 /// dtype or layout, or data a training pass released).
 fn f32_in_place<'a>(
@@ -323,7 +329,7 @@ fn f32_in_place<'a>(
 /// `e^t` in place (the values [`exp_tensor`] gives) for a contiguous f32 CPU tensor that nothing
 /// else reads; false, with nothing done, elsewhere.
 pub fn exp_in_place(t: &Tensor) -> Result<bool> {
-    if !(crate::engine::cpu_paths(t.device()) && t.dtype() == DType::F32 && t.is_contiguous()) {
+    if !in_place_f32(t) {
         return Ok(false);
     }
     t.inplace_op1(&ExpInPlace)?;
@@ -1280,10 +1286,7 @@ pub fn cross_entropy_grad_in_place(
     ids: &[u32],
     scale: &[f32],
 ) -> Result<bool> {
-    if !(crate::engine::cpu_paths(logits.device())
-        && logits.dtype() == DType::F32
-        && logits.is_contiguous())
-    {
+    if !in_place_f32(logits) {
         return Ok(false);
     }
     logits.inplace_op1(&CrossEntropyGrad::new(logits, lse, ids, scale)?)?;
@@ -1340,7 +1343,7 @@ pub fn softmax_block(
     if ids.len() != n || rows.len() != n {
         candle_core::bail!("softmax block: per-row inputs do not match {n} rows");
     }
-    if !(crate::engine::cpu_paths(z.device()) && z.dtype() == DType::F32 && z.is_contiguous()) {
+    if !in_place_f32(z) {
         return Ok(false);
     }
     let op = SoftmaxBlock {
