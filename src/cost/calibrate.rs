@@ -293,9 +293,9 @@ pub fn long_attention_probes(
         .map(|(s, _)| s.num_hidden_layers)
         .max()
         .unwrap_or(1);
+    let class = |k: &Knobs| (k.method, k.quant, k.precision);
     let mut out: Vec<(ModelSpec, Knobs)> = Vec::new();
     for (_, knobs) in plan {
-        let class = |k: &Knobs| (k.method, k.quant, k.precision);
         if out.iter().any(|(_, k)| class(k) == class(knobs)) {
             continue;
         }
@@ -504,7 +504,7 @@ pub fn calibrate(
         None => (Vec::new(), Vec::new()),
     };
     let mut plan = calibration_plan(spec, space);
-    if device.starts_with("cuda") || crate::engine::gpu_paths_on_cpu() {
+    if crate::engine::gpu_code_paths(&device) {
         plan.extend(long_attention_probes(spec, space, &plan));
     }
     let known = |label: &str, probes: &[ProbeResult], failed: &[FailedProbe]| {

@@ -653,8 +653,9 @@ impl SegmentModel {
                 entry.seen.insert(i);
             }
         }
-        let gpu_paths = crate::engine::gpu_paths_on_cpu()
-            || probes.iter().any(|p| p.device.starts_with("cuda"));
+        let gpu_paths = probes
+            .iter()
+            .any(|p| crate::engine::gpu_code_paths(&p.device));
         let mut classes = BTreeMap::new();
         for (class, d) in data {
             let kind = d.kind;

@@ -63,6 +63,12 @@ pub fn gpu_paths_on_cpu() -> bool {
     GPU_PATHS_ON_CPU.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether probes on the device named `device` (a probe's device label: `cpu`, `cuda:0 (…)`) run
+/// the engine's GPU code paths: on a CUDA device, or on the CPU under [`set_gpu_paths_on_cpu`].
+pub fn gpu_code_paths(device: &str) -> bool {
+    device.starts_with("cuda") || gpu_paths_on_cpu()
+}
+
 /// Whether memtune's CPU kernels serve tensors on `device`: on the CPU, unless
 /// [`set_gpu_paths_on_cpu`] asked for the GPU's code paths there.
 pub fn cpu_paths(device: &candle_core::Device) -> bool {
