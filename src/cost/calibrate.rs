@@ -263,7 +263,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
 }
 
 /// The longest sequence a long-attention probe takes ([`long_attention_probes`]).
-const LONG_ATTENTION_SEQ: usize = 1024;
+pub const LONG_ATTENTION_SEQ: usize = 1024;
 
 /// Where the GPU's code paths run attention (candle's ops: a recomputed layer's probabilities and
 /// their gradient in fp32, scores-sized), a layer's transient peaks at tokens-sized tensors for
