@@ -232,9 +232,7 @@ impl Feat {
                 (tokens / rows.max(1) as f64).ceil()
             }
             Feat::HeadChunks => {
-                let (rows, _) = live_logits(knobs, knobs.batch * knobs.seq, spec.vocab_size);
-                let chunks = (knobs.batch * knobs.seq).div_ceil(rows.max(1));
-                if knobs.method == Method::Full && chunks > 1 {
+                if knobs.method == Method::Full && Feat::Chunks.value(spec, knobs) > 1.0 {
                     (spec.vocab_size * spec.hidden_size) as f64
                 } else {
                     0.0
