@@ -7,12 +7,19 @@
 //! PyTorch first in odd ones; the speed ratio is the median of the pairs' ratios, so a slow phase
 //! of a shared host weighs on both runs of a pair rather than on one side's median. The last
 //! column lists the pairs' ratios, in the order run.
+//!
+//! The pairs run in rounds: one pair of every row, then the next round, `--repeats` rounds. A
+//! slow spell of the host (they last minutes on these machines) then lands on one pair of each of
+//! a few rows, which the median of a row's pairs sets aside, rather than on every pair of one row.
+//! After each round the table so far is written to `$TMPDIR/memtune-bench/partial.md` (the rows
+//! print when the last round ends). `--row-by-row` runs each row's pairs back to back instead
+//! (the order before the twenty-sixth session), printing each row as it ends.
 //! `--before PATH` adds another memtune binary (say, one built from an earlier commit) to the same
 //! alternation and prints this build's speed against it. Build first, then run from the repo root:
 //!
 //!     cargo build --release --bins --examples
 //!     target/release/examples/bench_vs_pytorch --python /work/peer-venv/bin/python [--quick]
-//!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16] [--only TEXT]
+//!         [--repeats N] [--before OLD_MEMTUNE] [--dtype fp32|bf16] [--only TEXT] [--row-by-row]
 //!
 //! `--dtype` keeps only that precision's half of the matrix (with `--quick`, its four rows: fp32's by
 //! default). `--only TEXT` keeps the rows whose first five columns, as one line with single spaces
@@ -228,7 +235,7 @@ fn main() {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "bench_vs_pytorch [--python PY] [--peer DIR] [--quick] [--repeats N] [--before OLD_MEMTUNE] \
-             [--dtype fp32|bf16] [--only TEXT] [--update-in-backward]\n\
+             [--dtype fp32|bf16] [--only TEXT] [--update-in-backward] [--row-by-row]\n\
              memtune's training step against ../shared/peer/train_step.py, side by side \
              (see the header of examples/bench_vs_pytorch.rs)"
         );
@@ -236,6 +243,7 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let in_backward = args.iter().any(|a| a == "--update-in-backward");
+    let row_by_row = args.iter().any(|a| a == "--row-by-row");
     let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
     let python = arg("--python").unwrap_or_else(|| "python3".into());
     let peer = PathBuf::from(arg("--peer").unwrap_or_else(|| "../shared/peer".into()));
@@ -262,80 +270,157 @@ fn main() {
     );
     let dir = std::env::temp_dir().join("memtune-bench");
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let mib = |b: f64| b / (1024.0 * 1024.0);
     let before_cols = if before.is_some() {
         " before tok/s | this/before |"
     } else {
         ""
     };
-    println!(
-        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols} steal | pairs' speed ratios |"
-    );
-    println!(
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|{}",
+    let header = format!(
+        "| model | b×s | method | ckpt | dtype | memtune tok/s | PyTorch tok/s | speed ratio | memtune peak MiB (alloc / ΔRSS) | PyTorch ΔRSS MiB | memory ratio (ΔRSS) |{before_cols} steal | pairs' speed ratios |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|{}\n",
         if before.is_some() { "---|---|" } else { "" }
     );
-    for c in configs(quick, only_dtype.as_deref().unwrap_or("fp32"))
+    print!("{header}");
+    let mut rows: Vec<Row> = configs(quick, only_dtype.as_deref().unwrap_or("fp32"))
         .into_iter()
         .filter(|c| only_dtype.as_deref().is_none_or(|d| d == c.dtype))
         .filter(|c| only.as_deref().is_none_or(|o| c.label().contains(o)))
-    {
-        let cfg = write_config(&dir, &c);
-        let base_args = memtune_args(&cfg, &c);
-        let mut ours_args = base_args.clone();
-        if in_backward {
-            ours_args.extend(["--clip", "0", "--update-in-backward"].map(String::from));
-        }
-        let (mut ours, mut theirs, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        .map(|c| {
+            let cfg = write_config(&dir, &c);
+            let base_args = memtune_args(&cfg, &c);
+            let mut ours_args = base_args.clone();
+            if in_backward {
+                ours_args.extend(["--clip", "0", "--update-in-backward"].map(String::from));
+            }
+            Row {
+                peer_args: peer_args(&peer, &c),
+                config: c,
+                ours_args,
+                base_args,
+                ours: Vec::new(),
+                theirs: Vec::new(),
+                old: Vec::new(),
+                ratios: Vec::new(),
+                ticks: (0, 0),
+            }
+        })
+        .collect();
+    // The order of the pairs: every row's pairs back to back (`--row-by-row`), or a round of one
+    // pair per row, `repeats` times (the default), so that a slow spell of a shared host lands on
+    // one pair of many rows (which the median of each row's pairs sets aside) rather than on
+    // every pair of one row.
+    let order: Vec<(usize, usize)> = if row_by_row {
+        (0..rows.len())
+            .flat_map(|i| (0..repeats).map(move |r| (i, r)))
+            .collect()
+    } else {
+        (0..repeats)
+            .flat_map(|r| (0..rows.len()).map(move |i| (i, r)))
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let partial = dir.join("partial.md");
+    for (i, r) in order {
+        let row = &mut rows[i];
         let (stolen0, total0) = cpu_ticks();
         // Each repeat is a pair run back to back, in alternating order (memtune first, then
-        // PyTorch first): a host that drifts slower or faster over a row then weighs on both
-        // sides of a pair alike, and on each side first as often as second.
-        let mut ratios = Vec::new();
-        for r in 0..repeats {
-            let run_ours = || run_json(Command::new(&memtune).args(&ours_args));
-            let run_theirs = || run_json(Command::new(&python).args(peer_args(&peer, &c)));
-            let (o, t) = if r % 2 == 0 {
-                let o = run_ours();
-                (o, run_theirs())
-            } else {
-                let t = run_theirs();
-                (run_ours(), t)
-            };
-            if let (Some(o), Some(t)) = (&o, &t) {
-                ratios.push(number(o, "tokens_per_s") / number(t, "tokens_per_s").max(1e-9));
-            }
-            ours.extend(o);
-            theirs.extend(t);
-            if let Some(b) = &before {
-                old.extend(run_json(Command::new(b).args(&base_args)));
-            }
+        // PyTorch first): a host that drifts slower or faster then weighs on both sides of a
+        // pair alike, and on each side first as often as second.
+        let run_ours = || run_json(Command::new(&memtune).args(&row.ours_args));
+        let run_theirs = || run_json(Command::new(&python).args(&row.peer_args));
+        let (o, t) = if r % 2 == 0 {
+            let o = run_ours();
+            (o, run_theirs())
+        } else {
+            let t = run_theirs();
+            (run_ours(), t)
+        };
+        if let (Some(o), Some(t)) = (&o, &t) {
+            row.ratios
+                .push(number(o, "tokens_per_s") / number(t, "tokens_per_s").max(1e-9));
+        }
+        row.ours.extend(o);
+        row.theirs.extend(t);
+        if let Some(b) = &before {
+            row.old
+                .extend(run_json(Command::new(b).args(&row.base_args)));
         }
         let (stolen1, total1) = cpu_ticks();
-        let steal = 100.0 * stolen1.saturating_sub(stolen0) as f64
-            / total1.saturating_sub(total0).max(1) as f64;
-        if ours.is_empty() || theirs.is_empty() {
-            continue;
+        row.ticks.0 += stolen1.saturating_sub(stolen0);
+        row.ticks.1 += total1.saturating_sub(total0);
+        if r + 1 == repeats {
+            if let Some(line) = row.line() {
+                println!("{line}");
+            }
+        } else if !row_by_row && i + 1 == rows.len() {
+            // A round is done: the table so far (each row's pairs until now), written whole
+            // then renamed into place, so that an interrupted run keeps what it measured.
+            let table: String = rows
+                .iter()
+                .filter_map(Row::line)
+                .map(|l| l + "\n")
+                .collect();
+            let tmp = partial.with_extension("md.tmp");
+            if std::fs::write(&tmp, format!("{header}{table}"))
+                .and_then(|()| std::fs::rename(&tmp, &partial))
+                .is_ok()
+            {
+                eprintln!(
+                    "round {} of {repeats} done after {:.0} min; the table so far: {}",
+                    r + 1,
+                    started.elapsed().as_secs_f64() / 60.0,
+                    partial.display()
+                );
+            }
         }
+    }
+}
+
+/// One row of the matrix: its arguments and what its runs measured so far.
+struct Row {
+    config: Config,
+    ours_args: Vec<String>,
+    /// `--before`'s arguments (without `--update-in-backward`).
+    base_args: Vec<String>,
+    peer_args: Vec<String>,
+    ours: Vec<serde_json::Value>,
+    theirs: Vec<serde_json::Value>,
+    old: Vec<serde_json::Value>,
+    /// Each pair's tokens/s ratio, memtune's over PyTorch's, in the order run.
+    ratios: Vec<f64>,
+    /// CPU ticks stolen by the host and in all, over this row's pairs.
+    ticks: (u64, u64),
+}
+
+impl Row {
+    /// The row's table line from its runs so far (none before both sides have a run).
+    fn line(&self) -> Option<String> {
+        let (ours, theirs, old, c) = (&self.ours, &self.theirs, &self.old, &self.config);
+        if ours.is_empty() || theirs.is_empty() {
+            return None;
+        }
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        let steal = 100.0 * self.ticks.0 as f64 / self.ticks.1.max(1) as f64;
         let tps = |runs: &[serde_json::Value]| median_of(runs, "tokens_per_s");
-        let (our_tps, their_tps) = (tps(&ours), tps(&theirs));
+        let (our_tps, their_tps) = (tps(ours), tps(theirs));
         // Memory: each side's median over its runs (the counted peak is the same in every run;
         // the OS figures move by a few MiB, PyTorch's by up to 10% between runs).
-        let our_peak = median_of(&ours, "peak_bytes");
-        let our_rss = median_of(&ours, "rss_peak_minus_baseline_bytes");
-        let their_rss = median_of(&theirs, "peak_rss_minus_baseline_bytes");
+        let our_peak = median_of(ours, "peak_bytes");
+        let our_rss = median_of(ours, "rss_peak_minus_baseline_bytes");
+        let their_rss = median_of(theirs, "peak_rss_minus_baseline_bytes");
         let before_text = if old.is_empty() {
             String::new()
         } else {
-            let old_tps = tps(&old);
+            let old_tps = tps(old);
             format!(" {old_tps:.0} | {:.2}× |", our_tps / old_tps.max(1e-9))
         };
-        let pairs = ratios
+        let pairs = self
+            .ratios
             .iter()
             .map(|r| format!("{r:.2}"))
             .collect::<Vec<_>>()
             .join(" ");
-        println!(
+        Some(format!(
             "| {} | {}×{} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} / {:.0} | {:.0} | {:.2}× |{before_text} {steal:.1}% | {pairs} |",
             c.name,
             c.batch,
@@ -345,11 +430,11 @@ fn main() {
             c.dtype,
             our_tps,
             their_tps,
-            median(ratios),
+            median(self.ratios.clone()),
             mib(our_peak),
             mib(our_rss),
             mib(their_rss),
             our_rss / their_rss.max(1.0),
-        );
+        ))
     }
 }
