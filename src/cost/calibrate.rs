@@ -121,6 +121,8 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
     // The chunk probe also doubles the longest other probe's tokens (2 × s1 at least).
     let (chunk_batch, chunk_seq) = chunk_probe(spec.vocab_size);
     let chunk_seq = cap(chunk_seq.max(s1));
+    // The chunk probes' depth: one layer where a layer is large.
+    let chunk_depth = if large { 1 } else { deep };
 
     let checkpointing = if space
         .checkpointing
@@ -195,13 +197,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                 add(deep, 1, s0, accum, &class);
                 add(deep, 1, s1, accum, &class);
                 add(deep, 2, s0, 1, &class);
-                add(
-                    if large { 1 } else { deep },
-                    chunk_batch,
-                    chunk_seq,
-                    1,
-                    &class,
-                );
+                add(chunk_depth, chunk_batch, chunk_seq, 1, &class);
                 // Past one chunk a trained head's loss grows with the tokens at a rate the
                 // chunk probe alone cannot tell from the logit rows' growth below the chunk (a
                 // fit took SmolLM2-135M's for 212 B per token × hidden where the rows explain it,
@@ -209,13 +205,7 @@ pub fn calibration_plan(spec: &ModelSpec, space: &SearchSpace) -> Vec<(ModelSpec
                 // it, at twice the tokens, pins it. Full fine-tunes only (a frozen head's loss
                 // has no such chunks).
                 if method == Method::Full && base_loss == LossMode::Chunked {
-                    add(
-                        if large { 1 } else { deep },
-                        2 * chunk_batch,
-                        chunk_seq,
-                        1,
-                        &class,
-                    );
+                    add(chunk_depth, 2 * chunk_batch, chunk_seq, 1, &class);
                 }
                 for &loss in space.losses.iter().filter(|&&l| l != base_loss) {
                     let knobs = Knobs {
